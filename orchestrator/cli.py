@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -295,11 +296,18 @@ ERRORS: list[tuple[type[BaseException], ExitStatus]] = [
 ]
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``orchestrator`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
+    if args.command != "worker":  # RQ's worker handles SIGTERM itself (finish the job, exit)
+        # SIGTERM stops like Ctrl-C: workers stopped, server stopped, namespace released.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         settings = settings_from(args)
         return int(program(args, settings))

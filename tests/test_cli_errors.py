@@ -1,0 +1,123 @@
+"""Every refusal is one clear line on stderr with an exit status a script can act on."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SEED_INPUT, cli_env, new_namespace, run_cli
+from orchestrator.exitcodes import ExitStatus
+from tasks.keys import Keys
+
+pytestmark = pytest.mark.integration
+
+
+def one_line_error(run, status):
+    assert run.returncode == status, (run.returncode, run.stderr)
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    return lines[0]
+
+
+def test_a_missing_input_file(tmp_path):
+    message = one_line_error(run_cli("ingest", "nope.json", cwd=tmp_path), ExitStatus.NO_INPUT)
+    assert "cannot read nope.json" in message
+
+
+def test_an_unreachable_redis_never_prints_the_password(tmp_path):
+    run = run_cli("status", "--redis-url", "redis://:hunter2@127.0.0.1:1/0", cwd=tmp_path)
+    message = one_line_error(run, ExitStatus.REDIS_UNAVAILABLE)
+    assert "cannot reach Redis at redis://***@127.0.0.1:1/0" in message
+    assert "hunter2" not in run.stderr + run.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ingest", "x.json", "--partitions", "0"],
+        ["ingest", "x.json", "--workers", "-1"],
+        ["ingest", "x.json", "--on-error", "ignore"],
+        ["replay", "x.json"],
+        ["status", "--namespace", "a:b"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_options_are_usage_errors(tmp_path, args):
+    run = run_cli(*args, cwd=tmp_path)
+    assert run.returncode == ExitStatus.USAGE
+    assert "usage: orchestrator" in run.stderr
+
+
+def test_reset_wants_yes(tmp_path):
+    message = one_line_error(run_cli("reset", cwd=tmp_path), ExitStatus.USAGE)
+    assert "--yes" in message
+
+
+@pytest.fixture
+def ingested(redis_url, tmp_path):
+    ns = new_namespace()
+    shutil.copy(SEED_INPUT, tmp_path / "cart-join.json")
+    args = ["--redis-url", redis_url, "--namespace", ns]
+    run = run_cli("ingest", "cart-join.json", "--partitions", "3", "--workers", "1", *args, cwd=tmp_path)
+    assert run.returncode == ExitStatus.DATA_ERROR
+    return tmp_path, args
+
+
+def test_the_partition_count_is_fixed_at_the_first_ingest(ingested):
+    cwd, args = ingested
+    run = run_cli("resume", "cart-join.json", "--partitions", "4", "--workers", "1", *args, cwd=cwd)
+    message = one_line_error(run, ExitStatus.USAGE)
+    assert "--partitions 4 does not match the namespace's 3" in message
+
+
+def test_a_truncated_input_is_refused_on_resume(ingested):
+    cwd, args = ingested
+    (cwd / "cart-join.json").write_text('{"user_id": "a", "type": "order", "order_id": 1}\n')
+    run = run_cli("resume", "cart-join.json", "--workers", "1", *args, cwd=cwd)
+    message = one_line_error(run, ExitStatus.NO_INPUT)
+    assert "shorter" in message and "epoch 5" in message
+
+
+def test_status_json_and_reset(ingested):
+    cwd, args = ingested
+
+    status = run_cli("status", "--json", *args, cwd=cwd)
+    report = json.loads(status.stdout)
+    assert report["committed_epoch"] == 4
+    assert report["partitions"] == 3
+    assert [p["partition"] for p in report["partition_progress"]] == [0, 1, 2]
+    assert report["driver"] is None
+    reset = run_cli("reset", "--yes", *args, cwd=cwd)
+    assert reset.returncode == 0
+    after = json.loads(run_cli("status", "--json", *args, cwd=cwd).stdout)
+    assert after["partitions"] is None and after["committed_epoch"] is None
+
+
+def test_a_second_driver_on_the_namespace_is_refused(redis_url, real, tmp_path):
+    ns = new_namespace()
+    # A driver that waits for workers that never come holds the namespace.
+    (tmp_path / "in.json").write_text('{"user_id": "a", "type": "order", "order_id": 1}\n')
+    args = ["--redis-url", redis_url, "--namespace", ns, "--workers", "0"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "ingest", "in.json", *args],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not real.get(Keys(ns).driver_lock):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = run_cli("resume", "in.json", *args, cwd=tmp_path, timeout=30)
+        message = one_line_error(second, ExitStatus.LOCKED)
+        assert "another driver is running" in message
+    finally:
+        first.terminate()
+        _, stderr = first.communicate(timeout=30)
+    # SIGTERM stops a driver cleanly: it releases the namespace at once.
+    assert first.returncode == ExitStatus.INTERRUPTED, stderr
+    assert "waiting for workers" in stderr
+    assert real.get(Keys(ns).driver_lock) is None
