@@ -152,7 +152,9 @@ def _run_options() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write output lines here instead of stdout (ingest truncates, resume/replay append)",
     )
-    group.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress or summary on stderr"
+    )
     return parent
 
 
@@ -167,16 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(
-        "ingest", parents=[run, conn], help="a fresh run over FILE from its first line",
+        "ingest",
+        parents=[run, conn],
+        help="a fresh run over FILE from its first line",
         description="Process FILE from epoch 0. Refused if the namespace has committed epochs.",
     )
     sub.add_parser(
-        "resume", parents=[run, conn], help="continue after the last committed epoch",
+        "resume",
+        parents=[run, conn],
+        help="continue after the last committed epoch",
         description="Continue from the epoch after the last committed one, with state intact, "
         "seeking to its byte offset in FILE (the lines before it are not read).",
     )
     replay = sub.add_parser(
-        "replay", parents=[run, conn], help="restore state as of an epoch and reprocess from it",
+        "replay",
+        parents=[run, conn],
+        help="restore state as of an epoch and reprocess from it",
         description="Restore state as it was at the end of epoch N-1, discard everything "
         "committed for epochs >= N, and process FILE from epoch N.",
     )
@@ -188,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     worker = sub.add_parser(
-        "worker", parents=[conn], help="an RQ worker on every partition queue of the namespace",
+        "worker",
+        parents=[conn],
+        help="an RQ worker on every partition queue of the namespace",
         description="Run an RQ worker (JSON serializer, no fork per job) on all partition queues "
         "of the namespace, until SIGTERM (which lets the current batch finish).",
     )
@@ -316,6 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ExitStatus.INTERRUPTED)
     except redis.ConnectionError as e:
         commands.say(f"lost the connection to Redis: {e}")
+        return int(ExitStatus.REDIS_UNAVAILABLE)
+    except redis.RedisError as e:
+        if args.verbose:
+            traceback.print_exc()
+        commands.say(f"Redis refused a command: {e}")
         return int(ExitStatus.REDIS_UNAVAILABLE)
     except PipelineError as e:
         if args.verbose:

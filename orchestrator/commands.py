@@ -48,8 +48,13 @@ class Start:
 
 
 def plan_start(
-    r: Redis[Any], keys: Keys, info: NamespaceInfo, mode: Mode, from_epoch: int | None,
-    f: Any, path: Path,
+    r: Redis,
+    keys: Keys,
+    info: NamespaceInfo,
+    mode: Mode,
+    from_epoch: int | None,
+    f: Any,
+    path: Path,
 ) -> Start:
     """Decide where a run begins, refusing what does not fit the namespace.
 
@@ -94,7 +99,9 @@ def output_stream(settings: Settings, mode: Mode) -> Iterator[TextIO]:
         yield f
 
 
-def run_pipeline(settings: Settings, mode: Mode, path: Path, from_epoch: int | None = None) -> RunResult:
+def run_pipeline(
+    settings: Settings, mode: Mode, path: Path, from_epoch: int | None = None
+) -> RunResult:
     """Run ingest, resume or replay to the end of the input (or its first bad line)."""
     keys = Keys(settings.namespace)
     load_flow(settings.flow)  # a flow that cannot load is refused before anything starts
@@ -104,8 +111,13 @@ def run_pipeline(settings: Settings, mode: Mode, path: Path, from_epoch: int | N
         partitions = check_compatible(info, settings.partitions, settings.flow)
         start = plan_start(r, keys, info, mode, from_epoch, f, path)
         generation = start_run(
-            r, keys, partitions=partitions, flow=settings.flow, input_name=str(path),
-            start_epoch=start.epoch, start_offset=start.offset,
+            r,
+            keys,
+            partitions=partitions,
+            flow=settings.flow,
+            input_name=str(path),
+            start_epoch=start.epoch,
+            start_offset=start.offset,
         )
         pool = WorkerPool(settings.worker_count, conn.url, keys.namespace, verbose=settings.verbose)
         progress = Progress(enabled=not settings.quiet)
@@ -115,12 +127,20 @@ def run_pipeline(settings: Settings, mode: Mode, path: Path, from_epoch: int | N
                 if not pool.processes:
                     pool.note_if_none(r, keys, partitions)
                 driver = Driver(
-                    r, keys, generation=generation, partitions=partitions,
-                    flow_path=settings.flow, on_error=settings.on_error, out=out,
-                    workers=pool, progress=progress,
+                    r,
+                    keys,
+                    generation=generation,
+                    partitions=partitions,
+                    flow_path=settings.flow,
+                    on_error=settings.on_error,
+                    out=out,
+                    workers=pool,
+                    progress=progress,
                     on_commit=lambda epoch, offset: record_commit(r, keys, epoch, offset),
                 )
-                return driver.run(read_lines(f, start.epoch, start.offset), start.epoch, start.offset)
+                return driver.run(
+                    read_lines(f, start.epoch, start.offset), start.epoch, start.offset
+                )
             finally:
                 progress.close()
                 pool.stop()
@@ -149,7 +169,9 @@ def status(settings: Settings) -> dict[str, Any]:
         info = read_info(r, keys)
         report: dict[str, Any] = {
             "namespace": keys.namespace,
-            "redis": redact_url(conn.url) if not conn.embedded else f"embedded ({settings.data_dir})",
+            "redis": redact_url(conn.url)
+            if not conn.embedded
+            else f"embedded ({settings.data_dir})",
             "input": info.input,
             "flow": info.flow,
             "partitions": info.partitions,

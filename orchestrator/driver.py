@@ -103,7 +103,7 @@ class Driver:
 
     def __init__(
         self,
-        r: Redis[Any],
+        r: Redis,
         keys: Keys,
         *,
         generation: int,
@@ -187,7 +187,9 @@ class Driver:
     def _route(self, data: bytes) -> tuple[str, Any]:
         item = run_maps(self.before_steps, orjson.loads(data))
         if not (isinstance(item, tuple | list) and len(item) == 2):
-            msg = f"the step before stateful_map must return (key, value), got {type(item).__name__}"
+            msg = (
+                f"the step before stateful_map must return (key, value), got {type(item).__name__}"
+            )
             raise TypeError(msg)
         key, value = item
         if not isinstance(key, str):

@@ -1,4 +1,4 @@
-"""The driver lock: one driver per namespace, with a heartbeat so that a dead driver's lock expires."""
+"""The driver lock: one driver per namespace; a heartbeat lets a dead driver's lock expire."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 import socket
 import threading
 import uuid
-from typing import Any
 
 import redis
 from redis import Redis
@@ -26,7 +25,7 @@ class DriverLocked(PipelineError):
 class DriverLock:
     """Held for the whole run; renewed by a background thread every few seconds."""
 
-    def __init__(self, r: Redis[Any], keys: Keys) -> None:
+    def __init__(self, r: Redis, keys: Keys) -> None:
         self.keys = keys
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock = Lock(r, keys.driver_lock, timeout=LOCK_TTL, blocking=False)
@@ -62,7 +61,7 @@ class DriverLock:
             pass
 
 
-def driver_running(r: Redis[Any], keys: Keys) -> str | None:
+def driver_running(r: Redis, keys: Keys) -> str | None:
     """The token of the driver holding the namespace, if any."""
     holder = r.get(keys.driver_lock)
     return holder.decode() if holder else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from redis import Redis
 from rq import Queue
@@ -35,7 +34,7 @@ class NamespaceInfo:
         return self.partitions is not None
 
 
-def read_info(r: Redis[Any], keys: Keys) -> NamespaceInfo:
+def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
     """Read the namespace's meta hash (one round trip)."""
     meta = {k.decode(): v.decode() for k, v in r.hgetall(keys.meta).items()}
     return NamespaceInfo(
@@ -72,7 +71,7 @@ def check_compatible(info: NamespaceInfo, partitions: int | None, flow: str) -> 
 
 
 def start_run(
-    r: Redis[Any],
+    r: Redis,
     keys: Keys,
     *,
     partitions: int,
@@ -107,7 +106,7 @@ def start_run(
     return generation
 
 
-def record_commit(r: Redis[Any], keys: Keys, committed: int, offset: int) -> None:
+def record_commit(r: Redis, keys: Keys, committed: int, offset: int) -> None:
     """Record the namespace's committed epoch and where the next line starts (one round trip)."""
     pipe = r.pipeline(transaction=True)
     pipe.hset(keys.meta, mapping={"committed": committed, "offset": offset, "at": time.time()})
@@ -115,7 +114,7 @@ def record_commit(r: Redis[Any], keys: Keys, committed: int, offset: int) -> Non
     pipe.execute()
 
 
-def checkpoint_at_or_before(r: Redis[Any], keys: Keys, epoch: int) -> tuple[int, int]:
+def checkpoint_at_or_before(r: Redis, keys: Keys, epoch: int) -> tuple[int, int]:
     """The nearest recorded (epoch, byte offset) at or before ``epoch``; (0, 0) if none."""
     found = r.zrevrangebyscore(keys.checkpoints, epoch, "-inf", start=0, num=1)
     if not found:
@@ -124,7 +123,7 @@ def checkpoint_at_or_before(r: Redis[Any], keys: Keys, epoch: int) -> tuple[int,
     return int(e), int(offset)
 
 
-def reset(r: Redis[Any], keys: Keys) -> int:
+def reset(r: Redis, keys: Keys) -> int:
     """Delete every key of the namespace, its RQ queues and its RQ jobs.
 
     Returns:
@@ -154,5 +153,7 @@ def reset(r: Redis[Any], keys: Keys) -> int:
 def require_committed(info: NamespaceInfo, keys: Keys) -> None:
     """Refuse a command that needs committed epochs on an empty namespace."""
     if info.committed == NOTHING:
-        msg = f"namespace {keys.namespace!r} has no committed epochs; run 'orchestrator ingest FILE'"
+        msg = (
+            f"namespace {keys.namespace!r} has no committed epochs; run 'orchestrator ingest FILE'"
+        )
         raise NamespaceError(msg)

@@ -44,7 +44,7 @@ START_TIMEOUT = 15.0
 class Connection:
     """A Redis client plus how worker processes reach the same server."""
 
-    client: Redis[Any]
+    client: Redis
     url: str
     embedded: bool
 
@@ -63,7 +63,7 @@ def redis_server_binary() -> str:
     raise RedisUnavailable(msg)
 
 
-def client_for(url: str) -> Redis[Any]:
+def client_for(url: str) -> Redis:
     """A client for a URL; RQ needs bytes responses."""
     return redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5)
 
@@ -96,7 +96,7 @@ def connect(settings: Settings, *, join_only: bool = False) -> Iterator[Connecti
             client.close()
 
 
-def _ping(client: Redis[Any], where: str) -> None:
+def _ping(client: Redis, where: str) -> None:
     try:
         client.ping()
     except redis.RedisError as e:

@@ -1,4 +1,4 @@
-"""RQ workers: the ``orchestrator worker`` loop, and the worker processes a command starts itself."""
+"""RQ workers: the `orchestrator worker` loop, and worker processes a command starts itself."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
 
 from redis import Redis
 from rq import Queue, SimpleWorker
@@ -27,14 +26,14 @@ class WorkerDied(PipelineError):
     """Raised when a worker process started by the command exits while batches are in flight."""
 
 
-def listening_workers(r: Redis[Any], keys: Keys, partitions: int) -> int:
+def listening_workers(r: Redis, keys: Keys, partitions: int) -> int:
     """How many RQ workers listen on at least one partition queue of the namespace."""
     names = set(keys.queue_names(partitions))
     return sum(1 for w in SimpleWorker.all(connection=r) if names & set(w.queue_names()))
 
 
-def wait_for_partitions(r: Redis[Any], keys: Keys, poll: float = 1.0) -> int:
-    """The namespace's partition count, waiting (and saying so once) until a first ingest sets it."""
+def wait_for_partitions(r: Redis, keys: Keys, poll: float = 1.0) -> int:
+    """The namespace's partition count; waits (saying so once) until a first ingest sets it."""
     said = False
     while True:
         value = r.hget(keys.meta, "partitions")
@@ -50,7 +49,7 @@ def wait_for_partitions(r: Redis[Any], keys: Keys, poll: float = 1.0) -> int:
         time.sleep(poll)
 
 
-def run_worker(r: Redis[Any], keys: Keys, *, burst: bool = False, verbose: bool = False) -> None:
+def run_worker(r: Redis, keys: Keys, *, burst: bool = False, verbose: bool = False) -> None:
     """Work on every partition queue of the namespace until stopped (SIGTERM finishes the job)."""
     partitions = wait_for_partitions(r, keys)
     queues = [
@@ -74,7 +73,7 @@ class WorkerPool:
         self._warned_none = False
 
     def start(self) -> None:
-        """Start the worker processes; the URL goes through the environment, not the command line."""
+        """Start the worker processes; the URL goes through the environment, not argv."""
         env = {**os.environ, "REDIS_URL": self.url}
         env.pop("RQ_REDIS_URL", None)
         args = [sys.executable, "-m", "orchestrator", "worker", "--namespace", self.namespace]
@@ -83,7 +82,10 @@ class WorkerPool:
         for _ in range(self.count):
             self.processes.append(
                 subprocess.Popen(
-                    args, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent  # noqa: PLW1509
+                    args,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=die_with_parent,  # noqa: PLW1509
                 )
             )
         logger.info("started %d worker processes", self.count)
@@ -100,7 +102,7 @@ class WorkerPool:
                 msg = f"worker process {proc.pid} exited with status {code}"
                 raise WorkerDied(msg)
 
-    def note_if_none(self, r: Redis[Any], keys: Keys, partitions: int) -> None:
+    def note_if_none(self, r: Redis, keys: Keys, partitions: int) -> None:
         """With external workers only: say once on stderr that the run waits for them."""
         if self.processes or self._warned_none:
             return

@@ -26,7 +26,7 @@ class MapStep:
 
 @dataclass(frozen=True)
 class StatefulMapStep:
-    """The keyed stateful step: ``builder(key) -> state``, ``mapper(state, value) -> (state, out)``."""
+    """The keyed step: ``builder(key) -> state``, ``mapper(state, value) -> (state, out)``."""
 
     step_id: str
     builder: Callable[[str], Any]

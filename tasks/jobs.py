@@ -26,7 +26,7 @@ def process_batch(payload: str) -> dict[str, Any]:
     return run_batch(job.connection, Batch.decode(payload))
 
 
-def run_batch(r: Redis[Any] | Any, batch: Batch) -> dict[str, Any]:
+def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
     """Apply a batch against the committed state and commit its effects atomically.
 
     Safe to run any number of times: a batch already committed, or sent by a

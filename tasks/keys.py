@@ -34,9 +34,7 @@ class Keys:
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):
-            msg = (
-                f"invalid namespace {self.namespace!r}: use 1-64 letters, digits, '-' or '_'"
-            )
+            msg = f"invalid namespace {self.namespace!r}: use 1-64 letters, digits, '-' or '_'"
             raise ValueError(msg)
 
     @property

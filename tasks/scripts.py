@@ -31,8 +31,6 @@ def _script(name: str) -> Script:
     return Script(None, _source(name).encode())  # type: ignore[arg-type]
 
 
-def commit_batch(
-    client: Redis[Any] | Any, keys: list[str], args: list[Any]
-) -> CommitOutcome:
+def commit_batch(client: Redis, keys: list[str], args: list[Any]) -> CommitOutcome:
     """Run ``commit_batch.lua`` (see its header for KEYS and ARGV)."""
     return CommitOutcome(int(_script("commit_batch")(keys=keys, args=args, client=client)))

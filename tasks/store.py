@@ -32,7 +32,7 @@ class Loaded:
     states: dict[str, Raw]
 
 
-def load_for_batch(r: Redis[Any] | Any, batch: Batch) -> Loaded:
+def load_for_batch(r: Redis, batch: Batch) -> Loaded:
     """Read the namespace generation, the partition's progress and the states the batch touches."""
     keys = Keys(batch.namespace)
     wanted = list(dict.fromkeys(key for _, key, _ in batch.events))
@@ -48,7 +48,7 @@ def load_for_batch(r: Redis[Any] | Any, batch: Batch) -> Loaded:
     return Loaded(generation, applied, states)
 
 
-def commit(r: Redis[Any] | Any, batch: Batch, applied: AppliedBatch) -> CommitOutcome:
+def commit(r: Redis, batch: Batch, applied: AppliedBatch) -> CommitOutcome:
     """Commit a batch's effects atomically, or nothing if it is stale, a duplicate or early."""
     keys = Keys(batch.namespace)
     p = batch.partition
@@ -91,7 +91,7 @@ def commit(r: Redis[Any] | Any, batch: Batch, applied: AppliedBatch) -> CommitOu
     return outcome
 
 
-def applied_epochs(r: Redis[Any] | Any, keys: Keys, partitions: int) -> list[int]:
+def applied_epochs(r: Redis, keys: Keys, partitions: int) -> list[int]:
     """The epoch through which each partition has applied its events."""
     pipe = r.pipeline(transaction=False)
     for p in range(partitions):
@@ -99,7 +99,7 @@ def applied_epochs(r: Redis[Any] | Any, keys: Keys, partitions: int) -> list[int
     return [NOTHING if v is None else int(v) for v in pipe.execute()]
 
 
-def restore_partition(r: Redis[Any] | Any, keys: Keys, partition: int, epoch: int) -> int:
+def restore_partition(r: Redis, keys: Keys, partition: int, epoch: int) -> int:
     """Restore a partition's state as it was at the end of ``epoch``.
 
     Each key touched after ``epoch`` gets the before-image of its first event
@@ -135,7 +135,10 @@ def restore_partition(r: Redis[Any] | Any, keys: Keys, partition: int, epoch: in
     pipe.hset(keys.progress(partition), "applied", epoch)
     pipe.execute()
     logger.info(
-        "partition %d restored to epoch %d (%d keys, was %s)", partition, epoch, len(restore),
+        "partition %d restored to epoch %d (%d keys, was %s)",
+        partition,
+        epoch,
+        len(restore),
         applied.decode(),
     )
     return len(restore)

@@ -40,7 +40,9 @@ def test_the_seeds_first_epochs():
 def test_state_continues_from_the_loaded_state():
     loaded = {"a": orjson.dumps({"unpaid_order_ids": [1], "paid_order_ids": [2]})}
     result = apply_events(flow, events(payment("a", 1), start=6), loaded, 6, "fail")
-    assert result.lines == [(6, '6 {"user_id": "a", "paid_order_ids": [2, 1], "unpaid_order_ids": []}')]
+    assert result.lines == [
+        (6, '6 {"user_id": "a", "paid_order_ids": [2, 1], "unpaid_order_ids": []}')
+    ]
 
 
 def test_undo_holds_each_events_before_image():
@@ -92,7 +94,7 @@ def test_returning_none_deletes_the_state():
 
 
 def test_output_lines_are_byte_identical_to_json_dumps():
-    item = {"user_id": "é\"x", "paid_order_ids": [1.5, "x"], "unpaid_order_ids": []}
+    item = {"user_id": 'é"x', "paid_order_ids": [1.5, "x"], "unpaid_order_ids": []}
     assert format_line(3, item) == "3 " + json.dumps(item)
 
 
@@ -103,7 +105,10 @@ def test_output_lines_are_byte_identical_to_json_dumps():
         ("x", "not a JSON object (got string)"),
         ({"type": "order", "order_id": 1}, "missing field 'user_id'"),
         ({"user_id": "a"}, "missing field 'type', 'order_id'"),
-        ({"user_id": 5, "type": "order", "order_id": 1}, "field 'user_id' must be a string (got number)"),
+        (
+            {"user_id": 5, "type": "order", "order_id": 1},
+            "field 'user_id' must be a string (got number)",
+        ),
     ],
 )
 def test_validation_names_what_is_wrong(event, reason):

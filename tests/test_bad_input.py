@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bench.generate import generate
+
 from conftest import cli_env, new_namespace, run_cli
 from reference import reference_run
 
@@ -39,7 +40,15 @@ def cli(*args, redis_url, ns, cwd):
 def test_skip_leaves_out_exactly_the_bad_lines(dirty, redis_url, tmp_path):
     path, lines = dirty
     lines = list(lines)
-    run = cli("ingest", str(path), "--on-error", "skip", redis_url=redis_url, ns=new_namespace(), cwd=tmp_path)
+    run = cli(
+        "ingest",
+        str(path),
+        "--on-error",
+        "skip",
+        redis_url=redis_url,
+        ns=new_namespace(),
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout == reference_run(lines, skip_bad=True)[0]
     assert "skipped 4 bad line(s) (first: " in run.stderr

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from conftest import SEED_INPUT, cli_env, new_namespace, run_cli
 from orchestrator.exitcodes import ExitStatus
 from tasks.keys import Keys
+
+from conftest import SEED_INPUT, cli_env, new_namespace, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,9 @@ def ingested(redis_url, tmp_path):
     ns = new_namespace()
     shutil.copy(SEED_INPUT, tmp_path / "cart-join.json")
     args = ["--redis-url", redis_url, "--namespace", ns]
-    run = run_cli("ingest", "cart-join.json", "--partitions", "3", "--workers", "1", *args, cwd=tmp_path)
+    run = run_cli(
+        "ingest", "cart-join.json", "--partitions", "3", "--workers", "1", *args, cwd=tmp_path
+    )
     assert run.returncode == ExitStatus.DATA_ERROR
     return tmp_path, args
 

@@ -3,6 +3,7 @@
 import pytest
 
 from bench.generate import generate
+
 from conftest import cli_env, new_namespace, run_cli
 from reference import reference_run
 
@@ -22,7 +23,9 @@ def generated(tmp_path_factory):
 
 @pytest.mark.parametrize("partitions", [1, 4, 16])
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_output_is_byte_identical_to_the_plain_loop(generated, redis_url, tmp_path, partitions, workers):
+def test_output_is_byte_identical_to_the_plain_loop(
+    generated, redis_url, tmp_path, partitions, workers
+):
     path, expected = generated
     run = run_cli(
         "ingest", str(path), "--redis-url", redis_url, "--namespace", new_namespace(),

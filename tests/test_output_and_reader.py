@@ -30,7 +30,12 @@ def test_reading_from_an_offset_numbers_lines_from_its_epoch():
     data = b'{"a": 1}\n\n{"b": 2}\r\nlast'
     f = io.BytesIO(data)
     lines = list(read_lines(f, 0, 0))
-    assert [(x.epoch, x.offset, x.end) for x in lines] == [(0, 0, 9), (1, 9, 10), (2, 10, 20), (3, 20, 24)]
+    assert [(x.epoch, x.offset, x.end) for x in lines] == [
+        (0, 0, 9),
+        (1, 9, 10),
+        (2, 10, 20),
+        (3, 20, 24),
+    ]
     resumed = list(read_lines(f, 2, 10))
     assert [(x.epoch, x.data) for x in resumed] == [(2, b'{"b": 2}\r\n'), (3, b"last")]
 

@@ -65,7 +65,9 @@ def test_the_seeds_own_output_is_what_the_oracle_prints(crashed):
 
 def test_replay_from_epoch_1_prints_the_seeds_six_resumed_lines(crashed):
     workdir, _ = crashed
-    run = run_cli("replay", "cart-join.json", "--from-epoch", "1", "--on-error", "skip", cwd=workdir)
+    run = run_cli(
+        "replay", "cart-join.json", "--from-epoch", "1", "--on-error", "skip", cwd=workdir
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout == SEED_RESUMED_RUN
     assert "skipped 1 bad line(s): cart-join.json:6 (epoch 5)" in run.stderr
@@ -81,7 +83,7 @@ def test_resume_with_skip_prints_epochs_6_and_7(crashed):
 def test_resume_after_deleting_the_bad_line_numbers_the_rest_5_and_6(crashed):
     workdir, _ = crashed
     path = workdir / "cart-join.json"
-    path.write_text("".join(l for l in path.read_text().splitlines(True) if "FAIL" not in l))
+    path.write_text("".join(x for x in path.read_text().splitlines(True) if "FAIL" not in x))
     run = run_cli("resume", "cart-join.json", cwd=workdir)
     assert run.returncode == 0, run.stderr
     assert run.stdout == (

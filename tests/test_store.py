@@ -9,13 +9,14 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 import tasks.jobs
-from reference import reference_run
 from tasks.batch import Batch, CommitNotice
 from tasks.cartjoin import FLOW_PATH
 from tasks.errors import OutOfOrder
 from tasks.jobs import run_batch
 from tasks.keys import PROCESS_BATCH
 from tasks.store import applied_epochs, restore_partition
+
+from reference import reference_run
 
 SEED_LINES = [
     '{"user_id": "a", "type": "order", "order_id": 1}',

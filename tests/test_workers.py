@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from bench.generate import generate
+
 from conftest import cli_env, new_namespace, run_cli
 from reference import reference_run
 
