@@ -1,3 +1,9 @@
-"""The driver and the CLI of the pipeline; ``tasks`` holds what the workers run."""
+"""The driver, the CLI and the seed's Python API: ``Dataflow`` and ``run_main``.
 
-__all__: list[str] = []
+``tasks`` holds what the RQ workers run.
+"""
+
+from orchestrator.inprocess import run_main
+from tasks.flow import Dataflow
+
+__all__ = ["Dataflow", "run_main"]

@@ -22,6 +22,7 @@ from orchestrator.lock import DriverLocked
 from orchestrator.reader import InputError
 from orchestrator.settings import (
     DEFAULT_DATA_DIR,
+    DEFAULT_FLOW,
     DEFAULT_NAMESPACE,
     Settings,
 )
@@ -119,10 +120,21 @@ def _connection_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _flow_option(parser: argparse.ArgumentParser | Any) -> None:
+    parser.add_argument(
+        "--flow",
+        default=_env("ORCHESTRATOR_FLOW"),
+        metavar="MODULE:ATTR",
+        help="the Dataflow to run, imported from a module (the current directory is importable; "
+        f"env ORCHESTRATOR_FLOW); default: the namespace's flow, or {DEFAULT_FLOW}",
+    )
+
+
 def _run_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("how the run works")
     group.add_argument("file", type=Path, metavar="FILE", help="input: one JSON event per line")
+    _flow_option(group)
     group.add_argument(
         "--partitions",
         type=_positive,
@@ -203,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of the namespace, until SIGTERM (which lets the current batch finish).",
     )
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    _flow_option(worker)
     reset = sub.add_parser("reset", parents=[conn], help="delete the namespace's data")
     reset.add_argument("--yes", action="store_true", help="really delete it")
     return parser
@@ -218,6 +231,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         workers=getattr(args, "workers", None),
         on_error=getattr(args, "on_error", "fail"),
         output=getattr(args, "output", None),
+        flow=getattr(args, "flow", None),
         verbose=args.verbose,
         quiet=getattr(args, "quiet", False),
     )

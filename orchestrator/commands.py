@@ -26,7 +26,7 @@ from orchestrator.namespace import (
 from orchestrator.progress import Progress
 from orchestrator.reader import open_input, read_lines, seek_epoch
 from orchestrator.server import connect
-from orchestrator.settings import Mode, Settings, redact_url
+from orchestrator.settings import DEFAULT_FLOW, Mode, Settings, redact_url
 from orchestrator.workers import WorkerPool, listening_workers, run_worker
 from tasks.errors import NamespaceError
 from tasks.flow import load_flow
@@ -104,17 +104,20 @@ def run_pipeline(
 ) -> RunResult:
     """Run ingest, resume or replay to the end of the input (or its first bad line)."""
     keys = Keys(settings.namespace)
-    load_flow(settings.flow)  # a flow that cannot load is refused before anything starts
+    if settings.flow is not None:
+        load_flow(settings.flow)  # a flow that cannot load is refused before anything starts
     with open_input(path) as f, connect(settings) as conn, DriverLock(conn.client, keys):
         r = conn.client
         info = read_info(r, keys)
         partitions = check_compatible(info, settings.partitions, settings.flow)
+        flow = settings.flow or info.flow or DEFAULT_FLOW
+        load_flow(flow)
         start = plan_start(r, keys, info, mode, from_epoch, f, path)
         generation = start_run(
             r,
             keys,
             partitions=partitions,
-            flow=settings.flow,
+            flow=flow,
             input_name=str(path),
             start_epoch=start.epoch,
             start_offset=start.offset,
@@ -131,7 +134,7 @@ def run_pipeline(
                     keys,
                     generation=generation,
                     partitions=partitions,
-                    flow_path=settings.flow,
+                    flow_path=flow,
                     on_error=settings.on_error,
                     out=out,
                     workers=pool,
@@ -209,5 +212,7 @@ def reset_namespace(settings: Settings) -> int:
 def worker(settings: Settings, *, burst: bool = False) -> None:
     """Run an RQ worker on every partition queue of the namespace."""
     keys = Keys(settings.namespace)
+    if settings.flow is not None:
+        load_flow(settings.flow)  # fail now, not on the first batch
     with connect(settings, join_only=True) as conn:
         run_worker(conn.client, keys, burst=burst, verbose=settings.verbose)

@@ -30,10 +30,10 @@ from orchestrator.output import OutputMerger, write_lines
 from orchestrator.progress import Progress
 from orchestrator.reader import InputLine
 from orchestrator.workers import WorkerPool
-from tasks.apply import describe_exception, run_maps
+from tasks.apply import describe_exception
 from tasks.batch import Batch, CommitNotice, OnError, Rejection
 from tasks.errors import PipelineError
-from tasks.flow import MapStep, load_flow
+from tasks.flow import keyed, load_flow, run_steps
 from tasks.keys import PROCESS_BATCH, Keys, partition_of
 from tasks.store import applied_epochs
 
@@ -120,7 +120,7 @@ class Driver:
         self.generation = generation
         self.partitions = partitions
         self.flow_path = flow_path
-        self.before_steps: list[MapStep] = load_flow(flow_path).split()[0]
+        self.before_steps, self.stateful, _ = load_flow(flow_path).split()
         self.on_error = on_error
         self.out = out
         self.workers = workers
@@ -169,33 +169,22 @@ class Driver:
                 return result
 
     def _read(self, line: InputLine, result: RunResult) -> None:
-        """Parse one line, run the flow's steps before the stateful one, buffer the event."""
+        """Parse one line, run the flow's steps before the stateful one, buffer its events."""
         if not line.data.strip():
             return  # blank lines are skipped silently and keep their epoch number
         try:
-            key, value = self._route(line.data)
+            items = run_steps(self.before_steps, orjson.loads(line.data))
+            events = [keyed(self.stateful, item) for item in items]
         except Exception as e:  # the input or the flow's code rejected the line
             self._reject(BadLine(line.epoch, line.offset, _reason(e)), result)
             return
-        p = partition_of(key, self.partitions)
-        pending = self.pending.setdefault(p, Pending())
-        pending.events.append((line.epoch, key, value))
-        pending.offsets.append(line.offset)
-        self.buffered += 1
-        result.events += 1
-
-    def _route(self, data: bytes) -> tuple[str, Any]:
-        item = run_maps(self.before_steps, orjson.loads(data))
-        if not (isinstance(item, tuple | list) and len(item) == 2):
-            msg = (
-                f"the step before stateful_map must return (key, value), got {type(item).__name__}"
-            )
-            raise TypeError(msg)
-        key, value = item
-        if not isinstance(key, str):
-            msg = f"the key must be a string, got {type(key).__name__}"
-            raise TypeError(msg)
-        return key, value
+        for key, value in events:
+            p = partition_of(key, self.partitions)
+            pending = self.pending.setdefault(p, Pending())
+            pending.events.append((line.epoch, key, value))
+            pending.offsets.append(line.offset)
+        self.buffered += len(events)
+        result.events += len(events)
 
     def _reject(self, bad: BadLine, result: RunResult) -> None:
         if self.on_error == "skip":
@@ -217,6 +206,13 @@ class Driver:
                 continue
             pending = self.pending.pop(p)
             n = min(len(pending.events), MAX_BATCH_EVENTS)
+            if n < len(pending.events):
+                # Several events can share an epoch (flat_map): never split one across batches.
+                while (
+                    0 < n < len(pending.events) and pending.events[n][0] == pending.events[n - 1][0]
+                ):
+                    n -= 1
+                n = n or len(pending.events)
             if n < len(pending.events):
                 self.pending[p] = Pending(pending.events[n:], pending.offsets[n:])
                 last_epoch = pending.events[n][0] - 1

@@ -47,7 +47,7 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
     )
 
 
-def check_compatible(info: NamespaceInfo, partitions: int | None, flow: str) -> int:
+def check_compatible(info: NamespaceInfo, partitions: int | None, flow: str | None) -> int:
     """Return the partition count to use; refuse options that contradict the stored ones.
 
     Raises:
@@ -61,7 +61,7 @@ def check_compatible(info: NamespaceInfo, partitions: int | None, flow: str) -> 
             f"(fixed at its first ingest); drop the option, or 'reset --yes' to start over"
         )
         raise NamespaceError(msg)
-    if info.flow is not None and info.flow != flow:
+    if flow is not None and info.flow is not None and info.flow != flow:
         msg = (
             f"--flow {flow} does not match the namespace's flow {info.flow}; "
             f"use a different --namespace, or 'reset --yes' to start over"

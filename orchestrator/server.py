@@ -115,9 +115,10 @@ def die_with_parent() -> None:
 class EmbeddedServer:
     """Context manager: own (start and stop) or join the embedded server of a data directory."""
 
-    def __init__(self, data_dir: Path, *, join_only: bool = False) -> None:
+    def __init__(self, data_dir: Path, *, join_only: bool = False, persistent: bool = True) -> None:
         self.data_dir = data_dir.resolve()
         self.join_only = join_only
+        self.persistent = persistent
         self.info_path = self.data_dir / "server.json"
         self._lock_file: Any = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -185,7 +186,7 @@ class EmbeddedServer:
             "--unixsocket", socket_path,
             "--unixsocketperm", "700",
             "--dir", str(self.data_dir),
-            "--appendonly", "yes",
+            "--appendonly", "yes" if self.persistent else "no",
             "--appendfsync", "always",
             "--save", "",
             "--maxmemory-policy", "noeviction",

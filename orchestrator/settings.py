@@ -13,6 +13,7 @@ DEFAULT_NAMESPACE = "cart-join"
 DEFAULT_DATA_DIR = Path(".orchestrator")
 DEFAULT_PARTITIONS = 4
 DEFAULT_EMBEDDED_WORKERS = 2
+DEFAULT_FLOW = "tasks.cartjoin:flow"
 
 Mode = Literal["ingest", "resume", "replay"]
 
@@ -29,7 +30,8 @@ class Settings:
     workers: int | None = None
     on_error: OnError = "fail"
     output: Path | None = None
-    flow: str = "tasks.cartjoin:flow"
+    # None: the namespace's stored flow, or the cart join for a new namespace
+    flow: str | None = None
     verbose: bool = False
     quiet: bool = False
 

@@ -2,13 +2,13 @@
 
 The result holds everything the commit writes: the final state of each
 touched key, an undo record (each event's before-image, so any epoch of the
-batch can be restored later), the output lines and the rejected events.
+batch can be restored later), the outputs and the rejected events.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ import orjson
 
 from tasks.batch import OnError, Rejection
 from tasks.errors import InvalidEvent
-from tasks.flow import Flow, MapStep
+from tasks.flow import Dataflow, StatefulMapStep, run_steps
 
 # A stored state as JSON bytes, or None when the key has no state.
 Raw = bytes | None
@@ -32,9 +32,12 @@ class AppliedBatch:
     # (epoch, key, state before the event or None): restoring epoch N-1 sets each
     # key to the before-image of its first event at epoch >= N
     undo: list[tuple[int, str, str | None]] = field(default_factory=list)
-    lines: list[tuple[int, str]] = field(default_factory=list)
+    # (epoch, rendered output) in epoch order
+    outputs: list[tuple[int, Any]] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     failed: Rejection | None = None
+    # the exception behind `failed`, for callers in the same process (run_main)
+    failed_exception: BaseException | None = None
 
 
 def describe_exception(e: BaseException) -> str:
@@ -50,19 +53,13 @@ def format_line(epoch: int, item: Any) -> str:
     return f"{epoch} {json.dumps(item)}"
 
 
-def run_maps(steps: list[MapStep], item: Any) -> Any:
-    """Apply stateless steps in order."""
-    for step in steps:
-        item = step.fn(item)
-    return item
-
-
 def apply_events(
-    flow: Flow,
+    flow: Dataflow,
     events: Iterable[tuple[int, str, Any]],
     loaded: dict[str, Raw],
     last_epoch: int,
     on_error: OnError,
+    render: Callable[[int, Any], Any] = format_line,
 ) -> AppliedBatch:
     """Apply events (in epoch order) to the loaded states.
 
@@ -72,6 +69,7 @@ def apply_events(
         loaded: the committed state of every key the events touch.
         last_epoch: the batch's last epoch (it may end after its last event).
         on_error: ``fail`` stops at the first rejected event; ``skip`` leaves it out.
+        render: turns ``(epoch, output item)`` into what the batch outputs.
 
     Returns:
         The batch's effects. A rejected event leaves its key's state as it was
@@ -85,15 +83,14 @@ def apply_events(
         before = raw.get(key)
         state = live[key] if key in live else _decode_or_build(before, stateful.builder, key)
         try:
-            new_state, emitted = stateful.mapper(state, value)
-            item = run_maps(after, (key, emitted))
-            line = format_line(epoch, item)
+            new_state, emitted = _step(stateful, state, value)
+            outputs = [render(epoch, item) for item in run_steps(after, (key, emitted))]
             new_raw = None if new_state is None else orjson.dumps(new_state)
         except Exception as e:  # the flow's code rejected this event
             live.pop(key, None)  # the mapper may have mutated it in place
             rejection = Rejection(epoch, key, describe_exception(e))
             if on_error == "fail":
-                result.failed = rejection
+                result.failed, result.failed_exception = rejection, e
                 result.applied_through = epoch - 1
                 break
             result.rejected.append(rejection)
@@ -105,8 +102,19 @@ def apply_events(
         else:
             live[key] = new_state
         result.writes[key] = new_raw
-        result.lines.append((epoch, line))
+        result.outputs.extend((epoch, out) for out in outputs)
     return result
+
+
+def _step(stateful: StatefulMapStep, state: Any, value: Any) -> tuple[Any, Any]:
+    returned = stateful.mapper(state, value)
+    if not (isinstance(returned, tuple | list) and len(returned) == 2):
+        msg = (
+            f"stateful_map {stateful.step_id!r}: the mapper must return (state, emitted), "
+            f"got {type(returned).__name__}"
+        )
+        raise TypeError(msg)
+    return returned[0], returned[1]
 
 
 def _decode_or_build(raw: Raw, builder: Any, key: str) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.errors import InvalidEvent
-from tasks.flow import Flow
+from tasks.flow import Dataflow
 
 REQUIRED_FIELDS = ("user_id", "type", "order_id")
 
@@ -76,7 +76,7 @@ def format_output(user_id__joined_state: tuple[str, dict[str, list[Any]]]) -> di
 
 
 flow = (
-    Flow()
+    Dataflow()
     .map(validate_event)
     .map(key_off_user_id)
     .stateful_map("joiner", build_state, joiner)

@@ -1,14 +1,17 @@
-"""A small dataflow description: map -> stateful_map -> map -> capture, as in the seed.
+"""The dataflow API: ``Dataflow().map(...).stateful_map(...).map(...).capture()``, as in the seed.
 
-The engine splits a flow at its stateful step: the steps before it run in the
-driver (they decide the key, hence the partition), the stateful step and the
-steps after it run on the RQ workers, next to the state.
+The engine splits a flow at its stateful step: the steps before it run where
+the input is read (they decide the key, hence the partition), the stateful
+step and the steps after it run next to the state (on the RQ workers, or in
+the calling process for ``run_main``).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,79 +22,173 @@ Mapper = Callable[[Any, Any], tuple[Any, Any]]
 
 @dataclass(frozen=True)
 class MapStep:
-    """A stateless step: ``fn(item) -> item``."""
+    """``fn(item) -> item``."""
 
     fn: Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
+class FilterStep:
+    """Keeps the items for which ``fn(item)`` is true."""
+
+    fn: Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class FlatMapStep:
+    """``fn(item) -> iterable of items``."""
+
+    fn: Callable[[Any], Iterable[Any]]
+
+
+@dataclass(frozen=True)
 class StatefulMapStep:
-    """The keyed step: ``builder(key) -> state``, ``mapper(state, value) -> (state, out)``."""
+    """The keyed step: ``builder(key) -> state``; ``mapper(state, value) -> (state, out)``."""
 
     step_id: str
     builder: Callable[[str], Any]
     mapper: Mapper
 
 
-@dataclass
-class Flow:
-    """A linear flow of steps ending in ``capture()``."""
+Step = MapStep | FilterStep | FlatMapStep
 
-    steps: list[MapStep | StatefulMapStep] = field(default_factory=list)
+
+@dataclass
+class Dataflow:
+    """A linear flow: stateless steps, one ``stateful_map``, stateless steps, ``capture()``."""
+
+    steps: list[Step | StatefulMapStep] = field(default_factory=list)
     captured: bool = False
 
-    def map(self, fn: Callable[[Any], Any]) -> Flow:
-        """Append a stateless map step."""
-        self._check_open()
-        self.steps.append(MapStep(fn))
-        return self
+    def map(self, fn: Callable[[Any], Any]) -> Dataflow:
+        """Transform every item with ``fn``."""
+        return self._add(MapStep(_callable(fn, "map")))
 
-    def stateful_map(self, step_id: str, builder: Callable[[str], Any], mapper: Mapper) -> Flow:
-        """Append the keyed stateful step; a flow has exactly one."""
-        self._check_open()
+    def filter(self, fn: Callable[[Any], bool]) -> Dataflow:
+        """Keep only the items for which ``fn(item)`` is true."""
+        return self._add(FilterStep(_callable(fn, "filter")))
+
+    def flat_map(self, fn: Callable[[Any], Iterable[Any]]) -> Dataflow:
+        """Replace every item with the items of the iterable ``fn(item)`` returns."""
+        return self._add(FlatMapStep(_callable(fn, "flat_map")))
+
+    def stateful_map(self, step_id: str, builder: Callable[[str], Any], mapper: Mapper) -> Dataflow:
+        """Keep state per key: items must be ``(key, value)``; emits ``(key, out)``.
+
+        ``builder(key)`` makes a key's first state; ``mapper(state, value)``
+        returns ``(new_state, out)``. A new state of ``None`` deletes the key's
+        state: its next item starts again from ``builder(key)``. States must be
+        JSON values (they are stored in Redis as JSON).
+
+        Raises:
+            FlowError: the flow already has a stateful step (one per flow).
+        """
         if any(isinstance(s, StatefulMapStep) for s in self.steps):
             msg = f"stateful_map {step_id!r}: a flow may have only one stateful step"
             raise FlowError(msg)
-        self.steps.append(StatefulMapStep(step_id, builder, mapper))
-        return self
+        return self._add(
+            StatefulMapStep(step_id, _callable(builder, "builder"), _callable(mapper, "mapper"))
+        )
 
-    def capture(self) -> Flow:
-        """Mark the end of the flow: its items are the pipeline's output."""
-        self._check_open()
+    def capture(self) -> Dataflow:
+        """End the flow: its items are the output."""
+        if self.captured:
+            msg = "the flow is already captured"
+            raise FlowError(msg)
         self.captured = True
         return self
 
-    def _check_open(self) -> None:
+    def _add(self, step: Step | StatefulMapStep) -> Dataflow:
         if self.captured:
             msg = "the flow is already captured: add steps before capture()"
             raise FlowError(msg)
+        self.steps.append(step)
+        return self
 
-    def split(self) -> tuple[list[MapStep], StatefulMapStep, list[MapStep]]:
-        """Return (steps before the stateful step, the stateful step, steps after it)."""
-        stateful = [i for i, s in enumerate(self.steps) if isinstance(s, StatefulMapStep)]
+    def split(self) -> tuple[list[Step], StatefulMapStep, list[Step]]:
+        """Return (steps before the stateful step, the stateful step, steps after it).
+
+        Raises:
+            FlowError: no stateful step, or no ``capture()``.
+        """
+        stateful = [s for s in self.steps if isinstance(s, StatefulMapStep)]
         if not stateful:
             msg = "the flow has no stateful_map step"
             raise FlowError(msg)
         if not self.captured:
             msg = "the flow does not end with capture()"
             raise FlowError(msg)
-        i = stateful[0]
-        before = [s for s in self.steps[:i] if isinstance(s, MapStep)]
-        after = [s for s in self.steps[i + 1 :] if isinstance(s, MapStep)]
-        step = self.steps[i]
-        assert isinstance(step, StatefulMapStep)
-        return before, step, after
+        i = self.steps.index(stateful[0])
+        before = [s for s in self.steps[:i] if not isinstance(s, StatefulMapStep)]
+        after = [s for s in self.steps[i + 1 :] if not isinstance(s, StatefulMapStep)]
+        return before, stateful[0], after
+
+    def functions(self) -> list[Callable[..., Any]]:
+        """Every user function of the flow."""
+        out: list[Callable[..., Any]] = []
+        for s in self.steps:
+            out += [s.builder, s.mapper] if isinstance(s, StatefulMapStep) else [s.fn]
+        return out
 
 
-_loaded: dict[str, Flow] = {}
+def _callable(fn: Any, what: str) -> Any:
+    if not callable(fn):
+        msg = f"{what} expects a function, got {type(fn).__name__}"
+        raise TypeError(msg)
+    return fn
 
 
-def load_flow(path: str) -> Flow:
-    """Import a flow by ``package.module:attribute`` (cached per process).
+def run_steps(steps: list[Step], item: Any) -> list[Any]:
+    """Run stateless steps over one item; the result has 0, 1 or more items."""
+    items = [item]
+    for step in steps:
+        if isinstance(step, MapStep):
+            items = [step.fn(x) for x in items]
+        elif isinstance(step, FilterStep):
+            items = [x for x in items if step.fn(x)]
+        else:
+            items = [y for x in items for y in step.fn(x)]
+    return items
+
+
+def keyed(step: StatefulMapStep, item: Any) -> tuple[str, Any]:
+    """Check that an item entering the stateful step is ``(key, value)`` with a string key.
 
     Raises:
-        FlowError: the path is malformed, the module cannot be imported, or the
-            attribute is not a Flow.
+        TypeError: naming the step and what the item was.
+    """
+    if not (isinstance(item, tuple | list) and len(item) == 2):
+        msg = (
+            f"stateful_map {step.step_id!r} expects (key, value) tuples, "
+            f"got {type(item).__name__}: {_short(item)}"
+        )
+        raise TypeError(msg)
+    key, value = item
+    if not isinstance(key, str):
+        msg = (
+            f"stateful_map {step.step_id!r} expects string keys, got {type(key).__name__}: {key!r}"
+        )
+        raise TypeError(msg)
+    return key, value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_loaded: dict[str, Dataflow] = {}
+
+
+def load_flow(path: str) -> Dataflow:
+    """Import a flow by ``package.module:attribute`` (cached per process).
+
+    The current directory is importable, as with ``python -m``.
+
+    Raises:
+        FlowError: the path is malformed, names ``__main__``, cannot be
+            imported, is not a Dataflow, or its functions live in ``__main__``
+            (which workers cannot import).
     """
     if path in _loaded:
         return _loaded[path]
@@ -99,15 +196,32 @@ def load_flow(path: str) -> Flow:
     if not sep or not module_name or not attr:
         msg = f"invalid flow {path!r}: expected 'package.module:attribute'"
         raise FlowError(msg)
+    if module_name == "__main__":
+        raise FlowError(_main_message(path))
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        msg = f"cannot import flow module {module_name!r}: {e}"
+    except Exception as e:
+        msg = (
+            f"cannot import flow module {module_name!r}: {type(e).__name__}: {e} "
+            f"(run from the directory that holds it, or add that directory to PYTHONPATH)"
+        )
         raise FlowError(msg) from e
     flow = getattr(module, attr, None)
-    if not isinstance(flow, Flow):
-        msg = f"{path!r} is not a Flow (found {type(flow).__name__})"
+    if not isinstance(flow, Dataflow):
+        msg = f"{path!r} is not a Dataflow (found {type(flow).__name__})"
         raise FlowError(msg)
+    if any(getattr(fn, "__module__", None) == "__main__" for fn in flow.functions()):
+        raise FlowError(_main_message(path))
     flow.split()  # validate its shape once, at load
     _loaded[path] = flow
     return flow
+
+
+def _main_message(path: str) -> str:
+    return (
+        f"flow {path!r} uses functions defined in __main__, which RQ workers cannot import: "
+        f"put the flow in a module and pass --flow module:attribute, or run it in-process "
+        f"with orchestrator.run_main"
+    )

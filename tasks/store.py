@@ -48,8 +48,12 @@ def load_for_batch(r: Redis, batch: Batch) -> Loaded:
     return Loaded(generation, applied, states)
 
 
-def commit(r: Redis, batch: Batch, applied: AppliedBatch) -> CommitOutcome:
-    """Commit a batch's effects atomically, or nothing if it is stale, a duplicate or early."""
+def commit(r: Redis, batch: Batch, applied: AppliedBatch, *, notify: bool = True) -> CommitOutcome:
+    """Commit a batch's effects atomically, or nothing if it is stale, a duplicate or early.
+
+    With ``notify`` the commit also pushes a notice with the batch's outputs
+    (rendered output lines) to the driver of the batch's generation.
+    """
     keys = Keys(batch.namespace)
     p = batch.partition
     sets: list[Any] = []
@@ -62,7 +66,7 @@ def commit(r: Redis, batch: Batch, applied: AppliedBatch) -> CommitOutcome:
     notice = CommitNotice(
         partition=p,
         applied_through=applied.applied_through,
-        lines=applied.lines,
+        lines=applied.outputs if notify else [],
         rejected=applied.rejected,
         failed=applied.failed,
     )
@@ -74,7 +78,7 @@ def commit(r: Redis, batch: Batch, applied: AppliedBatch) -> CommitOutcome:
             batch.after_epoch,
             applied.applied_through,
             orjson.dumps(applied.undo) if applied.undo else b"",
-            notice.encode(),
+            notice.encode() if notify else b"",
             len(sets) // 2,
             *sets,
             *deletes,

@@ -8,7 +8,7 @@ import pytest
 from tasks.apply import apply_events, format_line
 from tasks.cartjoin import flow, validate_event
 from tasks.errors import InvalidEvent
-from tasks.flow import Flow
+from tasks.flow import Dataflow
 
 
 def order(user, oid):
@@ -26,7 +26,7 @@ def events(*items, start=0):
 def test_the_seeds_first_epochs():
     batch = events(order("a", 1), order("a", 2), order("b", 3), payment("a", 2), order("b", 4))
     result = apply_events(flow, batch, {}, 4, "fail")
-    assert [line for _, line in result.lines] == [
+    assert [line for _, line in result.outputs] == [
         '0 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1]}',
         '1 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1, 2]}',
         '2 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3]}',
@@ -40,7 +40,7 @@ def test_the_seeds_first_epochs():
 def test_state_continues_from_the_loaded_state():
     loaded = {"a": orjson.dumps({"unpaid_order_ids": [1], "paid_order_ids": [2]})}
     result = apply_events(flow, events(payment("a", 1), start=6), loaded, 6, "fail")
-    assert result.lines == [
+    assert result.outputs == [
         (6, '6 {"user_id": "a", "paid_order_ids": [2, 1], "unpaid_order_ids": []}')
     ]
 
@@ -60,7 +60,7 @@ def test_fail_stops_before_the_rejected_event():
     assert (result.failed.epoch, result.failed.key) == (1, "a")
     assert result.failed.reason == "ValueError: list.remove(x): x not in list"
     assert result.applied_through == 0
-    assert [e for e, _ in result.lines] == [0]
+    assert [e for e, _ in result.outputs] == [0]
     assert orjson.loads(result.writes["a"]) == {"unpaid_order_ids": [1], "paid_order_ids": []}
 
 
@@ -68,7 +68,7 @@ def test_skip_leaves_the_rejected_event_out_and_the_state_intact():
     batch = events(order("a", 1), payment("a", 9), order("a", 2))
     result = apply_events(flow, batch, {}, 2, "skip")
     assert [r.epoch for r in result.rejected] == [1]
-    assert [e for e, _ in result.lines] == [0, 2]
+    assert [e for e, _ in result.outputs] == [0, 2]
     assert orjson.loads(result.writes["a"]) == {"unpaid_order_ids": [1, 2], "paid_order_ids": []}
 
 
@@ -80,17 +80,17 @@ def half_applying_mapper(state, value):
 
 
 def test_a_rejected_event_never_leaves_a_half_applied_state():
-    f = Flow().stateful_map("count", lambda key: {"n": 0}, half_applying_mapper).capture()
+    f = Dataflow().stateful_map("count", lambda key: {"n": 0}, half_applying_mapper).capture()
     result = apply_events(f, [(0, "k", 1), (1, "k", "boom"), (2, "k", 1)], {}, 2, "skip")
-    assert [line for _, line in result.lines] == ['0 ["k", {"n": 1}]', '2 ["k", {"n": 2}]']
+    assert [line for _, line in result.outputs] == ['0 ["k", {"n": 1}]', '2 ["k", {"n": 2}]']
     assert orjson.loads(result.writes["k"]) == {"n": 2}
 
 
 def test_returning_none_deletes_the_state():
-    f = Flow().stateful_map("once", lambda key: 0, lambda s, v: (None, s + v)).capture()
+    f = Dataflow().stateful_map("once", lambda key: 0, lambda s, v: (None, s + v)).capture()
     result = apply_events(f, [(0, "k", 5)], {"k": b"10"}, 0, "fail")
     assert result.writes == {"k": None}
-    assert result.lines == [(0, '0 ["k", 15]')]
+    assert result.outputs == [(0, '0 ["k", 15]')]
 
 
 def test_output_lines_are_byte_identical_to_json_dumps():

@@ -10,7 +10,7 @@
 -- ARGV[2] = epoch the partition must have applied before this batch ("after")
 -- ARGV[3] = epoch the partition has applied after this batch ("through")
 -- ARGV[4] = undo record (JSON) or "" when the batch changed no state
--- ARGV[5] = commit notice (JSON)
+-- ARGV[5] = commit notice (JSON), or "" when nobody waits for one
 -- ARGV[6] = number n of states to set; ARGV[7 .. 6+2n] = key, state pairs;
 --           ARGV[7+2n ..] = keys whose state is deleted
 -- returns  1 committed
@@ -48,5 +48,7 @@ if ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[4], through, ARGV[4])
 end
 redis.call('HSET', KEYS[2], 'applied', through)
-redis.call('RPUSH', KEYS[5], ARGV[5])
+if ARGV[5] ~= '' then
+  redis.call('RPUSH', KEYS[5], ARGV[5])
+end
 return 1

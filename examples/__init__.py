@@ -1,0 +1,1 @@
+"""Example flows for the engine (importable as ``examples.<module>`` from the repository root)."""

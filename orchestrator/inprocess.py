@@ -1,0 +1,172 @@
+"""``run_main``: run a flow in the calling process, with the engine's commits and recovery.
+
+The flow's functions run here (so functions defined in ``__main__`` work);
+state, undo records and progress live in Redis exactly as with the
+distributed engine, committed per batch by the same script. Outputs go to the
+output handler in epoch order, after their batch has committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+from orchestrator.lock import DriverLock
+from orchestrator.namespace import check_compatible, read_info, record_commit, start_run
+from orchestrator.recovery import RedisRecoveryConfig
+from orchestrator.server import EmbeddedServer, client_for, connect
+from tasks.apply import apply_events
+from tasks.batch import Batch
+from tasks.errors import NamespaceError, PipelineError, StaleGeneration
+from tasks.flow import Dataflow, keyed, run_steps
+from tasks.keys import Keys
+from tasks.scripts import CommitOutcome
+from tasks.store import commit, load_for_batch
+
+InputBuilder = Callable[[int, int], Iterable[tuple[int, Any]]]
+OutputBuilder = Callable[[int, int], Callable[[tuple[int, Any]], Any]]
+
+BATCH_EVENTS = 1_000
+
+
+@contextlib.contextmanager
+def _redis(recovery_config: RedisRecoveryConfig | None) -> Iterator[tuple[Redis, Keys]]:
+    if recovery_config is not None:
+        with connect(recovery_config.settings()) as conn:
+            yield conn.client, Keys(recovery_config.namespace)
+        return
+    # No recovery: a private server without persistence, gone after the call.
+    with (
+        tempfile.TemporaryDirectory(prefix="orchestrator-run-") as tmp,
+        EmbeddedServer(Path(tmp), persistent=False) as url,
+    ):
+        client = client_for(url)
+        try:
+            yield client, Keys("run-main")
+        finally:
+            client.close()
+
+
+def run_main(
+    flow: Dataflow,
+    input_builder: InputBuilder,
+    output_builder: OutputBuilder,
+    recovery_config: RedisRecoveryConfig | None = None,
+) -> None:
+    """Run ``flow`` over the items of ``input_builder``, in this process.
+
+    Args:
+        flow: the dataflow.
+        input_builder: ``input_builder(worker_index, worker_count)`` yields
+            ``(epoch, item)`` with epochs that never decrease.
+        output_builder: ``output_builder(worker_index, worker_count)`` returns a
+            function called with ``(epoch, item)`` for every output item, in epoch order.
+        recovery_config: where to keep state across calls. With it, a run whose
+            first epoch is N starts from the state as it was at the end of epoch
+            N-1. Without it nothing is kept after the call.
+
+    Raises:
+        Exception: whatever the input builder, a step or the output handler
+            raised, after every earlier epoch has been committed and delivered.
+    """
+    _, stateful, _ = flow.split()
+    flow_id = f"run_main:{stateful.step_id}"
+    inputs = iter(input_builder(0, 1))
+    first = next(inputs, None)
+    if first is None:
+        return
+    with _redis(recovery_config) as (r, keys), DriverLock(r, keys):
+        info = read_info(r, keys)
+        try:
+            check_compatible(info, 1, flow_id)
+        except NamespaceError:
+            msg = (
+                f"recovery namespace {keys.namespace!r} holds another flow ({info.flow}, "
+                f"{info.partitions} partitions): pass RedisRecoveryConfig(..., namespace=...)"
+            )
+            raise NamespaceError(msg) from None
+        start = min(first[0], info.committed + 1)
+        generation = start_run(
+            r, keys, partitions=1, flow=flow_id, input_name="run_main",
+            start_epoch=start, start_offset=0,
+        )  # fmt: skip
+        runner = _Runner(r, keys, flow, generation, after=start - 1)
+        runner.run(first, inputs, output_builder(0, 1))
+
+
+class _Runner:
+    """Reads items, commits them in batches of whole epochs, delivers outputs."""
+
+    def __init__(self, r: Redis, keys: Keys, flow: Dataflow, generation: int, after: int) -> None:
+        self.r, self.keys, self.flow, self.generation = r, keys, flow, generation
+        self.before, self.stateful, _ = flow.split()
+        self.after = after  # the last committed epoch
+        self.events: list[tuple[int, str, Any]] = []
+        self.read_through = after
+
+    def run(
+        self, first: tuple[int, Any], inputs: Iterator[tuple[int, Any]], output: Callable[..., Any]
+    ) -> None:
+        item: tuple[int, Any] | None = first
+        while item is not None:
+            epoch, value = _epoch_item(item, self.read_through)
+            if epoch > self.read_through and len(self.events) >= BATCH_EVENTS:
+                self._flush(self.read_through, output)
+            try:
+                events = [keyed(self.stateful, x) for x in run_steps(self.before, value)]
+            except Exception:
+                self._flush(epoch - 1, output)  # commit and deliver what came before it
+                raise
+            self.events += [(epoch, k, v) for k, v in events]
+            self.read_through = epoch
+            try:
+                item = next(inputs, None)
+            except Exception:
+                self._flush(self.read_through, output)
+                raise
+        self._flush(self.read_through, output)
+
+    def _flush(self, through: int, output: Callable[..., Any]) -> None:
+        events = [e for e in self.events if e[0] <= through]
+        self.events = self.events[len(events) :]
+        if through <= self.after:
+            return
+        batch = Batch(
+            self.keys.namespace, self.generation, 0, self.after, through, "run_main", "fail", events
+        )
+        loaded = load_for_batch(self.r, batch)
+        # Outputs are delivered after the commit: copy each one as it is emitted, since
+        # a mapper may emit its state and change it again for a later event.
+        applied = apply_events(
+            self.flow, events, loaded.states, through, "fail", render=lambda e, x: (e, deepcopy(x))
+        )
+        if commit(self.r, batch, applied, notify=False) is not CommitOutcome.COMMITTED:
+            msg = f"namespace {self.keys.namespace!r} was taken over by another run"
+            raise StaleGeneration(msg)
+        delivered = self.after  # every epoch up to this one is out
+        try:
+            for epoch, rendered in applied.outputs:
+                delivered = epoch - 1
+                output(rendered)
+            delivered = applied.applied_through
+        finally:
+            record_commit(self.r, self.keys, delivered, 0)
+            self.after = delivered
+        if applied.failed_exception is not None:
+            raise applied.failed_exception
+
+
+def _epoch_item(item: Any, previous: int) -> tuple[int, Any]:
+    if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], int)):
+        msg = f"the input builder must yield (epoch, item) with an int epoch, got {item!r:.60}"
+        raise TypeError(msg)
+    if item[0] < previous:
+        msg = f"epochs must not decrease: epoch {item[0]} came after epoch {previous}"
+        raise PipelineError(msg)
+    return item[0], item[1]

@@ -1,0 +1,41 @@
+"""Where ``run_main`` keeps its state: ``RedisRecoveryConfig``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.settings import Settings
+from tasks.keys import Keys
+
+URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+@dataclass(frozen=True)
+class RedisRecoveryConfig:
+    """Keep a flow's state and progress in Redis, so that a later run can resume it.
+
+    Args:
+        location: a ``redis://``, ``rediss://`` or ``unix://`` URL, or a directory
+            for the embedded redis-server (created if missing; the data persists there).
+        namespace: the namespace of the flow's keys in that Redis.
+    """
+
+    location: str | os.PathLike[str]
+    namespace: str = "run-main"
+
+    def __post_init__(self) -> None:
+        Keys(self.namespace)  # a bad namespace fails here, not mid-run
+
+    @property
+    def url(self) -> str | None:
+        """The Redis URL, or None for the embedded server."""
+        text = os.fspath(self.location)
+        return text if text.startswith(URL_SCHEMES) else None
+
+    def settings(self) -> Settings:
+        """The settings that reach this Redis."""
+        if self.url is not None:
+            return Settings(redis_url=self.url, namespace=self.namespace)
+        return Settings(data_dir=Path(self.location), namespace=self.namespace)

@@ -1,0 +1,203 @@
+"""The Dataflow operators' contracts, and run_main with and without recovery."""
+
+import json
+
+import pytest
+
+from orchestrator import Dataflow, run_main
+from orchestrator.recovery import RedisRecoveryConfig
+from tasks.apply import apply_events
+from tasks.errors import FlowError
+from tasks.flow import keyed, load_flow, run_steps
+
+
+def collect(flow, items, recovery_config=None):
+    """Run flow over [(epoch, item)] in-process; return the outputs."""
+    out = []
+    run_main(flow, lambda i, n: iter(items), lambda i, n: out.append, recovery_config)
+    return out
+
+
+def counter():
+    return Dataflow().stateful_map("count", lambda key: 0, lambda s, v: (s + v, s + v))
+
+
+# --- operators -------------------------------------------------------------------------
+
+
+def test_stateless_operators_compose_in_order():
+    flow = Dataflow().map(lambda x: x * 10).filter(lambda x: x != 20).flat_map(lambda x: [x, x + 1])
+    assert run_steps(flow.steps, 1) == [10, 11]
+    assert run_steps(flow.steps, 2) == []
+
+
+def test_stateful_map_emits_key_and_value_and_keeps_state_per_key():
+    flow = Dataflow().map(lambda e: (e["k"], e["v"]))
+    flow = flow.stateful_map("sum", lambda key: 0, lambda s, v: (s + v, s + v)).capture()
+    items = [(0, {"k": "a", "v": 1}), (1, {"k": "b", "v": 5}), (2, {"k": "a", "v": 2})]
+    assert collect(flow, items) == [(0, ("a", 1)), (1, ("b", 5)), (2, ("a", 3))]
+
+
+def test_builder_gets_the_key():
+    flow = Dataflow().stateful_map("seen", lambda key: [key], lambda s, v: (s + [v], list(s + [v])))
+    flow.capture()
+    assert collect(flow, [(0, ("k", 1))]) == [(0, ("k", ["k", 1]))]
+
+
+def test_stateful_map_refuses_items_that_are_not_key_value_pairs():
+    step = counter().capture().split()[1]
+    with pytest.raises(
+        TypeError, match=r"stateful_map 'count' expects \(key, value\) tuples, got dict"
+    ):
+        keyed(step, {"user_id": "a"})
+    with pytest.raises(TypeError, match="stateful_map 'count' expects string keys, got int"):
+        keyed(step, (1, 2))
+
+
+def test_run_main_raises_the_type_error_after_committing_what_came_before():
+    flow = counter().capture()
+    out = []
+    with pytest.raises(TypeError, match="got int"):
+        run_main(flow, lambda i, n: iter([(0, ("a", 1)), (1, 5)]), lambda i, n: out.append)
+    assert out == [(0, ("a", 1))]
+
+
+def test_a_second_stateful_step_is_refused_when_the_flow_is_built():
+    with pytest.raises(FlowError, match="only one stateful step"):
+        counter().stateful_map("again", lambda k: 0, lambda s, v: (s, v))
+
+
+def test_a_flow_needs_a_stateful_step_and_capture():
+    with pytest.raises(FlowError, match="no stateful_map"):
+        Dataflow().map(str).capture().split()
+    with pytest.raises(FlowError, match="does not end with capture"):
+        counter().split()
+    with pytest.raises(FlowError, match="already captured"):
+        counter().capture().map(str)
+
+
+def test_operators_want_functions():
+    with pytest.raises(TypeError, match="map expects a function, got int"):
+        Dataflow().map(3)
+
+
+def test_a_mapper_must_return_state_and_output():
+    flow = Dataflow().stateful_map("bad", lambda k: 0, lambda s, v: s).capture()
+    result = apply_events(flow, [(0, "k", 1)], {}, 0, "skip")
+    assert result.rejected[0].reason.startswith(
+        "TypeError: stateful_map 'bad': the mapper must return"
+    )
+
+
+def test_returning_none_deletes_the_state_and_the_key_starts_again():
+    flow = Dataflow().stateful_map(
+        "until-reset", lambda k: 0, lambda s, v: (None, s) if v == "reset" else (s + v, s + v)
+    )
+    flow.capture()
+    items = [(0, ("a", 2)), (1, ("a", 3)), (2, ("a", "reset")), (3, ("a", 4))]
+    assert collect(flow, items) == [(0, ("a", 2)), (1, ("a", 5)), (2, ("a", 5)), (3, ("a", 4))]
+
+
+def test_several_items_per_epoch_and_flat_map_after_the_stateful_step():
+    flow = counter().flat_map(lambda kv: [kv[1], -kv[1]]).capture()
+    items = [(0, ("a", 1)), (0, ("b", 2)), (1, ("a", 1))]
+    assert collect(flow, items) == [(0, 1), (0, -1), (0, 2), (0, -2), (1, 2), (1, -2)]
+
+
+# --- run_main --------------------------------------------------------------------------
+
+
+def test_without_recovery_nothing_is_kept_between_calls():
+    flow = counter().capture()
+    assert collect(flow, [(0, ("a", 1))]) == [(0, ("a", 1))]
+    assert collect(flow, [(1, ("a", 1))]) == [(1, ("a", 1))]
+
+
+@pytest.fixture(params=["directory", "url"])
+def recovery(request, tmp_path, namespace):
+    if request.param == "directory":
+        return RedisRecoveryConfig(tmp_path / "recovery")
+    return RedisRecoveryConfig(request.getfixturevalue("redis_url"), namespace=namespace)
+
+
+def test_with_recovery_a_run_from_epoch_n_starts_from_the_state_at_n_minus_1(recovery):
+    flow = counter().capture()
+    items = [(e, ("a", 1)) for e in range(5)]
+    assert [v for _, (_, v) in collect(flow, items, recovery)] == [1, 2, 3, 4, 5]
+    # Resume after the end: the state is intact.
+    assert collect(flow, [(5, ("a", 10))], recovery) == [(5, ("a", 15))]
+    # Start again from epoch 2: state as at the end of epoch 1; epochs >= 2 are redone.
+    assert collect(flow, [(2, ("a", 100))], recovery) == [(2, ("a", 102))]
+    # A start past the committed epochs continues from the committed state.
+    assert collect(flow, [(9, ("a", 1))], recovery) == [(9, ("a", 103))]
+
+
+def counting_flow_failing(where, exc):
+    """Counts items per key; raises exc at epoch 3 in the step named by where."""
+
+    def before(kv):
+        if where == "before" and kv[1] == 3:
+            raise exc
+        return kv
+
+    def mapper(count, v):
+        if where == "mapper" and v == 3:
+            raise exc
+        return count + 1, count + 1
+
+    return Dataflow().map(before).stateful_map("count", lambda k: 0, mapper).capture()
+
+
+@pytest.mark.parametrize("where", ["input", "before", "mapper", "output"])
+def test_user_exceptions_propagate_after_every_earlier_epoch_is_committed_and_delivered(
+    where, tmp_path
+):
+    recovery = RedisRecoveryConfig(tmp_path)
+    boom = RuntimeError(f"boom in {where}")
+
+    def inputs(i, n):
+        for epoch in range(6):
+            if where == "input" and epoch == 3:
+                raise boom
+            yield epoch, ("a", epoch)
+
+    flow = counting_flow_failing(where, boom)
+    out = []
+
+    def output(i, n):
+        def handler(epoch_item):
+            if where == "output" and epoch_item[0] == 3:
+                raise boom
+            out.append(epoch_item)
+
+        return handler
+
+    with pytest.raises(RuntimeError, match=f"boom in {where}"):
+        run_main(flow, inputs, output, recovery)
+    assert out == [(0, ("a", 1)), (1, ("a", 2)), (2, ("a", 3))]
+    # Resuming from epoch 3 continues from the state committed through epoch 2.
+    assert collect(counter().capture(), [(3, ("a", 1))], recovery) == [(3, ("a", 4))]
+
+
+def test_epochs_must_not_go_backwards():
+    with pytest.raises(Exception, match="epochs must not decrease"):
+        collect(counter().capture(), [(2, ("a", 1)), (1, ("a", 1))])
+
+
+def test_flows_for_workers_must_be_importable(tmp_path, monkeypatch):
+    (tmp_path / "mainish.py").write_text(
+        "from orchestrator import Dataflow\n"
+        "def step(s, v):\n    return s, v\n"
+        "step.__module__ = '__main__'\n"
+        "flow = Dataflow().stateful_map('x', lambda k: 0, step).capture()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FlowError, match="defined in __main__.*use orchestrator.run_main|run_main"):
+        load_flow("mainish:flow")
+    with pytest.raises(FlowError, match="__main__"):
+        load_flow("__main__:flow")
+    with pytest.raises(FlowError, match="cannot import flow module 'nowhere'"):
+        load_flow("nowhere:flow")
+    with pytest.raises(FlowError, match="expected 'package.module:attribute'"):
+        load_flow("nowhere")
+    assert json.dumps(load_flow("tasks.cartjoin:flow").split()[1].step_id) == '"joiner"'
