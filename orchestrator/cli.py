@@ -16,7 +16,8 @@ from typing import Any
 import redis
 
 from orchestrator import commands
-from orchestrator.driver import RunResult, WorkerFailed
+from orchestrator.dispatch import WorkerFailed
+from orchestrator.driver import RunResult
 from orchestrator.exitcodes import ExitStatus
 from orchestrator.lock import DriverLocked
 from orchestrator.reader import InputError
@@ -152,10 +153,28 @@ def _run_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--on-error",
-        choices=["fail", "skip"],
-        default="fail",
-        help="bad line or rejected event: fail = commit everything before it and exit 65; "
-        "skip = leave it out, count it and go on (default fail)",
+        choices=["fail", "skip", "dead-letter"],
+        default=_env("ORCHESTRATOR_ON_ERROR") or "fail",
+        help="a bad line or rejected event: fail = commit everything before it and exit 65; "
+        "skip = leave it out, count it and go on; dead-letter = like skip, and record it "
+        "(epoch, line, text, reason) in the namespace's dead-letter stream "
+        "(env ORCHESTRATOR_ON_ERROR; default fail)",
+    )
+    group.add_argument(
+        "--retain-epochs",
+        type=_positive,
+        default=int(_env("ORCHESTRATOR_RETAIN_EPOCHS") or 100_000),
+        metavar="N",
+        help="keep the history needed to replay the last N epochs; older history is dropped, "
+        "the current state of every key is always kept (env ORCHESTRATOR_RETAIN_EPOCHS; "
+        "default 100000)",
+    )
+    group.add_argument(
+        "--max-line-bytes",
+        type=_positive,
+        default=int(_env("ORCHESTRATOR_MAX_LINE_BYTES") or 1 << 20),
+        metavar="B",
+        help="a longer input line is a bad line (env ORCHESTRATOR_MAX_LINE_BYTES; default 1 MiB)",
     )
     group.add_argument(
         "--output",
@@ -216,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     _flow_option(worker)
+    dead = sub.add_parser(
+        "dead-letters",
+        parents=[conn],
+        help="list (or clear) the lines left out under --on-error dead-letter",
+    )
+    dead.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
+    dead.add_argument("--json", action="store_true", help="one JSON object per line, for scripts")
     reset = sub.add_parser("reset", parents=[conn], help="delete the namespace's data")
     reset.add_argument("--yes", action="store_true", help="really delete it")
     return parser
@@ -232,18 +258,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
         on_error=getattr(args, "on_error", "fail"),
         output=getattr(args, "output", None),
         flow=getattr(args, "flow", None),
+        retain_epochs=getattr(args, "retain_epochs", 100_000),
+        max_line_bytes=getattr(args, "max_line_bytes", 1 << 20),
         verbose=args.verbose,
         quiet=getattr(args, "quiet", False),
     )
 
 
 def configure_logging(verbose: bool) -> None:
-    """Logs go to stderr, never into the output lines."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    """Logs go to stderr, never into the output lines; warnings are one-line notes."""
+    if verbose:
+        fmt, level = "%(asctime)s %(name)s %(levelname)s %(message)s", logging.DEBUG
+    else:
+        fmt, level = "orchestrator: %(message)s", logging.WARNING
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 
 def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
@@ -259,6 +287,8 @@ def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
     if args.command == "worker":
         commands.worker(settings, burst=args.burst)
         return ExitStatus.OK
+    if args.command == "dead-letters":
+        return dead_letters(settings, args.action, as_json=args.json)
     if not args.yes:
         commands.say("reset deletes every key of the namespace: add --yes to do it")
         return ExitStatus.USAGE
@@ -267,12 +297,37 @@ def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
     return ExitStatus.OK
 
 
+def dead_letters(settings: Settings, action: str, *, as_json: bool) -> ExitStatus:
+    """List or clear the namespace's dead letters."""
+    if action == "clear":
+        commands.say(f"cleared {commands.clear_dead_letters(settings)} dead letter(s)")
+        return ExitStatus.OK
+    letters = commands.list_dead_letters(settings)
+    for letter in letters:
+        if as_json:
+            print(json.dumps(letter))
+        else:
+            print(
+                f"{letter['input']}:{letter['line']} (epoch {letter['epoch']}): {letter['reason']}"
+            )
+            print(f"    {letter['raw']}")
+    if not as_json and not letters:
+        commands.say("no dead letters")
+    return ExitStatus.OK
+
+
 def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
     """Summarize a run on stderr and choose its exit status."""
     if result.skipped:
         first = commands.describe_bad(path, result.skipped[0])
         more = f" (first: {first})" if len(result.skipped) > 1 else f": {first}"
-        commands.say(f"skipped {len(result.skipped)} bad line(s){more}")
+        if settings.on_error == "dead-letter":
+            commands.say(
+                f"dead-lettered {len(result.skipped)} bad line(s){more}; "
+                "list them with 'orchestrator dead-letters'"
+            )
+        else:
+            commands.say(f"skipped {len(result.skipped)} bad line(s){more}")
     if result.failure is not None:
         commands.say(
             f"{commands.describe_bad(path, result.failure)}; committed through epoch "
@@ -281,7 +336,12 @@ def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
         )
         return ExitStatus.DATA_ERROR
     if not settings.quiet:
-        commands.say(f"done: {result.events} events, committed through epoch {result.committed}")
+        reruns = (
+            f", {result.reruns} batch(es) re-run after losing a worker" if result.reruns else ""
+        )
+        commands.say(
+            f"done: {result.events} events, committed through epoch {result.committed}{reruns}"
+        )
     return ExitStatus.OK
 
 
@@ -298,6 +358,8 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
     print(f"input:           {report['input']}")
     print(f"flow:            {report['flow']}")
     print(f"committed epoch: {committed} (next line at byte {report['next_offset']})")
+    print(f"replayable from: epoch {report['replayable_from']}")
+    print(f"dead letters:    {report['dead_letters']}")
     print(f"driver:          {report['driver'] or 'not running'}")
     print(f"workers:         {report['workers']} listening")
     print(f"partitions:      {report['partitions']}")

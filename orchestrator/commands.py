@@ -9,22 +9,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import redis
 from redis import Redis
 
 from orchestrator.driver import BadLine, Driver, RunResult
 from orchestrator.lock import DriverLock, driver_running
 from orchestrator.namespace import (
+    Committer,
     NamespaceInfo,
     check_compatible,
     checkpoint_at_or_before,
     read_info,
-    record_commit,
     require_committed,
     reset,
     start_run,
 )
 from orchestrator.progress import Progress
-from orchestrator.reader import open_input, read_lines, seek_epoch
+from orchestrator.reader import InputError, fingerprint, open_input, read_lines, seek_epoch
 from orchestrator.server import connect
 from orchestrator.settings import DEFAULT_FLOW, Mode, Settings, redact_url
 from orchestrator.workers import WorkerPool, listening_workers, run_worker
@@ -76,17 +77,64 @@ def plan_start(
         if committed == NOTHING:
             say(f"namespace {keys.namespace!r} has no committed epochs: starting at epoch 0")
             return Start(0, 0)
-        return Start(committed + 1, seek_epoch(f, path, committed + 1, info.offset, committed + 1))
+        offset = seek_epoch(f, path, committed + 1, info.offset, committed + 1)
+        check_unchanged(f, path, info)
+        return Start(committed + 1, offset)
     assert from_epoch is not None
     require_committed(info, keys)
-    if not 0 <= from_epoch <= committed + 1:
+    if not info.retained_from <= from_epoch <= committed + 1:
+        kept = "" if info.retained_from == 0 else " (older history is past --retain-epochs)"
         msg = (
             f"--from-epoch {from_epoch} is out of range: epochs 0 to {committed} are committed, "
-            f"so replay can start at 0 to {committed + 1}"
+            f"and replay can start at {info.retained_from} to {committed + 1}{kept}"
         )
         raise NamespaceError(msg)
     epoch, offset = checkpoint_at_or_before(r, keys, from_epoch)
     return Start(from_epoch, seek_epoch(f, path, epoch, offset, from_epoch))
+
+
+def check_unchanged(f: Any, path: Path, info: NamespaceInfo) -> None:
+    """Refuse an input whose part before the resume point differs from the one committed.
+
+    Raises:
+        InputError: the fingerprint of the committed prefix does not match.
+    """
+    if info.fingerprint is None or fingerprint(f, info.fingerprint_end) == info.fingerprint:
+        return
+    msg = (
+        f"{path} has changed before the resume point (its first {info.fingerprint_end:,} bytes "
+        f"differ from the input committed through epoch {info.committed}): resume would mix two "
+        f"inputs; restore the file, replay from an epoch before the change, or reset"
+    )
+    raise InputError(msg)
+
+
+def persistence_warning(r: Redis) -> str | None:
+    """A warning when the server's settings could lose acknowledged commits on a restart."""
+    try:
+        config = r.config_get("appendonly") | r.config_get("appendfsync")
+    except redis.ResponseError:
+        return (
+            "cannot read the server's persistence settings (CONFIG is disabled): make sure it "
+            "runs with appendonly yes and appendfsync always, or a restart can lose commits"
+        )
+    appendonly = _text(config.get("appendonly") or config.get(b"appendonly"))
+    fsync = _text(config.get("appendfsync") or config.get(b"appendfsync"))
+    if appendonly != "yes":
+        return (
+            "the Redis server runs with appendonly no: a restart of it loses committed epochs "
+            "(set appendonly yes and appendfsync always)"
+        )
+    if fsync != "always":
+        return (
+            f"the Redis server runs with appendfsync {fsync}: a crash of its machine can lose "
+            "the last second of commits (set appendfsync always)"
+        )
+    return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @contextlib.contextmanager
@@ -113,6 +161,8 @@ def run_pipeline(
         flow = settings.flow or info.flow or DEFAULT_FLOW
         load_flow(flow)
         start = plan_start(r, keys, info, mode, from_epoch, f, path)
+        if not conn.embedded and (warning := persistence_warning(r)):
+            say(f"warning: {warning}")
         generation = start_run(
             r,
             keys,
@@ -121,6 +171,9 @@ def run_pipeline(
             input_name=str(path),
             start_epoch=start.epoch,
             start_offset=start.offset,
+        )
+        committer = Committer(
+            r, keys, partitions, input_path=str(path), retain_epochs=settings.retain_epochs
         )
         pool = WorkerPool(settings.worker_count, conn.url, keys.namespace, verbose=settings.verbose)
         progress = Progress(enabled=not settings.quiet)
@@ -139,14 +192,15 @@ def run_pipeline(
                     out=out,
                     workers=pool,
                     progress=progress,
-                    on_commit=lambda epoch, offset: record_commit(r, keys, epoch, offset),
+                    on_commit=committer.record,
                 )
-                return driver.run(
-                    read_lines(f, start.epoch, start.offset), start.epoch, start.offset
-                )
+                lines = read_lines(f, start.epoch, start.offset, settings.max_line_bytes)
+                result = driver.run(lines, start.epoch, start.offset)
             finally:
                 progress.close()
                 pool.stop()
+        committer.record(result.committed, result.next_offset, [], final=True)
+        return result
 
 
 def describe_bad(path: Path, bad: BadLine) -> str:
@@ -181,6 +235,8 @@ def status(settings: Settings) -> dict[str, Any]:
             "committed_epoch": info.committed if info.exists else None,
             "next_offset": info.offset if info.exists else None,
             "driver": driver_running(r, keys),
+            "replayable_from": info.retained_from if info.exists else None,
+            "dead_letters": r.xlen(keys.dead_letters),
         }
         if info.partitions is None:
             return report
@@ -196,6 +252,33 @@ def status(settings: Settings) -> dict[str, Any]:
         report["workers"] = listening_workers(r, keys, info.partitions)
         report["queues"] = keys.queue_names(info.partitions)
         return report
+
+
+def list_dead_letters(settings: Settings) -> list[dict[str, Any]]:
+    """The namespace's dead letters, oldest first."""
+    keys = Keys(settings.namespace)
+    with connect(settings) as conn:
+        entries = conn.client.xrange(keys.dead_letters)
+    return [
+        {
+            "id": entry_id.decode(),
+            "epoch": int(fields[b"epoch"]),
+            "line": int(fields[b"line"]),
+            "input": fields[b"input"].decode(),
+            "reason": fields[b"reason"].decode(),
+            "raw": fields[b"raw"].decode("utf-8", "backslashreplace").rstrip("\r\n"),
+        }
+        for entry_id, fields in entries
+    ]
+
+
+def clear_dead_letters(settings: Settings) -> int:
+    """Empty the namespace's dead-letter stream; returns how many there were."""
+    keys = Keys(settings.namespace)
+    with connect(settings) as conn:
+        count = int(conn.client.xlen(keys.dead_letters))
+        conn.client.delete(keys.dead_letters)
+    return count
 
 
 def reset_namespace(settings: Settings) -> int:
@@ -215,4 +298,6 @@ def worker(settings: Settings, *, burst: bool = False) -> None:
     if settings.flow is not None:
         load_flow(settings.flow)  # fail now, not on the first batch
     with connect(settings, join_only=True) as conn:
-        run_worker(conn.client, keys, burst=burst, verbose=settings.verbose)
+        run_worker(
+            conn.client, keys, burst=burst, verbose=settings.verbose, owner_pid=conn.owner_pid
+        )

@@ -15,26 +15,23 @@ says, without reading the input before it.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TextIO
 
 import orjson
 from redis import Redis
-from rq import Queue
-from rq.job import Job, JobStatus
-from rq.serializers import JSONSerializer
 
+from orchestrator.dispatch import Dispatcher, InFlight
+from orchestrator.notices import NoticeReader
 from orchestrator.output import OutputMerger, write_lines
 from orchestrator.progress import Progress
 from orchestrator.reader import InputLine
 from orchestrator.workers import WorkerPool
 from tasks.apply import describe_exception
 from tasks.batch import Batch, CommitNotice, OnError, Rejection
-from tasks.errors import PipelineError
 from tasks.flow import keyed, load_flow, run_steps
-from tasks.keys import PROCESS_BATCH, Keys, partition_of
+from tasks.keys import Keys, partition_of
 from tasks.store import applied_epochs
 
 logger = logging.getLogger(__name__)
@@ -42,22 +39,17 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_EVENTS = 5_000  # bounds a job's payload and the time its commit blocks Redis
 MAX_BUFFERED_EVENTS = 200_000  # read no further while this many events wait for workers
 READ_CHUNK = 2_000  # lines read between two looks at the commit notices
-STATUS_CHECK_SECONDS = 2.0  # how long without a commit before the driver inspects its jobs
-JOB_TIMEOUT = 600
-FAILED_JOB_TTL = 7 * 24 * 3600
-
-
-class WorkerFailed(PipelineError):
-    """Raised when a batch job failed in a worker for a reason other than the input."""
+BLOCK_MS = 200  # how long to wait for a notice when there is nothing else to do
 
 
 @dataclass(frozen=True)
 class BadLine:
-    """A line or event rejected by the flow: where it is and why."""
+    """A line or event rejected by the flow: where it is, what it was and why."""
 
     epoch: int
     offset: int
     reason: str
+    raw: bytes = b""
 
     @property
     def line_number(self) -> int:
@@ -67,25 +59,19 @@ class BadLine:
 
 @dataclass
 class Pending:
-    """Events of one partition waiting for a batch: epochs, input offsets, keys and values."""
+    """Events of one partition waiting for a batch, with their lines' offsets (and text)."""
 
-    events: list[tuple[int, str, Any]] = field(default_factory=list)
+    events: list[tuple[int, str, object]] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    raws: list[bytes] | None = None
 
-
-@dataclass(frozen=True)
-class InFlight:
-    """A batch sent to the workers and not yet committed."""
-
-    job_id: str
-    batch: Batch
-    offsets: list[int]
-    sent_at: float
-
-    @property
-    def first_epoch(self) -> int:
-        """Epoch of the batch's first event."""
-        return self.batch.events[0][0]
+    def split(self, n: int) -> tuple[Pending, Pending]:
+        """The first n events, and the rest."""
+        raws = self.raws
+        return (
+            Pending(self.events[:n], self.offsets[:n], None if raws is None else raws[:n]),
+            Pending(self.events[n:], self.offsets[n:], None if raws is None else raws[n:]),
+        )
 
 
 @dataclass
@@ -93,9 +79,16 @@ class RunResult:
     """How a run ended."""
 
     committed: int
+    next_offset: int  # byte offset of the line after the committed epoch
     events: int = 0
     skipped: list[BadLine] = field(default_factory=list)
     failure: BadLine | None = None
+    reruns: int = 0
+
+
+# Called when the committed epoch advances: (committed epoch, offset of the next line,
+# dead letters for epochs up to it).
+OnCommit = Callable[[int, int, list[BadLine]], None]
 
 
 class Driver:
@@ -113,7 +106,7 @@ class Driver:
         out: TextIO,
         workers: WorkerPool,
         progress: Progress,
-        on_commit: Any,
+        on_commit: OnCommit,
     ) -> None:
         self.r = r
         self.keys = keys
@@ -125,25 +118,23 @@ class Driver:
         self.out = out
         self.workers = workers
         self.progress = progress
-        self.on_commit = on_commit  # callable(committed_epoch, next_offset)
-        self.queues = [
-            Queue(name, connection=r, serializer=JSONSerializer)
-            for name in keys.queue_names(partitions)
-        ]
+        self.on_commit = on_commit
+        self.dispatcher = Dispatcher(r, keys, generation, partitions)
+        self.notices = NoticeReader(r, keys.notices(generation))
         self.pending: dict[int, Pending] = {}
         self.in_flight: dict[int, InFlight] = {}
         self.after: list[int] = applied_epochs(r, keys, partitions)
         self.merger = OutputMerger()
         self.buffered = 0
+        self.dead: list[BadLine] = []  # dead letters not yet recorded
 
     # ----------------------------------------------------------------- the loop
 
     def run(self, lines: Iterator[InputLine], start_epoch: int, start_offset: int) -> RunResult:
         """Process the lines to their end, or to the first bad one under ``on_error=fail``."""
-        result = RunResult(committed=start_epoch - 1)
+        result = RunResult(committed=start_epoch - 1, next_offset=start_offset)
         read_through, read_offset = start_epoch - 1, start_offset
         exhausted = False
-        last_commit_at = time.monotonic()
         while True:
             if not exhausted and result.failure is None and self.buffered < MAX_BUFFERED_EVENTS:
                 for _ in range(READ_CHUNK):
@@ -157,15 +148,15 @@ class Driver:
                     read_through, read_offset = line.epoch, line.end
             self._dispatch(read_through, result.failure)
             idle = exhausted or result.failure is not None or self.buffered >= MAX_BUFFERED_EVENTS
-            if self._collect(result, block=idle and bool(self.in_flight)):
-                last_commit_at = time.monotonic()
-            elif self.in_flight and time.monotonic() - last_commit_at > STATUS_CHECK_SECONDS:
-                self._check_jobs()
-                last_commit_at = time.monotonic()
+            for notice in self.notices.read(BLOCK_MS if idle and self.in_flight else None):
+                self._on_notice(notice, result)
+            self.workers.supervise()
+            self.dispatcher.watch(self.in_flight)
             self._advance(result, read_through, read_offset)
             self.progress.update(result.events, result.committed, len(self.in_flight))
             done = exhausted or result.failure is not None
             if done and not self.in_flight and not self.pending:
+                result.reruns = self.dispatcher.reruns
                 return result
 
     def _read(self, line: InputLine, result: RunResult) -> None:
@@ -173,49 +164,54 @@ class Driver:
         if not line.data.strip():
             return  # blank lines are skipped silently and keep their epoch number
         try:
+            if line.oversized:
+                raise ValueError(line.oversized)
             items = run_steps(self.before_steps, orjson.loads(line.data))
             events = [keyed(self.stateful, item) for item in items]
         except Exception as e:  # the input or the flow's code rejected the line
-            self._reject(BadLine(line.epoch, line.offset, _reason(e)), result)
+            self._reject(BadLine(line.epoch, line.offset, _reason(e), line.data), result)
             return
         for key, value in events:
             p = partition_of(key, self.partitions)
-            pending = self.pending.setdefault(p, Pending())
+            pending = self.pending.get(p)
+            if pending is None:
+                pending = self.pending[p] = Pending(raws=[] if self._keep_raw else None)
             pending.events.append((line.epoch, key, value))
             pending.offsets.append(line.offset)
+            if pending.raws is not None:
+                pending.raws.append(line.data)
         self.buffered += len(events)
         result.events += len(events)
 
+    @property
+    def _keep_raw(self) -> bool:
+        return self.on_error == "dead-letter"
+
     def _reject(self, bad: BadLine, result: RunResult) -> None:
-        if self.on_error == "skip":
-            result.skipped.append(bad)
-            logger.info("skipped line %d (epoch %d): %s", bad.line_number, bad.epoch, bad.reason)
-        elif result.failure is None or bad.epoch < result.failure.epoch:
-            result.failure = bad
-            self._forget_from(bad.epoch)
+        if self.on_error == "fail":
+            if result.failure is None or bad.epoch < result.failure.epoch:
+                result.failure = bad
+                self._forget_from(bad.epoch)
+            return
+        result.skipped.append(bad)
+        if self.on_error == "dead-letter":
+            self.dead.append(bad)
+        logger.info("left out line %d (epoch %d): %s", bad.line_number, bad.epoch, bad.reason)
 
     # ------------------------------------------------------------ dispatching
 
     def _dispatch(self, read_through: int, failure: BadLine | None) -> None:
         """Send a batch to every partition that has events and no batch in flight."""
         last_allowed = read_through if failure is None else min(read_through, failure.epoch - 1)
-        pipe = self.r.pipeline(transaction=False)
-        sent = 0
+        flights = []
         for p in sorted(self.pending):
             if p in self.in_flight:
                 continue
             pending = self.pending.pop(p)
-            n = min(len(pending.events), MAX_BATCH_EVENTS)
+            n = _batch_size(pending.events)
             if n < len(pending.events):
-                # Several events can share an epoch (flat_map): never split one across batches.
-                while (
-                    0 < n < len(pending.events) and pending.events[n][0] == pending.events[n - 1][0]
-                ):
-                    n -= 1
-                n = n or len(pending.events)
-            if n < len(pending.events):
-                self.pending[p] = Pending(pending.events[n:], pending.offsets[n:])
-                last_epoch = pending.events[n][0] - 1
+                pending, self.pending[p] = pending.split(n)
+                last_epoch = self.pending[p].events[0][0] - 1
             else:
                 last_epoch = last_allowed
             batch = Batch(
@@ -226,38 +222,14 @@ class Driver:
                 last_epoch,
                 self.flow_path,
                 self.on_error,
-                pending.events[:n],
+                pending.events,
             )
-            job_id = self.keys.job_id(self.generation, p, last_epoch)
-            self.in_flight[p] = InFlight(job_id, batch, pending.offsets[:n], time.monotonic())
-            job = Queue.prepare_data(
-                PROCESS_BATCH,
-                args=(batch.encode(),),
-                job_id=job_id,
-                timeout=JOB_TIMEOUT,
-                result_ttl=0,
-                failure_ttl=FAILED_JOB_TTL,
-                description=f"partition {p} epochs {batch.after_epoch + 1}..{last_epoch}",
-            )
-            self.queues[p].enqueue_many([job], pipeline=pipe)
-            sent += 1
-        if sent:
-            pipe.execute()
+            flight = self.dispatcher.new_flight(batch, pending.offsets, pending.raws)
+            self.in_flight[p] = flight
+            flights.append(flight)
+        self.dispatcher.send(flights)
 
     # ------------------------------------------------------------- collecting
-
-    def _collect(self, result: RunResult, *, block: bool) -> bool:
-        """Take the commit notices waiting for the driver; wait a little if ``block``."""
-        key = self.keys.notices(self.generation)
-        raw = self.r.lpop(key, 1000)
-        if not raw and block:
-            popped = self.r.blpop([key], timeout=0.5)
-            raw = [popped[1]] if popped else []
-        for data in raw or []:
-            self._on_notice(CommitNotice.decode(data), result)
-        if not raw:
-            self.workers.check_alive()
-        return bool(raw)
 
     def _on_notice(self, notice: CommitNotice, result: RunResult) -> None:
         p = notice.partition
@@ -265,11 +237,8 @@ class Driver:
         self.buffered -= len(flight.batch.events)
         self.after[p] = notice.applied_through
         self.merger.add(p, notice.lines)
-        offsets = dict(zip((e for e, _, _ in flight.batch.events), flight.offsets, strict=True))
-        for rejection in notice.rejected:
-            self._reject(_bad(rejection, offsets), result)
-        if notice.failed is not None:
-            self._reject(_bad(notice.failed, offsets), result)
+        for rejection in [*notice.rejected, *([notice.failed] if notice.failed else [])]:
+            self._reject(_bad(rejection, flight), result)
 
     def _forget_from(self, epoch: int) -> None:
         """Drop buffered events and lines at or after ``epoch``: the run stops before it."""
@@ -278,22 +247,10 @@ class Driver:
             keep = sum(1 for e, _, _ in pending.events if e < epoch)
             self.buffered -= len(pending.events) - keep
             if keep:
-                self.pending[p] = Pending(pending.events[:keep], pending.offsets[:keep])
+                self.pending[p] = pending.split(keep)[0]
             else:
                 del self.pending[p]
         self.merger.drop_from(epoch)
-
-    def _check_jobs(self) -> None:
-        """Look for batch jobs that failed in a worker (not for input reasons)."""
-        ids = [f.job_id for f in self.in_flight.values()]
-        for job in Job.fetch_many(ids, connection=self.r, serializer=JSONSerializer):
-            if job is None or job.get_status(refresh=False) != JobStatus.FAILED:
-                continue
-            latest = job.latest_result()
-            detail = (latest.exc_string or "").strip().splitlines() if latest else []
-            reason = detail[-1] if detail else "no details"
-            msg = f"a worker failed on job {job.id} ({job.description}): {reason}"
-            raise WorkerFailed(msg)
 
     # -------------------------------------------------------------- committing
 
@@ -312,15 +269,31 @@ class Driver:
         if committed <= result.committed:
             return
         write_lines(self.out, self.merger.pop_through(committed))
-        self.on_commit(committed, next_offset)
-        result.committed = committed
+        dead = sorted((d for d in self.dead if d.epoch <= committed), key=lambda d: d.epoch)
+        self.dead = [d for d in self.dead if d.epoch > committed]
+        self.on_commit(committed, next_offset, dead)
+        result.committed, result.next_offset = committed, next_offset
+
+
+def _batch_size(events: list[tuple[int, str, object]]) -> int:
+    """How many events the next batch takes: at most MAX_BATCH_EVENTS, whole epochs only."""
+    n = min(len(events), MAX_BATCH_EVENTS)
+    # Several events can share an epoch (flat_map): never split one across batches.
+    while 0 < n < len(events) and events[n][0] == events[n - 1][0]:
+        n -= 1
+    return n or len(events)
 
 
 def _reason(e: Exception) -> str:
     if isinstance(e, orjson.JSONDecodeError):
+        if "UTF-8" in str(e):
+            return "invalid UTF-8"
         return f"invalid JSON: {e}"
     return describe_exception(e)
 
 
-def _bad(rejection: Rejection, offsets: dict[int, int]) -> BadLine:
-    return BadLine(rejection.epoch, offsets[rejection.epoch], rejection.reason)
+def _bad(rejection: Rejection, flight: InFlight) -> BadLine:
+    epochs = [e for e, _, _ in flight.batch.events]
+    i = epochs.index(rejection.epoch)
+    raw = flight.raws[i] if flight.raws is not None else b""
+    return BadLine(rejection.epoch, flight.offsets[i], rejection.reason, raw)

@@ -18,7 +18,7 @@ from typing import Any
 from redis import Redis
 
 from orchestrator.lock import DriverLock
-from orchestrator.namespace import check_compatible, read_info, record_commit, start_run
+from orchestrator.namespace import Committer, check_compatible, read_info, start_run
 from orchestrator.recovery import RedisRecoveryConfig
 from orchestrator.server import EmbeddedServer, client_for, connect
 from tasks.apply import apply_events
@@ -156,7 +156,7 @@ class _Runner:
                 output(rendered)
             delivered = applied.applied_through
         finally:
-            record_commit(self.r, self.keys, delivered, 0)
+            Committer(self.r, self.keys, 1).record(delivered, 0, [])
             self.after = delivered
         if applied.failed_exception is not None:
             raise applied.failed_exception

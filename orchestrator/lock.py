@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -13,6 +14,8 @@ from redis.lock import Lock
 
 from tasks.errors import PipelineError
 from tasks.keys import Keys
+
+logger = logging.getLogger(__name__)
 
 LOCK_TTL = 30.0  # seconds a killed driver keeps the namespace locked
 HEARTBEAT = 10.0
@@ -35,15 +38,45 @@ class DriverLock:
 
     def __enter__(self) -> DriverLock:
         if not self._lock.acquire(token=self.token):
-            holder = self._r.get(self.keys.driver_lock)
-            who = holder.decode() if holder else "unknown"
-            msg = (
-                f"another driver is running on namespace {self.keys.namespace!r} ({who}); "
-                f"wait for it to finish, or up to {LOCK_TTL:.0f}s if it was killed"
-            )
-            raise DriverLocked(msg)
+            holder = driver_running(self._r, self.keys) or "unknown"
+            if not (self._holder_is_dead(holder) and self._lock.acquire(token=self.token)):
+                msg = (
+                    f"another driver is running on namespace {self.keys.namespace!r} ({holder}); "
+                    f"wait for it to finish, or up to {LOCK_TTL:.0f}s if it was killed"
+                )
+                raise DriverLocked(msg)
         self._thread.start()
         return self
+
+    def _holder_is_dead(self, holder: str) -> bool:
+        """Whether the lock belongs to a driver process of this host that no longer exists.
+
+        Then its lock is released at once instead of after its TTL (a killed
+        driver is resumed right away); a holder on another host just expires.
+        """
+        host, _, rest = holder.partition(":")
+        pid = rest.partition(":")[0]
+        if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+            return False
+        try:
+            os.kill(int(pid), 0)
+            return False
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return False  # alive, owned by someone else
+        with self._r.pipeline() as pipe:
+            try:
+                pipe.watch(self.keys.driver_lock)
+                if pipe.get(self.keys.driver_lock) != holder.encode():
+                    return False
+                pipe.multi()
+                pipe.delete(self.keys.driver_lock)
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        logger.warning("the previous driver (pid %s) is gone; taking over its namespace", pid)
+        return True
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT):

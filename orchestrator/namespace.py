@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from orchestrator.reader import fingerprint
 from tasks.errors import NamespaceError
 from tasks.keys import Keys
 from tasks.store import NOTHING, restore_partition
@@ -27,6 +29,9 @@ class NamespaceInfo:
     committed: int  # the last committed epoch, or -1
     offset: int  # byte offset in the input of line committed + 1
     input: str | None
+    retained_from: int = 0  # the oldest epoch replay can start at
+    fingerprint: str | None = None  # of the input's first fingerprint_end bytes
+    fingerprint_end: int = 0
 
     @property
     def exists(self) -> bool:
@@ -44,6 +49,9 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         committed=int(meta.get("committed", NOTHING)),
         offset=int(meta.get("offset", 0)),
         input=meta.get("input"),
+        retained_from=int(meta.get("retained_from", 0)),
+        fingerprint=meta.get("fingerprint"),
+        fingerprint_end=int(meta.get("fingerprint_end", 0)),
     )
 
 
@@ -101,17 +109,105 @@ def start_run(
         pipe.delete(*stale)
     pipe.zremrangebyscore(keys.checkpoints, f"({start_epoch}", "+inf")
     pipe.execute()
-    record_commit(r, keys, start_epoch - 1, start_offset)
+    drop_dead_letters_from(r, keys, start_epoch)
+    Committer(r, keys, partitions).record(start_epoch - 1, start_offset, [])
     logger.info("generation %d starts at epoch %d (byte %d)", generation, start_epoch, start_offset)
     return generation
 
 
-def record_commit(r: Redis, keys: Keys, committed: int, offset: int) -> None:
-    """Record the namespace's committed epoch and where the next line starts (one round trip)."""
+def drop_dead_letters_from(r: Redis, keys: Keys, epoch: int) -> int:
+    """Delete dead letters of epochs >= ``epoch``: the run that starts there records them again."""
+    doomed: list[bytes] = []
+    last = "+"
+    while True:
+        page = r.xrevrange(keys.dead_letters, max=last, min="-", count=500)
+        for entry_id, fields in page:
+            if int(fields[b"epoch"]) < epoch:
+                page = []
+                break
+            doomed.append(entry_id)
+        if len(page) < 500:
+            break
+        last = f"({page[-1][0].decode()}"
+    if doomed:
+        r.xdel(keys.dead_letters, *doomed)
+    return len(doomed)
+
+
+class Committer:
+    """Records the namespace's committed epoch, and what goes with it.
+
+    One MULTI/EXEC per advance: the committed epoch and the input offset after
+    it, a checkpoint for replay, the dead letters of the epochs it covers, and
+    (at most once a second) a fingerprint of the input before that offset.
+    Every few seconds it also drops undo records older than the retention window.
+    """
+
+    FINGERPRINT_EVERY = 1.0
+    GC_EVERY = 5.0
+
+    def __init__(
+        self,
+        r: Redis,
+        keys: Keys,
+        partitions: int,
+        *,
+        input_path: str | None = None,
+        retain_epochs: int | None = None,
+    ) -> None:
+        self.r, self.keys, self.partitions = r, keys, partitions
+        self.input_path = input_path
+        self.retain_epochs = retain_epochs
+        self._fingerprinted_at = float("-inf")
+        self._collected_at = time.monotonic()
+
+    def record(self, committed: int, offset: int, dead: list[Any], *, final: bool = False) -> None:
+        """Record that every epoch up to ``committed`` is committed and its output written."""
+        now = time.monotonic()
+        fields: dict[str, Any] = {"committed": committed, "offset": offset, "at": time.time()}
+        if self.input_path and (final or now - self._fingerprinted_at >= self.FINGERPRINT_EVERY):
+            with open(self.input_path, "rb") as f:
+                fields |= {"fingerprint": fingerprint(f, offset), "fingerprint_end": offset}
+            self._fingerprinted_at = now
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.keys.meta, mapping=fields)
+        pipe.zadd(self.keys.checkpoints, {f"{committed + 1}:{offset}": committed + 1})
+        for bad in dead:
+            pipe.xadd(
+                self.keys.dead_letters,
+                {
+                    "epoch": bad.epoch,
+                    "line": bad.line_number,
+                    "input": self.input_path or "",
+                    "reason": bad.reason,
+                    "raw": bad.raw,
+                },
+            )
+        pipe.execute()
+        if self.retain_epochs is not None and (final or now - self._collected_at >= self.GC_EVERY):
+            self._collected_at = now
+            collect_garbage(self.r, self.keys, self.partitions, committed, self.retain_epochs)
+
+
+def collect_garbage(r: Redis, keys: Keys, partitions: int, committed: int, retain: int) -> int:
+    """Drop undo records and checkpoints that only serve replays older than the window.
+
+    The current state of every key is kept whatever its age (it is in the state
+    hash, not in the undo records); only the history before ``committed + 1 -
+    retain`` goes, and replay from before that epoch is then refused.
+
+    Returns:
+        The oldest epoch replay can start at.
+    """
+    retained_from = max(0, committed + 1 - retain)
+    floor, _ = checkpoint_at_or_before(r, keys, retained_from)
     pipe = r.pipeline(transaction=True)
-    pipe.hset(keys.meta, mapping={"committed": committed, "offset": offset, "at": time.time()})
-    pipe.zadd(keys.checkpoints, {f"{committed + 1}:{offset}": committed + 1})
+    for p in range(partitions):
+        pipe.zremrangebyscore(keys.undo(p), "-inf", f"({retained_from}")
+    pipe.zremrangebyscore(keys.checkpoints, "-inf", f"({floor}")
+    pipe.hset(keys.meta, "retained_from", retained_from)
     pipe.execute()
+    return retained_from
 
 
 def checkpoint_at_or_before(r: Redis, keys: Keys, epoch: int) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +15,24 @@ class InputError(PipelineError):
     """Raised when the input file cannot be read or does not match the committed position."""
 
 
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+FINGERPRINT_BLOCK = 4096
+FINGERPRINT_SAMPLES = 16
+
+
 @dataclass(frozen=True)
 class InputLine:
-    """One line of input: its epoch, where it starts and ends in the file, and its bytes."""
+    """One line of input: its epoch, where it starts and ends in the file, and its bytes.
+
+    A line longer than the limit is not kept in memory: ``data`` holds its start
+    and ``oversized`` says why it is rejected.
+    """
 
     epoch: int
     offset: int
     end: int
     data: bytes
+    oversized: str | None = None
 
     @property
     def line_number(self) -> int:
@@ -38,14 +49,45 @@ def open_input(path: Path) -> BinaryIO:
         raise InputError(msg) from None
 
 
-def read_lines(f: BinaryIO, epoch: int, offset: int) -> Iterator[InputLine]:
+def read_lines(
+    f: BinaryIO, epoch: int, offset: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[InputLine]:
     """Yield lines from ``offset`` on, numbering them from ``epoch``."""
     f.seek(offset)
-    for data in f:
-        end = offset + len(data)
-        yield InputLine(epoch, offset, end, data)
+    while True:
+        data = f.readline(max_line_bytes + 1)
+        if not data:
+            return
+        oversized = None
+        size = len(data)
+        if size > max_line_bytes and not data.endswith(b"\n"):
+            # Skip the rest of the line without holding it in memory.
+            while True:
+                chunk = f.readline(1 << 20)
+                size += len(chunk)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            oversized = f"line is {size:,} bytes, over the {max_line_bytes:,}-byte limit"
+            data = data[:200]
+        end = offset + size
+        yield InputLine(epoch, offset, end, data, oversized)
         epoch += 1
         offset = end
+
+
+def fingerprint(f: BinaryIO, end: int) -> str:
+    """A fingerprint of the file's first ``end`` bytes from a few sampled blocks (no full read).
+
+    It changes when the prefix is truncated, replaced, or edited in its first or
+    last block or at one of the sampled places; it ignores everything after ``end``.
+    """
+    h = hashlib.sha256(str(end).encode())
+    starts = {0, max(0, end - FINGERPRINT_BLOCK)}
+    starts |= {end * i // FINGERPRINT_SAMPLES for i in range(1, FINGERPRINT_SAMPLES)}
+    for start in sorted(starts):
+        f.seek(start)
+        h.update(f.read(min(FINGERPRINT_BLOCK, end - start)))
+    return h.hexdigest()[:32]
 
 
 def seek_epoch(f: BinaryIO, path: Path, epoch: int, offset: int, target: int) -> int:

@@ -31,6 +31,8 @@ from typing import Any
 
 import redis
 from redis import Redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
 from orchestrator.settings import Settings, redact_url
 from tasks.errors import RedisUnavailable
@@ -47,6 +49,8 @@ class Connection:
     client: Redis
     url: str
     embedded: bool
+    # the process that owns the embedded server this command joined, if it joined one
+    owner_pid: int | None = None
 
 
 def redis_server_binary() -> str:
@@ -63,9 +67,64 @@ def redis_server_binary() -> str:
     raise RedisUnavailable(msg)
 
 
-def client_for(url: str) -> Redis:
-    """A client for a URL; RQ needs bytes responses."""
-    return redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5)
+RECONNECT_FOR = 30.0  # seconds of retrying before a lost Redis is an error
+
+
+class AnnouncedRetry(Retry):
+    """redis-py's retry with exponential backoff, saying on stderr when Redis is lost and back."""
+
+    lost = False  # shared by every client of the process: one message per outage
+    give_up = False  # set when the process is stopping: fail at once instead of retrying
+
+    def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        def announce_failure(error: Exception, *rest: Any) -> None:
+            if AnnouncedRetry.give_up:
+                raise error
+            if not AnnouncedRetry.lost:
+                AnnouncedRetry.lost = True
+                logger.warning(
+                    "lost the connection to Redis (%s); retrying for up to %.0fs",
+                    error,
+                    RECONNECT_FOR,
+                )
+            fail(error, *rest)
+
+        result = super().call_with_retry(do, announce_failure, *args, **kwargs)
+        if AnnouncedRetry.lost:
+            AnnouncedRetry.lost = False
+            logger.warning("reconnected to Redis")
+        return result
+
+
+def client_for(url: str, *, retry: bool = True) -> Redis:
+    """A client for a URL that rides out a Redis restart of up to RECONNECT_FOR seconds.
+
+    Everything the pipeline sends is safe to send twice (the commit is
+    idempotent, notices are read by id), so retrying after a reconnect is
+    correct. RQ needs bytes responses.
+    """
+    if not retry:  # for probes, which must fail fast
+        return redis.Redis.from_url(
+            url, decode_responses=False, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
+    return redis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_connect_timeout=5,
+        retry=AnnouncedRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+def _retries_within(seconds: float) -> int:
+    backoff, n, total = ExponentialBackoff(cap=2.0, base=0.1), 0, 0.0
+    while total < seconds:
+        n += 1
+        total += backoff.compute(n)
+    return n
+
+
+RECONNECT_RETRIES = _retries_within(RECONNECT_FOR)
 
 
 @contextlib.contextmanager
@@ -80,28 +139,40 @@ def connect(settings: Settings, *, join_only: bool = False) -> Iterator[Connecti
         RedisUnavailable: the server cannot be reached or started.
     """
     if settings.redis_url:
+        _ping(settings.redis_url, redact_url(settings.redis_url))
         client = client_for(settings.redis_url)
-        _ping(client, redact_url(settings.redis_url))
         try:
             yield Connection(client, settings.redis_url, embedded=False)
         finally:
             client.close()
         return
-    with EmbeddedServer(settings.data_dir, join_only=join_only) as url:
+    server = EmbeddedServer(settings.data_dir, join_only=join_only)
+    with server as url:
+        _ping(url, f"the embedded server in {settings.data_dir}")
         client = client_for(url)
-        _ping(client, f"the embedded server in {settings.data_dir}")
         try:
-            yield Connection(client, url, embedded=True)
+            yield Connection(client, url, embedded=True, owner_pid=server.joined_owner)
         finally:
             client.close()
 
 
-def _ping(client: Redis, where: str) -> None:
+def _is_redis_server(pid: int) -> bool:
     try:
-        client.ping()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"redis-server" in f.read()
+    except OSError:
+        return False
+
+
+def _ping(url: str, where: str) -> None:
+    probe = client_for(url, retry=False)
+    try:
+        probe.ping()
     except redis.RedisError as e:
         msg = f"cannot reach Redis at {where}: {e}"
         raise RedisUnavailable(msg) from None
+    finally:
+        probe.close()
 
 
 def die_with_parent() -> None:
@@ -119,6 +190,7 @@ class EmbeddedServer:
         self.data_dir = data_dir.resolve()
         self.join_only = join_only
         self.persistent = persistent
+        self.joined_owner: int | None = None
         self.info_path = self.data_dir / "server.json"
         self._lock_file: Any = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -161,20 +233,23 @@ class EmbeddedServer:
         )
         self._lock_file.close()
         self._lock_file = None
+        self.joined_owner = int(info["owner"])
         return str(info["url"])
 
     def _stop_orphan(self) -> None:
-        # A server whose owner died without stopping it must not share the data with a new one.
+        # A server whose owner died without stopping it (it gets SIGTERM then, and may still
+        # be writing its append-only file) must be gone before a new one opens the same data.
         try:
-            url = json.loads(self.info_path.read_text())["url"]
+            pid = int(json.loads(self.info_path.read_text())["pid"])
         except (OSError, ValueError, KeyError):
             return
-        client = client_for(url)
-        with contextlib.suppress(redis.RedisError):
-            client.ping()
-            client.shutdown()
-            logger.warning("stopped an orphaned embedded server at %s", url)
-        client.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while _is_redis_server(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(0.05)
 
     def _start(self) -> str:
         self._stop_orphan()
@@ -204,13 +279,15 @@ class EmbeddedServer:
         )
         url = f"unix://{socket_path}"
         self._wait_ready(url)
-        self.info_path.write_text(json.dumps({"owner": os.getpid(), "url": url}))
+        self.info_path.write_text(
+            json.dumps({"owner": os.getpid(), "url": url, "pid": self._process.pid})
+        )
         return url
 
     def _wait_ready(self, url: str) -> None:
         assert self._process is not None
         deadline = time.monotonic() + START_TIMEOUT
-        client = client_for(url)
+        client = client_for(url, retry=False)
         try:
             while True:
                 if self._process.poll() is not None:

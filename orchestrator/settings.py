@@ -34,6 +34,8 @@ class Settings:
     flow: str | None = None
     verbose: bool = False
     quiet: bool = False
+    retain_epochs: int = 100_000
+    max_line_bytes: int = 1 << 20
 
     @property
     def worker_count(self) -> int:

@@ -7,23 +7,27 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
-from orchestrator.server import die_with_parent
+from orchestrator.server import AnnouncedRetry, die_with_parent
 from tasks.errors import PipelineError
 from tasks.keys import Keys
 
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 30.0
+CRASH_LOOP_SECONDS = 5.0  # a worker that dies sooner than this after its start...
+CRASH_LOOP_DEATHS = 3  # ...this many times in a row is not restarted again
 
 
 class WorkerDied(PipelineError):
-    """Raised when a worker process started by the command exits while batches are in flight."""
+    """Raised when the worker processes started by the command keep dying."""
 
 
 def listening_workers(r: Redis, keys: Keys, partitions: int) -> int:
@@ -49,16 +53,62 @@ def wait_for_partitions(r: Redis, keys: Keys, poll: float = 1.0) -> int:
         time.sleep(poll)
 
 
-def run_worker(r: Redis, keys: Keys, *, burst: bool = False, verbose: bool = False) -> None:
-    """Work on every partition queue of the namespace until stopped (SIGTERM finishes the job)."""
+class PipelineWorker(SimpleWorker):
+    """RQ's SimpleWorker (no fork per job: ~10 ms saved each, RQ-FACTS.md) that stops promptly.
+
+    On SIGTERM while idle it stops retrying a lost Redis at once, so that a stop
+    during an outage does not wait for the reconnect window; a running batch
+    still finishes (and may retry its commit).
+    """
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        if self.get_state() != WorkerStatus.BUSY:
+            AnnouncedRetry.give_up = True
+        super().request_stop(signum, frame)
+
+
+def run_worker(
+    r: Redis,
+    keys: Keys,
+    *,
+    burst: bool = False,
+    verbose: bool = False,
+    owner_pid: int | None = None,
+) -> None:
+    """Work on every partition queue of the namespace until stopped (SIGTERM finishes the job).
+
+    With ``owner_pid`` (a worker that joined another command's embedded server)
+    the worker also stops when that command ends, since its server ends with it.
+    """
     partitions = wait_for_partitions(r, keys)
     queues = [
         Queue(name, connection=r, serializer=JSONSerializer)
         for name in keys.queue_names(partitions)
     ]
-    # SimpleWorker runs jobs in its own process: no fork per job (~10 ms each, RQ-FACTS.md).
-    worker = SimpleWorker(queues, connection=r, serializer=JSONSerializer)
+    if owner_pid is not None:
+        _stop_when_gone(owner_pid)
+    worker = PipelineWorker(queues, connection=r, serializer=JSONSerializer)
     worker.work(burst=burst, logging_level="INFO" if verbose else "WARNING")
+
+
+def _stop_when_gone(pid: int) -> None:
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                print(
+                    f"orchestrator: the command that owns the embedded server (pid {pid}) ended; "
+                    "stopping",
+                    file=sys.stderr,
+                )
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
 
 
 class WorkerPool:
@@ -71,36 +121,50 @@ class WorkerPool:
         self.verbose = verbose
         self.processes: list[subprocess.Popen[bytes]] = []
         self._warned_none = False
+        self._started: dict[int, float] = {}
+        self._quick_deaths = 0
 
     def start(self) -> None:
         """Start the worker processes; the URL goes through the environment, not argv."""
+        for _ in range(self.count):
+            self.processes.append(self._spawn())
+        logger.info("started %d worker processes", self.count)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         env = {**os.environ, "REDIS_URL": self.url}
         env.pop("RQ_REDIS_URL", None)
         args = [sys.executable, "-m", "orchestrator", "worker", "--namespace", self.namespace]
         if self.verbose:
             args.append("--verbose")
-        for _ in range(self.count):
-            self.processes.append(
-                subprocess.Popen(
-                    args,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    preexec_fn=die_with_parent,  # noqa: PLW1509
-                )
-            )
-        logger.info("started %d worker processes", self.count)
+        proc = subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # noqa: PLW1509
+        )
+        self._started[proc.pid] = time.monotonic()
+        return proc
 
-    def check_alive(self) -> None:
-        """Raise if a started worker process has exited.
+    def supervise(self) -> None:
+        """Replace worker processes that died; their batches are re-run by the driver.
 
         Raises:
-            WorkerDied: a worker process exited; its code is in the message.
+            WorkerDied: workers keep dying right after they start (a crash loop).
         """
-        for proc in self.processes:
+        for i, proc in enumerate(self.processes):
             code = proc.poll()
-            if code is not None:
-                msg = f"worker process {proc.pid} exited with status {code}"
+            if code is None:
+                continue
+            lived = time.monotonic() - self._started.pop(proc.pid, 0.0)
+            self._quick_deaths = self._quick_deaths + 1 if lived < CRASH_LOOP_SECONDS else 0
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            if self._quick_deaths >= CRASH_LOOP_DEATHS:
+                msg = f"worker process {proc.pid} {how}, and workers keep dying at start"
                 raise WorkerDied(msg)
+            self.processes[i] = self._spawn()
+            logger.warning(
+                "worker process %d %s; started worker %d", proc.pid, how, self.processes[i].pid
+            )
 
     def note_if_none(self, r: Redis, keys: Keys, partitions: int) -> None:
         """With external workers only: say once on stderr that the run waits for them."""

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import orjson
 
-OnError = Literal["fail", "skip"]
+OnError = Literal["fail", "skip", "dead-letter"]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from tasks.apply import apply_events
 from tasks.batch import Batch
 from tasks.errors import OutOfOrder
 from tasks.flow import load_flow
+from tasks.keys import Keys
+from tasks.lease import partition_lease
 from tasks.scripts import CommitOutcome
 from tasks.store import commit, load_for_batch
 
@@ -23,7 +25,9 @@ def process_batch(payload: str) -> dict[str, Any]:
 
     job = get_current_job()
     assert job is not None, "process_batch runs inside an RQ job"
-    return run_batch(job.connection, Batch.decode(payload))
+    batch = Batch.decode(payload)
+    with partition_lease(job.connection, Keys(batch.namespace).lease(batch.partition), job.id):
+        return run_batch(job.connection, batch)
 
 
 def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:

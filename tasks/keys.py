@@ -53,8 +53,17 @@ class Keys:
         return f"{self.namespace}:driver"
 
     def notices(self, generation: int) -> str:
-        """List: commit notices (with output lines) for the driver of one generation."""
+        """Stream: commit notices (with output lines) for the driver of one generation."""
         return f"{self.namespace}:notices:{generation}"
+
+    @property
+    def dead_letters(self) -> str:
+        """Stream: rejected lines and events (epoch, line, raw text, reason) under dead-letter."""
+        return f"{self.namespace}:dead-letters"
+
+    def lease(self, partition: int) -> str:
+        """String with a short TTL: the job id a live worker is running for the partition."""
+        return f"{self.namespace}:p{partition}:lease"
 
     @property
     def notices_pattern(self) -> str:

@@ -48,7 +48,7 @@ def redis_url() -> Iterator[str]:
     sock = os.path.join(tmp, "redis.sock")
     proc = subprocess.Popen(
         [redis_server_binary(), "--port", "0", "--unixsocket", sock, "--save", "",
-         "--appendonly", "no", "--dir", tmp, "--logfile", "redis.log"],
+         "--appendonly", "yes", "--appendfsync", "always", "--dir", tmp, "--logfile", "redis.log"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"unix://{sock}"
@@ -116,6 +116,14 @@ def keys(namespace: str) -> Keys:
 def r(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
     """The same store test on fakeredis and on a real redis-server."""
     yield request.getfixturevalue(request.param)
+
+
+def stderr_lines(run) -> list[str]:
+    """The stderr lines of a CLI run, without warnings about the server's persistence settings.
+
+    (A REDIS_URL given to the tests may point at a server without an append-only file.)
+    """
+    return [x for x in run.stderr.splitlines() if not x.startswith("orchestrator: warning:")]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

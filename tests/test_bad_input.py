@@ -6,7 +6,7 @@ import pytest
 
 from bench.generate import generate
 
-from conftest import cli_env, new_namespace, run_cli
+from conftest import cli_env, new_namespace, run_cli, stderr_lines
 from reference import reference_run
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def test_fail_stops_at_each_bad_line_and_resume_continues_exactly(dirty, redis_u
         if run.returncode == 0:
             break
         assert run.returncode == 65, run.stderr
-        [message] = run.stderr.splitlines()
+        [message] = stderr_lines(run)
         stops.append(message)
         # Move past the bad line the way the seed does: fix the input (here, blank it out).
         epoch = int(message.split("(epoch ")[1].split(")")[0])

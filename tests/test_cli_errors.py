@@ -11,7 +11,7 @@ import pytest
 from orchestrator.exitcodes import ExitStatus
 from tasks.keys import Keys
 
-from conftest import SEED_INPUT, cli_env, new_namespace, run_cli
+from conftest import SEED_INPUT, cli_env, new_namespace, run_cli, stderr_lines
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 def one_line_error(run, status):
     assert run.returncode == status, (run.returncode, run.stderr)
     assert "Traceback" not in run.stderr
-    lines = run.stderr.strip().splitlines()
+    lines = stderr_lines(run)
     assert len(lines) == 1, run.stderr
     return lines[0]
 

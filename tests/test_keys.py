@@ -14,6 +14,8 @@ def test_key_names_are_pinned():
     assert k.progress(3) == "cart-join:p3:progress"
     assert k.state(3) == "cart-join:p3:state"
     assert k.undo(3) == "cart-join:p3:undo"
+    assert k.lease(3) == "cart-join:p3:lease"
+    assert k.dead_letters == "cart-join:dead-letters"
     assert k.queue_name(3) == "cart-join-p3"
     assert k.job_id(2, 3, 41) == "cart-join-g2-p3-e41"
 

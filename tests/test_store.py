@@ -47,7 +47,7 @@ def states(r, keys, p=0):
 
 
 def notices(r, keys, generation=1):
-    return [CommitNotice.decode(n) for n in r.lrange(keys.notices(generation), 0, -1)]
+    return [CommitNotice.decode(f[b"n"]) for _, f in r.xrange(keys.notices(generation))]
 
 
 def snapshot(r, keys):
@@ -59,8 +59,8 @@ def snapshot(r, keys):
             out[key] = r.hgetall(key)
         elif kind == b"zset":
             out[key] = r.zrange(key, 0, -1, withscores=True)
-        elif kind == b"list":
-            out[key] = r.lrange(key, 0, -1)
+        elif kind == b"stream":
+            out[key] = r.xrange(key)
         else:
             out[key] = r.get(key)
     return out

@@ -5,7 +5,7 @@
 -- KEYS[2] = progress hash of the partition    (field "applied")
 -- KEYS[3] = state hash of the partition       (key -> state JSON)
 -- KEYS[4] = undo sorted set of the partition  (score = last epoch of a batch)
--- KEYS[5] = notice list of the running driver
+-- KEYS[5] = notice stream of the running driver
 -- ARGV[1] = generation of the batch
 -- ARGV[2] = epoch the partition must have applied before this batch ("after")
 -- ARGV[3] = epoch the partition has applied after this batch ("through")
@@ -49,6 +49,6 @@ if ARGV[4] ~= '' then
 end
 redis.call('HSET', KEYS[2], 'applied', through)
 if ARGV[5] ~= '' then
-  redis.call('RPUSH', KEYS[5], ARGV[5])
+  redis.call('XADD', KEYS[5], '*', 'n', ARGV[5])
 end
 return 1

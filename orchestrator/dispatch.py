@@ -1,0 +1,145 @@
+"""Sending batches to the partition queues, and running again those whose worker died.
+
+A partition has at most one batch in flight. While it runs, its worker keeps
+the partition's lease alive (``tasks/lease.py``). A batch that is neither
+queued, nor leased, nor committed for ``LOST_AFTER`` seconds lost its worker
+(killed, or its connection dropped right after it took the job): it is sent
+again, at the front of its queue. Running it twice is harmless — the commit
+script accepts one copy and refuses the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from tasks.batch import Batch
+from tasks.errors import PipelineError
+from tasks.keys import PROCESS_BATCH, Keys
+
+logger = logging.getLogger(__name__)
+
+JOB_TIMEOUT = 600
+FAILED_JOB_TTL = 7 * 24 * 3600
+WATCH_EVERY = 1.0  # seconds between two looks at the batches in flight
+LOST_AFTER = 2.0  # seconds a batch may look abandoned before it is sent again
+
+
+class WorkerFailed(PipelineError):
+    """Raised when a batch job failed in a worker for a reason other than the input."""
+
+
+@dataclass
+class InFlight:
+    """A batch sent to the workers and not yet committed."""
+
+    job_id: str
+    batch: Batch
+    offsets: list[int]
+    raws: list[bytes] | None  # the events' input lines, kept only for dead letters
+    attempt: int = 1
+    suspect_since: float | None = None
+
+    @property
+    def first_epoch(self) -> int:
+        """Epoch of the batch's first event."""
+        return self.batch.events[0][0]
+
+
+class Dispatcher:
+    """Enqueues batches as RQ jobs and watches the ones in flight."""
+
+    def __init__(self, r: Redis, keys: Keys, generation: int, partitions: int) -> None:
+        self.r = r
+        self.keys = keys
+        self.generation = generation
+        self.queues = [
+            Queue(name, connection=r, serializer=JSONSerializer)
+            for name in keys.queue_names(partitions)
+        ]
+        self.reruns = 0
+        self._watched_at = time.monotonic()
+
+    def send(self, flights: list[InFlight], *, at_front: bool = False) -> None:
+        """Enqueue the batches, all in one round trip."""
+        if not flights:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for flight in flights:
+            b = flight.batch
+            job = Queue.prepare_data(
+                PROCESS_BATCH,
+                args=(b.encode(),),
+                job_id=flight.job_id,
+                timeout=JOB_TIMEOUT,
+                result_ttl=0,
+                failure_ttl=FAILED_JOB_TTL,
+                description=f"partition {b.partition} epochs {b.after_epoch + 1}..{b.last_epoch}",
+                at_front=at_front,
+            )
+            self.queues[b.partition].enqueue_many([job], pipeline=pipe)
+        pipe.execute()
+
+    def new_flight(self, batch: Batch, offsets: list[int], raws: list[bytes] | None) -> InFlight:
+        """The in-flight record of a batch about to be sent."""
+        job_id = self.keys.job_id(self.generation, batch.partition, batch.last_epoch)
+        return InFlight(job_id, batch, offsets, raws)
+
+    def watch(self, in_flight: dict[int, InFlight]) -> None:
+        """Re-send batches whose worker is gone; raise if a job failed in its worker.
+
+        Raises:
+            WorkerFailed: a batch job ended FAILED in RQ (an error in the worker,
+                not a rejected event: those are committed as rejections).
+        """
+        now = time.monotonic()
+        if not in_flight or now - self._watched_at < WATCH_EVERY:
+            return
+        self._watched_at = now
+        flights = list(in_flight.values())
+        pipe = self.r.pipeline(transaction=False)
+        for f in flights:
+            p = f.batch.partition
+            pipe.lpos(self.queues[p].key, f.job_id)
+            pipe.exists(self.keys.lease(p))
+            pipe.hget(self.keys.progress(p), "applied")
+            pipe.hget(f"rq:job:{f.job_id}", "status")
+        replies = pipe.execute()
+        lost = []
+        for i, f in enumerate(flights):
+            queued, leased, applied, status = replies[4 * i : 4 * i + 4]
+            if status == b"failed":
+                raise WorkerFailed(self._failure(f))
+            committed = applied is not None and int(applied) != f.batch.after_epoch
+            if queued is not None or leased or committed:
+                f.suspect_since = None
+            elif f.suspect_since is None:
+                f.suspect_since = now
+            elif now - f.suspect_since >= LOST_AFTER:
+                lost.append(f)
+        for f in lost:
+            f.attempt += 1
+            f.suspect_since = None
+            f.job_id = f"{self.keys.job_id(self.generation, f.batch.partition, f.batch.last_epoch)}-r{f.attempt}"
+            self.reruns += 1
+            logger.warning(
+                "batch of partition %d (epochs %d..%d) lost its worker; running it again (attempt %d)",
+                f.batch.partition,
+                f.batch.after_epoch + 1,
+                f.batch.last_epoch,
+                f.attempt,
+            )
+        self.send(lost, at_front=True)
+
+    def _failure(self, flight: InFlight) -> str:
+        job = Job.fetch(flight.job_id, connection=self.r, serializer=JSONSerializer)
+        latest = job.latest_result()
+        detail = (latest.exc_string or "").strip().splitlines() if latest else []
+        reason = detail[-1] if detail else "no details"
+        return f"a worker failed on job {job.id} ({job.description}): {reason}"

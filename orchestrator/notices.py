@@ -1,0 +1,49 @@
+"""Reading the commit notices of a run from their stream.
+
+Reads are idempotent (XREAD from the last id seen), so a reply lost to a
+dropped connection is simply read again after the reconnect; entries are
+trimmed once the driver has taken them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis import Redis
+
+from tasks.batch import CommitNotice
+
+READ_COUNT = 1_000
+TRIM_EVERY = 50  # reads between two trims of the entries already taken
+
+
+class NoticeReader:
+    """Follows one generation's notice stream."""
+
+    def __init__(self, r: Redis, key: str) -> None:
+        self.r = r
+        self.key = key
+        self.last_id: bytes = b"0-0"
+        self._reads = 0
+
+    def read(self, block_ms: int | None = None) -> list[CommitNotice]:
+        """Notices after the last one taken; wait up to ``block_ms`` if there are none."""
+        reply: Any = self.r.xread({self.key: self.last_id}, count=READ_COUNT, block=block_ms)
+        entries = _entries(reply)
+        if not entries:
+            return []
+        self.last_id = entries[-1][0]
+        self._reads += 1
+        if self._reads % TRIM_EVERY == 0:
+            self.r.xtrim(self.key, minid=self.last_id)
+        return [CommitNotice.decode(fields[b"n"]) for _, fields in entries]
+
+
+def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    # RESP2 answers [[key, entries]]; RESP3 answers {key: [entries]}.
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        [value] = reply.values()
+        return list(value[0] if value and isinstance(value[0], list) else value)
+    return list(reply[0][1])
