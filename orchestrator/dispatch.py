@@ -126,10 +126,11 @@ class Dispatcher:
         for f in lost:
             f.attempt += 1
             f.suspect_since = None
-            f.job_id = f"{self.keys.job_id(self.generation, f.batch.partition, f.batch.last_epoch)}-r{f.attempt}"
+            base = self.keys.job_id(self.generation, f.batch.partition, f.batch.last_epoch)
+            f.job_id = f"{base}-r{f.attempt}"
             self.reruns += 1
             logger.warning(
-                "batch of partition %d (epochs %d..%d) lost its worker; running it again (attempt %d)",
+                "batch of partition %d (epochs %d..%d) lost its worker; sending it again (try %d)",
                 f.batch.partition,
                 f.batch.after_epoch + 1,
                 f.batch.last_epoch,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from redis import Redis
 from rq import Queue, SimpleWorker
