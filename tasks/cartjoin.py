@@ -1,8 +1,17 @@
 """The seed's cart join: orders and payments joined per user.
 
 ``key_off_user_id``, ``build_state``, ``joiner`` and ``format_output`` are the
-tutorial's functions with its semantics; ``validate_event`` rejects input that
-is not a cart event with a precise reason before it reaches them.
+tutorial's functions; ``validate_event`` rejects input that is not a cart event,
+with a precise reason, before it reaches them. For in-order, duplicate-free
+input the output is the tutorial's, byte for byte. Beyond the tutorial, the
+joiner decides the cases two real streams produce:
+
+- A payment before its order (the streams are joined; their relative order is
+  not guaranteed): the payment is held in the user's state
+  (``early_payment_ids``, not part of the output) and the order, when it
+  arrives, is paid at once.
+- A duplicate order (its id is already unpaid or paid) or a duplicate payment
+  (already paid, or already held): nothing changes; the state is emitted as is.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from tasks.errors import InvalidEvent
 from tasks.flow import Dataflow
 
 REQUIRED_FIELDS = ("user_id", "type", "order_id")
+EVENT_TYPES = ("order", "payment")
 
 
 def validate_event(event: Any) -> dict[str, Any]:
@@ -28,10 +38,22 @@ def validate_event(event: Any) -> dict[str, Any]:
     if missing:
         msg = "missing field " + ", ".join(repr(f) for f in missing)
         raise InvalidEvent(msg)
-    if not isinstance(event["user_id"], str):
-        msg = f"field 'user_id' must be a string (got {_json_type(event['user_id'])})"
+    for field, wanted, ok in (
+        ("user_id", "a string", isinstance(event["user_id"], str)),
+        ("type", "a string", isinstance(event["type"], str)),
+        ("order_id", "an integer", _is_int(event["order_id"])),
+    ):
+        if not ok:
+            msg = f"field {field!r} must be {wanted} (got {_json_type(event[field])})"
+            raise InvalidEvent(msg)
+    if event["type"] not in EVENT_TYPES:
+        msg = f"unknown event type {event['type']!r} (expected 'order' or 'payment')"
         raise InvalidEvent(msg)
     return event
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _json_type(value: Any) -> str:
@@ -55,13 +77,25 @@ def joiner(
     state: dict[str, list[Any]], event: dict[str, Any]
 ) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
     """Apply one order or payment to a user's state and emit the state (the seed's join)."""
-    e_type = event["type"]
     order_id = event["order_id"]
-    if e_type == "order":
-        state["unpaid_order_ids"].append(order_id)
-    elif e_type == "payment":
-        state["unpaid_order_ids"].remove(order_id)
-        state["paid_order_ids"].append(order_id)
+    unpaid, paid = state["unpaid_order_ids"], state["paid_order_ids"]
+    early = state.get("early_payment_ids", [])
+    if event["type"] == "order":
+        if order_id in unpaid or order_id in paid:
+            pass  # a duplicate order
+        elif order_id in early:
+            early.remove(order_id)  # its payment came first
+            if not early:
+                del state["early_payment_ids"]
+            paid.append(order_id)
+        else:
+            unpaid.append(order_id)
+    elif event["type"] == "payment":
+        if order_id in unpaid:
+            unpaid.remove(order_id)
+            paid.append(order_id)
+        elif order_id not in paid and order_id not in early:
+            state.setdefault("early_payment_ids", []).append(order_id)  # before its order
     return state, state
 
 
