@@ -38,6 +38,49 @@ def fake() -> Iterator[fakeredis.FakeRedis]:
     client.close()
 
 
+class RedisServer:
+    """A redis-server of a test's own, on a unix socket in ``directory``; it can be restarted."""
+
+    def __init__(self, directory: str, *, appendonly: bool = True) -> None:
+        self.directory = directory
+        self.socket = os.path.join(directory, "redis.sock")
+        self.url = f"unix://{self.socket}"
+        self.args = [
+            redis_server_binary(), "--port", "0", "--unixsocket", self.socket, "--save", "",
+            "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
+            "--dir", directory, "--logfile", "redis.log",
+        ]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.02)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the server gets no chance to write anything more."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of a real Redis: REDIS_URL, or a redis-server started for this test session."""
@@ -45,27 +88,19 @@ def redis_url() -> Iterator[str]:
         yield os.environ["REDIS_URL"]
         return
     tmp = tempfile.mkdtemp(prefix="orchestrator-tests-")
-    sock = os.path.join(tmp, "redis.sock")
-    proc = subprocess.Popen(
-        [redis_server_binary(), "--port", "0", "--unixsocket", sock, "--save", "",
-         "--appendonly", "yes", "--appendfsync", "always", "--dir", tmp, "--logfile", "redis.log"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"unix://{sock}"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise
-            time.sleep(0.02)
-    client.close()
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    server = RedisServer(tmp).start()
+    yield server.url
+    server.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server for one test (with an append-only file), stopped afterwards."""
+    tmp = tempfile.mkdtemp(prefix="orchestrator-own-")
+    server = RedisServer(tmp).start()
+    yield server
+    server.stop()
     shutil.rmtree(tmp, ignore_errors=True)
 
 

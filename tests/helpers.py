@@ -1,0 +1,37 @@
+"""Helpers for tests that run the pipeline several times and check what it committed."""
+
+from __future__ import annotations
+
+import orjson
+import redis
+
+from tasks.keys import Keys
+
+
+def committed_states(url: str, namespace: str) -> dict[str, object]:
+    """Every key's committed state in a namespace, across its partitions."""
+    client = redis.Redis.from_url(url)
+    keys = Keys(namespace)
+    partitions = int(client.hget(keys.meta, "partitions"))
+    states: dict[str, object] = {}
+    for p in range(partitions):
+        for key, value in client.hgetall(keys.state(p)).items():
+            states[key.decode()] = orjson.loads(value)
+    client.close()
+    return states
+
+
+def merge_outputs(*outputs: str) -> str:
+    """The output of several runs over one input, one line per epoch, in epoch order.
+
+    A crash can print an epoch's line twice (stdout is at-least-once); both
+    copies must be the same line.
+    """
+    by_epoch: dict[int, str] = {}
+    for text in outputs:
+        for line in text.splitlines(keepends=True):
+            if not line.endswith("\n"):
+                continue  # a line cut by a SIGKILL mid-write; its epoch is printed again later
+            epoch = int(line.split(" ", 1)[0])
+            assert by_epoch.setdefault(epoch, line) == line, f"epoch {epoch} printed differently"
+    return "".join(by_epoch[e] for e in sorted(by_epoch))
