@@ -170,6 +170,14 @@ def _run_options() -> argparse.ArgumentParser:
         "default 100000)",
     )
     group.add_argument(
+        "--batch-events",
+        type=_positive,
+        default=int(_env("ORCHESTRATOR_BATCH_EVENTS") or 5_000),
+        metavar="N",
+        help="at most N events per batch job (batches grow to it while workers are busy; "
+        "env ORCHESTRATOR_BATCH_EVENTS; default 5000)",
+    )
+    group.add_argument(
         "--max-line-bytes",
         type=_positive,
         default=int(_env("ORCHESTRATOR_MAX_LINE_BYTES") or 1 << 20),
@@ -260,17 +268,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
         flow=getattr(args, "flow", None),
         retain_epochs=getattr(args, "retain_epochs", 100_000),
         max_line_bytes=getattr(args, "max_line_bytes", 1 << 20),
+        batch_events=getattr(args, "batch_events", 5_000),
         verbose=args.verbose,
         quiet=getattr(args, "quiet", False),
     )
 
 
-def configure_logging(verbose: bool) -> None:
+def configure_logging(verbose: bool, *, worker: bool = False) -> None:
     """Logs go to stderr, never into the output lines; warnings are one-line notes."""
+    who = "orchestrator worker %(process)d" if worker else "orchestrator"
     if verbose:
-        fmt, level = "%(asctime)s %(name)s %(levelname)s %(message)s", logging.DEBUG
+        fmt, level = "%(asctime)s " + who + " %(name)s %(levelname)s %(message)s", logging.DEBUG
     else:
-        fmt, level = "orchestrator: %(message)s", logging.WARNING
+        fmt, level = who + ": %(message)s", logging.WARNING
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 
@@ -390,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``orchestrator`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, worker=args.command == "worker")
     if args.command != "worker":  # RQ's worker handles SIGTERM itself (finish the job, exit)
         # SIGTERM stops like Ctrl-C: workers stopped, server stopped, namespace released.
         signal.signal(signal.SIGTERM, _interrupt)

@@ -193,6 +193,7 @@ def run_pipeline(
                     workers=pool,
                     progress=progress,
                     on_commit=committer.record,
+                    batch_events=settings.batch_events,
                 )
                 lines = read_lines(f, start.epoch, start.offset, settings.max_line_bytes)
                 result = driver.run(lines, start.epoch, start.offset)

@@ -30,13 +30,14 @@ from orchestrator.reader import InputLine
 from orchestrator.workers import WorkerPool
 from tasks.apply import describe_exception
 from tasks.batch import Batch, CommitNotice, OnError, Rejection
+from tasks.errors import InvalidEvent
 from tasks.flow import keyed, load_flow, run_steps
 from tasks.keys import Keys, partition_of
 from tasks.store import applied_epochs
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH_EVENTS = 5_000  # bounds a job's payload and the time its commit blocks Redis
+DEFAULT_BATCH_EVENTS = 5_000  # bounds a job's payload and the time its commit blocks Redis
 MAX_BUFFERED_EVENTS = 200_000  # read no further while this many events wait for workers
 READ_CHUNK = 2_000  # lines read between two looks at the commit notices
 BLOCK_MS = 200  # how long to wait for a notice when there is nothing else to do
@@ -107,8 +108,10 @@ class Driver:
         workers: WorkerPool,
         progress: Progress,
         on_commit: OnCommit,
+        batch_events: int = DEFAULT_BATCH_EVENTS,
     ) -> None:
         self.r = r
+        self.batch_events = batch_events
         self.keys = keys
         self.generation = generation
         self.partitions = partitions
@@ -165,7 +168,7 @@ class Driver:
             return  # blank lines are skipped silently and keep their epoch number
         try:
             if line.oversized:
-                raise ValueError(line.oversized)
+                raise InvalidEvent(line.oversized)
             items = run_steps(self.before_steps, orjson.loads(line.data))
             events = [keyed(self.stateful, item) for item in items]
         except Exception as e:  # the input or the flow's code rejected the line
@@ -208,7 +211,7 @@ class Driver:
             if p in self.in_flight:
                 continue
             pending = self.pending.pop(p)
-            n = _batch_size(pending.events)
+            n = _batch_size(pending.events, self.batch_events)
             if n < len(pending.events):
                 pending, self.pending[p] = pending.split(n)
                 last_epoch = self.pending[p].events[0][0] - 1
@@ -275,9 +278,9 @@ class Driver:
         result.committed, result.next_offset = committed, next_offset
 
 
-def _batch_size(events: list[tuple[int, str, object]]) -> int:
-    """How many events the next batch takes: at most MAX_BATCH_EVENTS, whole epochs only."""
-    n = min(len(events), MAX_BATCH_EVENTS)
+def _batch_size(events: list[tuple[int, str, object]], limit: int) -> int:
+    """How many events the next batch takes: at most ``limit``, whole epochs only."""
+    n = min(len(events), limit)
     # Several events can share an epoch (flat_map): never split one across batches.
     while 0 < n < len(events) and events[n][0] == events[n - 1][0]:
         n -= 1

@@ -84,7 +84,9 @@ def test_skip_leaves_the_rejected_event_out_and_the_state_intact():
 def cart_states(*items):
     result = apply_events(flow, events(*items), {}, len(items) - 1, "fail")
     assert result.failed is None
-    return orjson.loads(result.writes["a"]), [json.loads(line.split(" ", 1)[1]) for _, line in result.outputs]
+    return orjson.loads(result.writes["a"]), [
+        json.loads(line.split(" ", 1)[1]) for _, line in result.outputs
+    ]
 
 
 def test_a_payment_before_its_order_is_held_and_applied_when_the_order_arrives():
