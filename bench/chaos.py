@@ -121,6 +121,7 @@ class Chaos:
             driver = self.cli(*args, stdout=out, stderr=self.log)
             while driver.poll() is None:
                 if kill_at is not None and self.committed() >= kill_at:
+                    time.sleep(self.rng.uniform(0, 0.3))  # at any point, not just after a commit
                     driver.send_signal(signal.SIGKILL)
                     driver.wait()
                     self.driver_kills += 1
@@ -134,7 +135,9 @@ class Chaos:
         killer = threading.Thread(target=self.kill_workers, daemon=True)
         killer.start()
         n = self.args.events
-        kill_points = [n * (i + 1) // (self.args.driver_kills + 1) for i in range(self.args.driver_kills)]
+        kill_points = [
+            n * (i + 1) // (self.args.driver_kills + 1) for i in range(self.args.driver_kills)
+        ]
         outputs = []
         command = "ingest"
         try:
@@ -215,14 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         wrong_lines = sum(1 for e, line in enumerate(expected_lines) if by_epoch.get(e) != line)
         extra_lines = len(set(by_epoch) - set(range(len(expected_lines))))
         states = chaos.states()
-        wrong_keys = sum(1 for k in expected_states.keys() | states.keys() if states.get(k) != expected_states.get(k))
+        wrong_keys = sum(
+            1
+            for k in expected_states.keys() | states.keys()
+            if states.get(k) != expected_states.get(k)
+        )
         printed = sum(len(o.splitlines()) for o in outputs)
         mismatches = wrong_lines + extra_lines + conflicts + wrong_keys
         print(f"events:                 {args.events:,} ({args.users:,} users)")
         print(f"workers / partitions:   {args.workers} / {args.partitions}")
         print(f"worker SIGKILLs:        {chaos.worker_kills}")
         print(f"driver SIGKILLs:        {chaos.driver_kills} ({chaos.driver_runs} driver runs)")
-        print(f"lines printed:          {printed:,} ({printed - len(by_epoch):,} printed again after a kill)")
+        print(
+            f"lines printed:          {printed:,} ({printed - len(by_epoch):,} printed again after a kill)"
+        )
         print(f"wrong or missing lines: {wrong_lines + extra_lines + conflicts}")
         print(f"wrong or missing keys:  {wrong_keys} of {len(expected_states):,}")
         print(f"mismatches:             {mismatches}")

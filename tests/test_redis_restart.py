@@ -8,10 +8,11 @@ import pytest
 import redis
 
 from bench.generate import generate
+from tasks.keys import Keys
+
 from conftest import REPO, cli_env, new_namespace, run_cli
 from helpers import committed_states, merge_outputs
 from reference import reference_run
-from tasks.keys import Keys
 
 pytestmark = pytest.mark.integration
 
