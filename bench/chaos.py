@@ -181,7 +181,27 @@ def merge(outputs: list[str]) -> tuple[dict[int, str], int]:
     return by_epoch, conflicts
 
 
-def main(argv: list[str] | None = None) -> int:
+def verify(lines: list[str], outputs: list[str], states: dict[str, object]) -> dict[str, int]:
+    """Compare the runs' output and final states with the plain loop's."""
+    expected = io.StringIO()
+    expected_states = run_plain(lines, expected)
+    expected_lines = expected.getvalue().splitlines(keepends=True)
+    by_epoch, conflicts = merge(outputs)
+    wrong_lines = sum(1 for e, line in enumerate(expected_lines) if by_epoch.get(e) != line)
+    extra_lines = len(set(by_epoch) - set(range(len(expected_lines))))
+    every_key = expected_states.keys() | states.keys()
+    wrong_keys = sum(1 for k in every_key if states.get(k) != expected_states.get(k))
+    printed = sum(len(o.splitlines()) for o in outputs)
+    return {
+        "printed": printed,
+        "reprinted": printed - len(by_epoch),
+        "wrong_lines": wrong_lines + extra_lines + conflicts,
+        "wrong_keys": wrong_keys,
+        "keys": len(expected_states),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--users", type=int, default=5_000)
@@ -197,43 +217,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 31)
-    print(f"chaos seed: {args.seed}", flush=True)
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chaos run; 0 when everything matches and every planned kill happened."""
+    args = parse_args(argv)
+    print(f"chaos seed: {args.seed}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="orchestrator-chaos-"))
-    server = None
-    url = args.redis_url
-    if url is None:
-        server, url = start_redis(str(workdir))
+    server, url = (None, args.redis_url) if args.redis_url else start_redis(str(workdir))
     started = time.monotonic()
+    ok = False
     try:
         lines = list(generate(args.events, args.users, seed=args.seed))
         path = workdir / "events.json"
         path.write_text("\n".join(lines) + "\n")
         chaos = Chaos(args, url, workdir)
-        outputs = chaos.run(path)
-        expected = io.StringIO()
-        expected_states = run_plain(lines, expected)
-        by_epoch, conflicts = merge(outputs)
-        expected_lines = expected.getvalue().splitlines(keepends=True)
-        wrong_lines = sum(1 for e, line in enumerate(expected_lines) if by_epoch.get(e) != line)
-        extra_lines = len(set(by_epoch) - set(range(len(expected_lines))))
-        states = chaos.states()
-        wrong_keys = sum(
-            1
-            for k in expected_states.keys() | states.keys()
-            if states.get(k) != expected_states.get(k)
-        )
-        printed = sum(len(o.splitlines()) for o in outputs)
-        mismatches = wrong_lines + extra_lines + conflicts + wrong_keys
+        report = verify(lines, chaos.run(path), chaos.states())
+        mismatches = report["wrong_lines"] + report["wrong_keys"]
         print(f"events:                 {args.events:,} ({args.users:,} users)")
         print(f"workers / partitions:   {args.workers} / {args.partitions}")
         print(f"worker SIGKILLs:        {chaos.worker_kills}")
         print(f"driver SIGKILLs:        {chaos.driver_kills} ({chaos.driver_runs} driver runs)")
-        print(
-            f"lines printed:          {printed:,} ({printed - len(by_epoch):,} printed again after a kill)"
-        )
-        print(f"wrong or missing lines: {wrong_lines + extra_lines + conflicts}")
-        print(f"wrong or missing keys:  {wrong_keys} of {len(expected_states):,}")
+        print(f"lines printed:          {report['printed']:,} ({report['reprinted']:,} again)")
+        print(f"wrong or missing lines: {report['wrong_lines']}")
+        print(f"wrong or missing keys:  {report['wrong_keys']} of {report['keys']:,}")
         print(f"mismatches:             {mismatches}")
         print(f"wall time:              {time.monotonic() - started:.1f} s")
         if chaos.worker_kills < args.worker_kills or chaos.driver_kills < args.driver_kills:
@@ -242,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         if mismatches:
             print(f"logs kept in {workdir}")
             return 1
+        ok = True
         return 0
     finally:
         if server is not None:
             server.terminate()
             server.wait()
-        if "mismatches" in locals() and not locals()["mismatches"]:
+        if ok:
             shutil.rmtree(workdir, ignore_errors=True)
 
 

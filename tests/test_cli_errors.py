@@ -11,7 +11,7 @@ import pytest
 from orchestrator.exitcodes import ExitStatus
 from tasks.keys import Keys
 
-from conftest import SEED_INPUT, cli_env, new_namespace, run_cli, stderr_lines
+from conftest import REPO, SEED_INPUT, cli_env, new_namespace, run_cli, stderr_lines
 
 pytestmark = pytest.mark.integration
 
@@ -124,3 +124,13 @@ def test_a_second_driver_on_the_namespace_is_refused(redis_url, real, tmp_path):
     assert first.returncode == ExitStatus.INTERRUPTED, stderr
     assert "waiting for workers" in stderr
     assert real.get(Keys(ns).driver_lock) is None
+
+
+def test_the_flow_is_fixed_at_the_first_ingest(ingested):
+    cwd, args = ingested
+    run = run_cli(
+        "resume", str(cwd / "cart-join.json"), "--flow", "examples.running_sum:flow",
+        "--workers", "1", *args, cwd=REPO,
+    )  # fmt: skip
+    message = one_line_error(run, ExitStatus.USAGE)
+    assert "does not match the namespace's flow tasks.cartjoin:flow" in message
