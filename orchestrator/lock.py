@@ -31,7 +31,8 @@ class DriverLock:
     def __init__(self, r: Redis, keys: Keys) -> None:
         self.keys = keys
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._lock = Lock(r, keys.driver_lock, timeout=LOCK_TTL, blocking=False)
+        # Not thread-local: the heartbeat thread renews the token the main thread took.
+        self._lock = Lock(r, keys.driver_lock, timeout=LOCK_TTL, blocking=False, thread_local=False)
         self._r = r
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="driver-lock", daemon=True)
