@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 import redis
 from redis import Redis
@@ -138,12 +138,13 @@ def _text(value: Any) -> str:
 
 
 @contextlib.contextmanager
-def output_stream(settings: Settings, mode: Mode) -> Iterator[TextIO]:
+def output_stream(settings: Settings, mode: Mode) -> Iterator[BinaryIO]:
     """Standard output, or the --output file (truncated by ingest, appended to otherwise)."""
     if settings.output is None:
-        yield sys.stdout
+        sys.stdout.flush()
+        yield sys.stdout.buffer
         return
-    with open(settings.output, "w" if mode == "ingest" else "a", encoding="utf-8") as f:
+    with open(settings.output, "wb" if mode == "ingest" else "ab") as f:
         yield f
 
 

@@ -26,6 +26,7 @@ from tasks.keys import PROCESS_BATCH, Keys
 logger = logging.getLogger(__name__)
 
 JOB_TIMEOUT = 600
+BATCH_TTL = 7 * 24 * 3600  # a stored batch outlives any run that could still commit it
 FAILED_JOB_TTL = 7 * 24 * 3600
 WATCH_EVERY = 1.0  # seconds between two looks at the batches in flight
 LOST_AFTER = 2.0  # seconds a batch may look abandoned before it is sent again
@@ -41,15 +42,15 @@ class InFlight:
 
     job_id: str
     batch: Batch
-    offsets: list[int]
-    raws: list[bytes] | None  # the events' input lines, kept only for dead letters
+    offsets: list[int]  # of each line of the batch in the input
+    events: int  # how many events its lines give
     attempt: int = 1
     suspect_since: float | None = None
 
     @property
     def first_epoch(self) -> int:
-        """Epoch of the batch's first event."""
-        return self.batch.events[0][0]
+        """Epoch of the batch's first line."""
+        return self.batch.epochs[0]
 
 
 class Dispatcher:
@@ -73,9 +74,12 @@ class Dispatcher:
         pipe = self.r.pipeline(transaction=False)
         for flight in flights:
             b = flight.batch
+            batch_key = self.keys.batch(self.generation, b.partition, b.last_epoch)
+            if flight.attempt == 1:
+                pipe.set(batch_key, b.encode(), ex=BATCH_TTL)
             job = Queue.prepare_data(
                 PROCESS_BATCH,
-                args=(b.encode(),),
+                args=(self.keys.namespace, b.partition, batch_key),
                 job_id=flight.job_id,
                 timeout=JOB_TIMEOUT,
                 result_ttl=0,
@@ -86,10 +90,10 @@ class Dispatcher:
             self.queues[b.partition].enqueue_many([job], pipeline=pipe)
         pipe.execute()
 
-    def new_flight(self, batch: Batch, offsets: list[int], raws: list[bytes] | None) -> InFlight:
+    def new_flight(self, batch: Batch, offsets: list[int], events: int) -> InFlight:
         """The in-flight record of a batch about to be sent."""
         job_id = self.keys.job_id(self.generation, batch.partition, batch.last_epoch)
-        return InFlight(job_id, batch, offsets, raws)
+        return InFlight(job_id, batch, offsets, events)
 
     def watch(self, in_flight: dict[int, InFlight]) -> None:
         """Re-send batches whose worker is gone; raise if a job failed in its worker.

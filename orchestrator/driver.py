@@ -15,9 +15,10 @@ says, without reading the input before it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import BinaryIO
 
 import orjson
 from redis import Redis
@@ -31,7 +32,7 @@ from orchestrator.workers import WorkerPool
 from tasks.apply import describe_exception
 from tasks.batch import Batch, CommitNotice, OnError, Rejection
 from tasks.errors import InvalidEvent
-from tasks.flow import keyed, load_flow, run_steps
+from tasks.flow import load_flow, make_router
 from tasks.keys import Keys, partition_of
 from tasks.store import applied_epochs
 
@@ -40,7 +41,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_EVENTS = 5_000  # bounds a job's payload and the time its commit blocks Redis
 MAX_BUFFERED_EVENTS = 200_000  # read no further while this many events wait for workers
 READ_CHUNK = 2_000  # lines read between two looks at the commit notices
+PARTITION_CACHE_SIZE = 1_000_000  # keys whose partition the driver remembers
 BLOCK_MS = 200  # how long to wait for a notice when there is nothing else to do
+RECORD_EVERY = 0.1  # seconds between two records of the committed epoch
 
 
 @dataclass(frozen=True)
@@ -60,18 +63,22 @@ class BadLine:
 
 @dataclass
 class Pending:
-    """Events of one partition waiting for a batch, with their lines' offsets (and text)."""
+    """Input lines of one partition waiting for a batch: epochs, text and offsets.
 
-    events: list[tuple[int, str, object]] = field(default_factory=list)
+    A line is one epoch; it gives one or more events (``events`` counts them).
+    """
+
+    epochs: list[int] = field(default_factory=list)
+    lines: list[bytes] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
-    raws: list[bytes] | None = None
+    events: int = 0
 
     def split(self, n: int) -> tuple[Pending, Pending]:
-        """The first n events, and the rest."""
-        raws = self.raws
+        """The first n lines, and the rest (events shared out in proportion)."""
+        first = self.events * n // len(self.epochs)
         return (
-            Pending(self.events[:n], self.offsets[:n], None if raws is None else raws[:n]),
-            Pending(self.events[n:], self.offsets[n:], None if raws is None else raws[n:]),
+            Pending(self.epochs[:n], self.lines[:n], self.offsets[:n], first),
+            Pending(self.epochs[n:], self.lines[n:], self.offsets[n:], self.events - first),
         )
 
 
@@ -104,7 +111,7 @@ class Driver:
         partitions: int,
         flow_path: str,
         on_error: OnError,
-        out: TextIO,
+        out: BinaryIO,
         workers: WorkerPool,
         progress: Progress,
         on_commit: OnCommit,
@@ -116,7 +123,9 @@ class Driver:
         self.generation = generation
         self.partitions = partitions
         self.flow_path = flow_path
-        self.before_steps, self.stateful, _ = load_flow(flow_path).split()
+        before, stateful, _ = load_flow(flow_path).split()
+        self.route = make_router(before, stateful)
+        self.partition_cache: dict[str, int] = {}
         self.on_error = on_error
         self.out = out
         self.workers = workers
@@ -130,6 +139,8 @@ class Driver:
         self.merger = OutputMerger()
         self.buffered = 0
         self.dead: list[BadLine] = []  # dead letters not yet recorded
+        self.recorded = -2  # the last committed epoch recorded (none yet)
+        self.recorded_at = 0.0
 
     # ----------------------------------------------------------------- the loop
 
@@ -140,15 +151,9 @@ class Driver:
         exhausted = False
         while True:
             if not exhausted and result.failure is None and self.buffered < MAX_BUFFERED_EVENTS:
-                for _ in range(READ_CHUNK):
-                    line = next(lines, None)
-                    if line is None:
-                        exhausted = True
-                        break
-                    self._read(line, result)
-                    if result.failure is not None:
-                        break
-                    read_through, read_offset = line.epoch, line.end
+                exhausted, read_through, read_offset = self._read_chunk(
+                    lines, result, read_through, read_offset
+                )
             self._dispatch(read_through, result.failure)
             idle = exhausted or result.failure is not None or self.buffered >= MAX_BUFFERED_EVENTS
             for notice in self.notices.read(BLOCK_MS if idle and self.in_flight else None):
@@ -159,36 +164,59 @@ class Driver:
             self.progress.update(result.events, result.committed, len(self.in_flight))
             done = exhausted or result.failure is not None
             if done and not self.in_flight and not self.pending:
+                self._record(result, force=True)
                 result.reruns = self.dispatcher.reruns
                 return result
 
-    def _read(self, line: InputLine, result: RunResult) -> None:
-        """Parse one line, run the flow's steps before the stateful one, buffer its events."""
-        if not line.data.strip():
-            return  # blank lines are skipped silently and keep their epoch number
-        try:
-            if line.oversized:
-                raise InvalidEvent(line.oversized)
-            items = run_steps(self.before_steps, orjson.loads(line.data))
-            events = [keyed(self.stateful, item) for item in items]
-        except Exception as e:  # the input or the flow's code rejected the line
-            self._reject(BadLine(line.epoch, line.offset, _reason(e), line.data), result)
-            return
-        for key, value in events:
-            p = partition_of(key, self.partitions)
-            pending = self.pending.get(p)
-            if pending is None:
-                pending = self.pending[p] = Pending(raws=[] if self._keep_raw else None)
-            pending.events.append((line.epoch, key, value))
-            pending.offsets.append(line.offset)
-            if pending.raws is not None:
-                pending.raws.append(line.data)
-        self.buffered += len(events)
-        result.events += len(events)
+    def _read_chunk(
+        self, lines: Iterator[InputLine], result: RunResult, read_through: int, read_offset: int
+    ) -> tuple[bool, int, int]:
+        """Read up to READ_CHUNK lines: parse, route, buffer per partition.
 
-    @property
-    def _keep_raw(self) -> bool:
-        return self.on_error == "dead-letter"
+        Returns (input exhausted, last epoch read, offset after it); a bad line
+        under ``fail`` stops the chunk before it. This is the driver's hot loop:
+        it keeps to local names and one dict lookup per event.
+        """
+        route, loads, partition_cache = self.route, orjson.loads, self.partition_cache
+        pending_of = self.pending
+        count = 0
+        for _ in range(READ_CHUNK):
+            line = next(lines, None)
+            if line is None:
+                self.buffered += count
+                result.events += count
+                return True, read_through, read_offset
+            epoch, offset, end, data, oversized = line
+            if data.strip():  # blank lines are skipped silently and keep their epoch number
+                text = data[:-1] if data[-1:] == b"\n" else data
+                try:
+                    if oversized:
+                        raise InvalidEvent(oversized)
+                    events = route(loads(data))
+                except Exception as e:  # the input or the flow's code rejected the line
+                    self._reject(BadLine(epoch, offset, _reason(e), text), result)
+                    if result.failure is not None:
+                        break
+                    events = []
+                for key, _ in events:
+                    p = partition_cache.get(key)
+                    if p is None:
+                        if len(partition_cache) > PARTITION_CACHE_SIZE:
+                            partition_cache.clear()
+                        p = partition_cache[key] = partition_of(key, self.partitions)
+                    pending = pending_of.get(p)
+                    if pending is None:
+                        pending = pending_of[p] = Pending()
+                    if not pending.epochs or pending.epochs[-1] != epoch:
+                        pending.epochs.append(epoch)  # the line goes once to each partition
+                        pending.lines.append(text)
+                        pending.offsets.append(offset)
+                    pending.events += 1
+                count += len(events)
+            read_through, read_offset = epoch, end
+        self.buffered += count
+        result.events += count
+        return False, read_through, read_offset
 
     def _reject(self, bad: BadLine, result: RunResult) -> None:
         if self.on_error == "fail":
@@ -211,23 +239,24 @@ class Driver:
             if p in self.in_flight:
                 continue
             pending = self.pending.pop(p)
-            n = _batch_size(pending.events, self.batch_events)
-            if n < len(pending.events):
-                pending, self.pending[p] = pending.split(n)
-                last_epoch = self.pending[p].events[0][0] - 1
+            if len(pending.epochs) > self.batch_events:
+                pending, self.pending[p] = pending.split(self.batch_events)
+                last_epoch = self.pending[p].epochs[0] - 1
             else:
                 last_epoch = last_allowed
             batch = Batch(
                 self.keys.namespace,
                 self.generation,
                 p,
+                self.partitions,
                 self.after[p],
                 last_epoch,
                 self.flow_path,
                 self.on_error,
-                pending.events,
+                pending.epochs,
+                pending.lines,
             )
-            flight = self.dispatcher.new_flight(batch, pending.offsets, pending.raws)
+            flight = self.dispatcher.new_flight(batch, pending.offsets, pending.events)
             self.in_flight[p] = flight
             flights.append(flight)
         self.dispatcher.send(flights)
@@ -237,9 +266,9 @@ class Driver:
     def _on_notice(self, notice: CommitNotice, result: RunResult) -> None:
         p = notice.partition
         flight = self.in_flight.pop(p)
-        self.buffered -= len(flight.batch.events)
+        self.buffered -= flight.events
         self.after[p] = notice.applied_through
-        self.merger.add(p, notice.lines)
+        self.merger.add(p, list(zip(notice.epochs, notice.lines, strict=True)))
         for rejection in [*notice.rejected, *([notice.failed] if notice.failed else [])]:
             self._reject(_bad(rejection, flight), result)
 
@@ -247,10 +276,11 @@ class Driver:
         """Drop buffered events and lines at or after ``epoch``: the run stops before it."""
         for p in list(self.pending):
             pending = self.pending[p]
-            keep = sum(1 for e, _, _ in pending.events if e < epoch)
-            self.buffered -= len(pending.events) - keep
+            keep = sum(1 for e in pending.epochs if e < epoch)
+            kept = pending.split(keep)[0] if keep else Pending()
+            self.buffered -= pending.events - kept.events
             if keep:
-                self.pending[p] = pending.split(keep)[0]
+                self.pending[p] = kept
             else:
                 del self.pending[p]
         self.merger.drop_from(epoch)
@@ -264,27 +294,33 @@ class Driver:
             if flight.first_epoch < next_epoch:
                 next_epoch, next_offset = flight.first_epoch, flight.offsets[0]
         for pending in self.pending.values():
-            if pending.events[0][0] < next_epoch:
-                next_epoch, next_offset = pending.events[0][0], pending.offsets[0]
+            if pending.epochs[0] < next_epoch:
+                next_epoch, next_offset = pending.epochs[0], pending.offsets[0]
         if result.failure is not None and result.failure.epoch < next_epoch:
             next_epoch, next_offset = result.failure.epoch, result.failure.offset
         committed = next_epoch - 1
-        if committed <= result.committed:
+        if committed > result.committed:
+            write_lines(self.out, self.merger.pop_through(committed))
+            result.committed, result.next_offset = committed, next_offset
+        self._record(result)
+
+    def _record(self, result: RunResult, *, force: bool = False) -> None:
+        """Record the committed epoch (after its lines are written), at most every RECORD_EVERY.
+
+        A crash between writing lines and recording them makes resume print those
+        lines again: stdout is at-least-once; recording less often widens that
+        window a little and saves a round trip per advance.
+        """
+        now = time.monotonic()
+        if result.committed == self.recorded or (
+            not force and now - self.recorded_at < RECORD_EVERY
+        ):
             return
-        write_lines(self.out, self.merger.pop_through(committed))
+        committed = result.committed
         dead = sorted((d for d in self.dead if d.epoch <= committed), key=lambda d: d.epoch)
         self.dead = [d for d in self.dead if d.epoch > committed]
-        self.on_commit(committed, next_offset, dead)
-        result.committed, result.next_offset = committed, next_offset
-
-
-def _batch_size(events: list[tuple[int, str, object]], limit: int) -> int:
-    """How many events the next batch takes: at most ``limit``, whole epochs only."""
-    n = min(len(events), limit)
-    # Several events can share an epoch (flat_map): never split one across batches.
-    while 0 < n < len(events) and events[n][0] == events[n - 1][0]:
-        n -= 1
-    return n or len(events)
+        self.on_commit(committed, result.next_offset, dead)
+        self.recorded, self.recorded_at = committed, now
 
 
 def _reason(e: Exception) -> str:
@@ -296,7 +332,5 @@ def _reason(e: Exception) -> str:
 
 
 def _bad(rejection: Rejection, flight: InFlight) -> BadLine:
-    epochs = [e for e, _, _ in flight.batch.events]
-    i = epochs.index(rejection.epoch)
-    raw = flight.raws[i] if flight.raws is not None else b""
-    return BadLine(rejection.epoch, flight.offsets[i], rejection.reason, raw)
+    i = flight.batch.epochs.index(rejection.epoch)
+    return BadLine(rejection.epoch, flight.offsets[i], rejection.reason, flight.batch.lines[i])

@@ -22,12 +22,11 @@ from orchestrator.namespace import Committer, check_compatible, read_info, start
 from orchestrator.recovery import RedisRecoveryConfig
 from orchestrator.server import EmbeddedServer, client_for, connect
 from tasks.apply import apply_events
-from tasks.batch import Batch
 from tasks.errors import NamespaceError, PipelineError, StaleGeneration
 from tasks.flow import Dataflow, keyed, run_steps
 from tasks.keys import Keys
 from tasks.scripts import CommitOutcome
-from tasks.store import commit, load_for_batch
+from tasks.store import CommitTarget, commit, load
 
 InputBuilder = Callable[[int, int], Iterable[tuple[int, Any]]]
 OutputBuilder = Callable[[int, int], Callable[[tuple[int, Any]], Any]]
@@ -137,16 +136,15 @@ class _Runner:
         self.events = self.events[len(events) :]
         if through <= self.after:
             return
-        batch = Batch(
-            self.keys.namespace, self.generation, 0, self.after, through, "run_main", "fail", events
-        )
-        loaded = load_for_batch(self.r, batch)
+        wanted = list(dict.fromkeys(key for _, key, _ in events))
+        loaded = load(self.r, self.keys, 0, wanted)
         # Outputs are delivered after the commit: copy each one as it is emitted, since
         # a mapper may emit its state and change it again for a later event.
         applied = apply_events(
             self.flow, events, loaded.states, through, "fail", render=lambda e, x: (e, deepcopy(x))
         )
-        if commit(self.r, batch, applied, notify=False) is not CommitOutcome.COMMITTED:
+        target = CommitTarget(self.keys, self.generation, 0, self.after, through)
+        if commit(self.r, target, applied) is not CommitOutcome.COMMITTED:
             msg = f"namespace {self.keys.namespace!r} was taken over by another run"
             raise StaleGeneration(msg)
         delivered = self.after  # every epoch up to this one is out

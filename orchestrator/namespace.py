@@ -104,6 +104,7 @@ def start_run(
     for name in keys.queue_names(partitions):
         Queue(name, connection=r, serializer=JSONSerializer).empty()
     stale = [k for k in r.scan_iter(match=keys.notices_pattern, count=1000)]
+    stale += [k for k in r.scan_iter(match=keys.batches_pattern, count=1000)]
     pipe = r.pipeline(transaction=True)
     if stale:
         pipe.delete(*stale)

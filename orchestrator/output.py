@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import heapq
-from collections import deque
-from typing import TextIO
+from bisect import bisect_left, bisect_right
+from operator import itemgetter
+from typing import Any, BinaryIO
 
 
 class OutputMerger:
@@ -16,43 +16,47 @@ class OutputMerger:
     """
 
     def __init__(self) -> None:
-        self._queues: dict[int, deque[tuple[int, str]]] = {}
-        self._heads: list[tuple[int, int]] = []  # (epoch of a partition's first line, partition)
+        # partition -> [epoch, line] pairs in order; the ones before start[p] are taken
+        self._queues: dict[int, list[Any]] = {}
+        self._start: dict[int, int] = {}
 
-    def add(self, partition: int, lines: list[tuple[int, str]]) -> None:
-        """Add a partition's committed lines (in epoch order)."""
-        if not lines:
-            return
-        queue = self._queues.setdefault(partition, deque())
-        if not queue:
-            heapq.heappush(self._heads, (lines[0][0], partition))
-        queue.extend(lines)
+    def add(self, partition: int, lines: list[Any]) -> None:
+        """Add a partition's committed ``[epoch, line]`` pairs (in epoch order)."""
+        if lines:
+            self._queues.setdefault(partition, []).extend(lines)
+            self._start.setdefault(partition, 0)
 
-    def pop_through(self, epoch: int) -> list[str]:
+    def pop_through(self, epoch: int) -> list[bytes]:
         """Remove and return, in epoch order, every line with an epoch <= ``epoch``."""
-        out: list[str] = []
-        heads = self._heads
-        while heads and heads[0][0] <= epoch:
-            _, p = heapq.heappop(heads)
-            queue = self._queues[p]
-            while queue and queue[0][0] <= epoch and (not heads or queue[0][0] <= heads[0][0]):
-                out.append(queue.popleft()[1])
-            if queue:
-                heapq.heappush(heads, (queue[0][0], p))
-        return out
+        runs = []
+        for p, queue in self._queues.items():
+            start = self._start[p]
+            if start < len(queue) and queue[start][0] <= epoch:
+                end = bisect_right(queue, epoch, lo=start, key=_epoch)
+                runs.append(queue[start:end])
+                if end > len(queue) // 2:
+                    del queue[:end]  # compact now and then, not on every call
+                    end = 0
+                self._start[p] = end
+        if len(runs) <= 1:
+            return [line for _, line in runs[0]] if runs else []
+        # Timsort merges the already-sorted runs in C; a partition's lines of one epoch
+        # stay in their order (the sort is stable and compares epochs only).
+        merged = sorted([pair for run in runs for pair in run], key=_epoch)
+        return [line for _, line in merged]
 
     def drop_from(self, epoch: int) -> None:
         """Forget lines with an epoch >= ``epoch`` (a run that stops there will not print them)."""
-        for queue in self._queues.values():
-            while queue and queue[-1][0] >= epoch:
-                queue.pop()
-        self._heads = [(q[0][0], p) for p, q in self._queues.items() if q]
-        heapq.heapify(self._heads)
+        for p, queue in self._queues.items():
+            del queue[bisect_left(queue, epoch, lo=self._start[p], key=_epoch) :]
 
 
-def write_lines(out: TextIO, lines: list[str]) -> None:
+_epoch = itemgetter(0)
+
+
+def write_lines(out: BinaryIO, lines: list[bytes]) -> None:
     """Write lines and flush, so that they are out before the commit that follows them."""
     if lines:
-        out.write("\n".join(lines))
-        out.write("\n")
+        out.write(b"\n".join(lines))
+        out.write(b"\n")
         out.flush()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from tasks.errors import PipelineError
 
@@ -20,12 +19,11 @@ FINGERPRINT_BLOCK = 4096
 FINGERPRINT_SAMPLES = 16
 
 
-@dataclass(frozen=True)
-class InputLine:
+class InputLine(NamedTuple):
     """One line of input: its epoch, where it starts and ends in the file, and its bytes.
 
     A line longer than the limit is not kept in memory: ``data`` holds its start
-    and ``oversized`` says why it is rejected.
+    and ``oversized`` says why it is rejected. (A named tuple: one is made per line.)
     """
 
     epoch: int
@@ -33,11 +31,6 @@ class InputLine:
     end: int
     data: bytes
     oversized: str | None = None
-
-    @property
-    def line_number(self) -> int:
-        """1-based line number (epochs are 0-based line indexes)."""
-        return self.epoch + 1
 
 
 def open_input(path: Path) -> BinaryIO:

@@ -1,53 +1,74 @@
-"""The records that cross the driver/worker boundary: a batch of events and its commit notice."""
+"""The records that cross the driver/worker boundary: a batch of input lines and its commit notice.
+
+Both are a small JSON header, a newline, and raw lines joined by newlines: the
+lines themselves (input lines in a batch, output lines in a notice) are never
+JSON-encoded a second time, only split with ``bytes.split`` at the other end.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 
 OnError = Literal["fail", "skip", "dead-letter"]
 
 
+def _frame(header: object, lines: list[bytes]) -> bytes:
+    # orjson never writes a raw newline, so the first newline ends the header.
+    return orjson.dumps(header) + b"\n" + b"\n".join(lines)
+
+
+def _unframe(data: bytes) -> tuple[object, list[bytes]]:
+    header, _, body = data.partition(b"\n")
+    return orjson.loads(header), body.split(b"\n")
+
+
 @dataclass(frozen=True)
 class Batch:
-    """Events of one partition for epochs ``after_epoch + 1 .. last_epoch``, sent as one RQ job.
+    """Input lines of one partition for epochs ``after_epoch + 1 .. last_epoch``: one RQ job.
 
     ``after_epoch`` is what the partition must have applied before this batch:
-    the commit refuses the batch otherwise, which keeps a partition's batches in order.
+    the commit refuses the batch otherwise, which keeps a partition's batches in
+    order. The lines are raw input (without their newline); the worker parses
+    them and runs the flow's first steps again (they are deterministic), keeping
+    the events whose key belongs to this partition.
     """
 
     namespace: str
     generation: int
     partition: int
+    partitions: int  # of the namespace: a line's events can belong to several partitions
     after_epoch: int
     last_epoch: int
     flow: str
     on_error: OnError
-    # (epoch, key, value) in epoch order
-    events: list[tuple[int, str, Any]]
+    epochs: list[int]
+    lines: list[bytes]
 
-    def encode(self) -> str:
-        """Encode as one JSON string (RQ's JSON serializer then carries it as a single argument)."""
-        return orjson.dumps(
-            [
-                self.namespace,
-                self.generation,
-                self.partition,
-                self.after_epoch,
-                self.last_epoch,
-                self.flow,
-                self.on_error,
-                self.events,
-            ]
-        ).decode()
+    def encode(self) -> bytes:
+        """Encode for storage in Redis."""
+        header = [
+            self.namespace,
+            self.generation,
+            self.partition,
+            self.partitions,
+            self.after_epoch,
+            self.last_epoch,
+            self.flow,
+            self.on_error,
+            self.epochs,
+        ]
+        return _frame(header, self.lines)
 
     @classmethod
-    def decode(cls, payload: str) -> Batch:
-        """Decode a payload made by ``encode``."""
-        ns, gen, part, after, last, flow, on_error, events = orjson.loads(payload)
-        return cls(ns, gen, part, after, last, flow, on_error, [tuple(e) for e in events])
+    def decode(cls, data: bytes) -> Batch:
+        """Decode a batch made by ``encode``."""
+        header, lines = _unframe(data)
+        ns, gen, part, parts, after, last, flow, on_error, epochs = header  # type: ignore[misc]
+        lines = lines if epochs else []
+        return cls(ns, gen, part, parts, after, last, flow, on_error, epochs, lines)
 
 
 @dataclass(frozen=True)
@@ -69,34 +90,55 @@ class CommitNotice:
 
     partition: int
     applied_through: int
-    lines: list[tuple[int, str]] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)  # the epoch of each output line
+    lines: list[bytes] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     # set when on_error=fail stopped the batch at this event
     failed: Rejection | None = None
 
     def encode(self) -> bytes:
-        """Encode as compact JSON."""
-        return orjson.dumps(
-            {
-                "p": self.partition,
-                "through": self.applied_through,
-                "lines": self.lines,
-                "rejected": [[r.epoch, r.key, r.reason] for r in self.rejected],
-                "failed": None
-                if self.failed is None
-                else [self.failed.epoch, self.failed.key, self.failed.reason],
-            }
-        )
+        """Encode as a JSON header and the raw output lines."""
+        header = {
+            "p": self.partition,
+            "through": self.applied_through,
+            "epochs": self.epochs,
+            "rejected": [[r.epoch, r.key, r.reason] for r in self.rejected],
+            "failed": None
+            if self.failed is None
+            else [self.failed.epoch, self.failed.key, self.failed.reason],
+        }
+        return _frame(header, self.lines)
+
+    @staticmethod
+    def encode_outputs(
+        partition: int,
+        applied_through: int,
+        outputs: list[tuple[int, str]],
+        rejected: list[Rejection],
+        failed: Rejection | None,
+    ) -> bytes:
+        """Encode a notice from a batch's ``(epoch, line)`` outputs (one join, one encode)."""
+        header = {
+            "p": partition,
+            "through": applied_through,
+            "epochs": [e for e, _ in outputs],
+            "rejected": [[r.epoch, r.key, r.reason] for r in rejected],
+            "failed": None if failed is None else [failed.epoch, failed.key, failed.reason],
+        }
+        body = "\n".join([line for _, line in outputs]).encode()
+        return orjson.dumps(header) + b"\n" + body
 
     @classmethod
     def decode(cls, data: bytes) -> CommitNotice:
         """Decode a notice made by ``encode``."""
-        d = orjson.loads(data)
+        d, lines = _unframe(data)
+        assert isinstance(d, dict)
         failed = d["failed"]
         return cls(
             partition=d["p"],
             applied_through=d["through"],
-            lines=[(e, line) for e, line in d["lines"]],
+            epochs=d["epochs"],
+            lines=lines if d["epochs"] else [],
             rejected=[Rejection(*r) for r in d["rejected"]],
             failed=None if failed is None else Rejection(*failed),
         )

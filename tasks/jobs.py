@@ -5,29 +5,59 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 from redis import Redis
 
 from tasks.apply import apply_events
-from tasks.batch import Batch
+from tasks.batch import Batch, CommitNotice
 from tasks.errors import OutOfOrder
-from tasks.flow import load_flow
-from tasks.keys import Keys
+from tasks.flow import load_flow, make_router
+from tasks.keys import Keys, partition_of
 from tasks.lease import partition_lease
 from tasks.scripts import CommitOutcome
-from tasks.store import commit, load_for_batch
+from tasks.store import CommitTarget, commit, load
 
 logger = logging.getLogger(__name__)
 
 
-def process_batch(payload: str) -> dict[str, Any]:
-    """RQ job: apply one batch of a partition and commit it (see ``run_batch``)."""
+def process_batch(namespace: str, partition: int, batch_key: str) -> dict[str, Any]:
+    """RQ job: apply one stored batch of a partition and commit it (see ``run_batch``).
+
+    The job carries only where the batch is: its lines are stored in Redis as
+    they were read, so RQ neither compresses nor JSON-escapes them.
+    """
     from rq import get_current_job  # imported here: tests call run_batch without RQ
 
     job = get_current_job()
     assert job is not None, "process_batch runs inside an RQ job"
-    batch = Batch.decode(payload)
-    with partition_lease(job.connection, Keys(batch.namespace).lease(batch.partition), job.id):
-        return run_batch(job.connection, batch)
+    r = job.connection
+    with partition_lease(r, Keys(namespace).lease(partition), job.id):
+        payload = r.get(batch_key)
+        if payload is None:  # committed already (its commit deleted it), or a stale run's
+            return {"partition": partition, "batch": batch_key, "outcome": "gone"}
+        return run_batch(r, Batch.decode(payload))
+
+
+def batch_events(batch: Batch) -> list[tuple[int, str, Any]]:
+    """The batch's events: its lines parsed and routed again, keeping this partition's keys.
+
+    The driver validated and routed these lines already; the flow's first steps
+    are deterministic, so they give the same events here. A line they reject
+    now gives no event.
+    """
+    before, stateful, _ = load_flow(batch.flow).split()
+    route, loads = make_router(before, stateful), orjson.loads
+    events = []
+    for epoch, line in zip(batch.epochs, batch.lines, strict=True):
+        try:
+            routed = route(loads(line))
+        except Exception:  # noqa: S112 - the driver decided this line already
+            continue
+        for key, value in routed:
+            # One event per line (the common case) is this partition's: the driver sent it here.
+            if len(routed) == 1 or partition_of(key, batch.partitions) == batch.partition:
+                events.append((epoch, key, value))
+    return events
 
 
 def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
@@ -39,7 +69,9 @@ def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
     Raises:
         OutOfOrder: the partition has not committed the batch before this one.
     """
-    loaded = load_for_batch(r, batch)
+    keys = Keys(batch.namespace)
+    events = batch_events(batch)
+    loaded = load(r, keys, batch.partition, list(dict.fromkeys(key for _, key, _ in events)))
     if loaded.generation != batch.generation:
         return _result(batch, CommitOutcome.STALE)
     if loaded.applied >= batch.last_epoch:
@@ -47,8 +79,14 @@ def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
     if loaded.applied != batch.after_epoch:
         raise _out_of_order(batch, loaded.applied)
     flow = load_flow(batch.flow)
-    applied = apply_events(flow, batch.events, loaded.states, batch.last_epoch, batch.on_error)
-    outcome = commit(r, batch, applied)
+    applied = apply_events(flow, events, loaded.states, batch.last_epoch, batch.on_error)
+    notice = CommitNotice.encode_outputs(
+        batch.partition, applied.applied_through, applied.outputs, applied.rejected, applied.failed
+    )
+    target = CommitTarget(
+        keys, batch.generation, batch.partition, batch.after_epoch, batch.last_epoch
+    )
+    outcome = commit(r, target, applied, notice)
     if outcome is CommitOutcome.OUT_OF_ORDER:
         raise _out_of_order(batch, None)
     return _result(batch, outcome)
@@ -67,6 +105,6 @@ def _result(batch: Batch, outcome: CommitOutcome) -> dict[str, Any]:
     return {
         "partition": batch.partition,
         "last_epoch": batch.last_epoch,
-        "events": len(batch.events),
+        "lines": len(batch.lines),
         "outcome": outcome.name.lower(),
     }

@@ -61,6 +61,15 @@ class Keys:
         """Stream: rejected lines and events (epoch, line, raw text, reason) under dead-letter."""
         return f"{self.namespace}:dead-letters"
 
+    def batch(self, generation: int, partition: int, last_epoch: int) -> str:
+        """String: a batch's events (JSON), from its dispatch until its commit deletes it."""
+        return f"{self.namespace}:batch:g{generation}-p{partition}-e{last_epoch}"
+
+    @property
+    def batches_pattern(self) -> str:
+        """SCAN pattern matching every stored batch of the namespace."""
+        return f"{self.namespace}:batch:*"
+
     def lease(self, partition: int) -> str:
         """String with a short TTL: the job id a live worker is running for the partition."""
         return f"{self.namespace}:p{partition}:lease"

@@ -14,7 +14,6 @@ import orjson
 from redis import Redis
 
 from tasks.apply import AppliedBatch, Raw
-from tasks.batch import Batch, CommitNotice
 from tasks.keys import Keys
 from tasks.scripts import CommitOutcome, commit_batch
 
@@ -32,15 +31,13 @@ class Loaded:
     states: dict[str, Raw]
 
 
-def load_for_batch(r: Redis, batch: Batch) -> Loaded:
-    """Read the namespace generation, the partition's progress and the states the batch touches."""
-    keys = Keys(batch.namespace)
-    wanted = list(dict.fromkeys(key for _, key, _ in batch.events))
+def load(r: Redis, keys: Keys, partition: int, wanted: list[str]) -> Loaded:
+    """Read the namespace generation, the partition's progress and the states of ``wanted``."""
     pipe = r.pipeline(transaction=False)
     pipe.hget(keys.meta, "generation")
-    pipe.hget(keys.progress(batch.partition), "applied")
+    pipe.hget(keys.progress(partition), "applied")
     if wanted:
-        pipe.hmget(keys.state(batch.partition), wanted)
+        pipe.hmget(keys.state(partition), wanted)
     replies = pipe.execute()
     generation = None if replies[0] is None else int(replies[0])
     applied = NOTHING if replies[1] is None else int(replies[1])
@@ -48,14 +45,25 @@ def load_for_batch(r: Redis, batch: Batch) -> Loaded:
     return Loaded(generation, applied, states)
 
 
-def commit(r: Redis, batch: Batch, applied: AppliedBatch, *, notify: bool = True) -> CommitOutcome:
+@dataclass(frozen=True)
+class CommitTarget:
+    """Where a batch commits, and what must hold for it to commit."""
+
+    keys: Keys
+    generation: int
+    partition: int
+    after_epoch: int  # the partition must have applied exactly this far
+    last_epoch: int  # names the stored batch (deleted by the commit)
+
+
+def commit(
+    r: Redis, target: CommitTarget, applied: AppliedBatch, notice: bytes = b""
+) -> CommitOutcome:
     """Commit a batch's effects atomically, or nothing if it is stale, a duplicate or early.
 
-    With ``notify`` the commit also pushes a notice with the batch's outputs
-    (rendered output lines) to the driver of the batch's generation.
+    ``notice`` (if any) is appended to the run's notice stream in the same script.
     """
-    keys = Keys(batch.namespace)
-    p = batch.partition
+    keys, p = target.keys, target.partition
     sets: list[Any] = []
     deletes: list[str] = []
     for key, raw in applied.writes.items():
@@ -63,33 +71,32 @@ def commit(r: Redis, batch: Batch, applied: AppliedBatch, *, notify: bool = True
             deletes.append(key)
         else:
             sets += (key, raw)
-    notice = CommitNotice(
-        partition=p,
-        applied_through=applied.applied_through,
-        lines=applied.outputs if notify else [],
-        rejected=applied.rejected,
-        failed=applied.failed,
-    )
     outcome = commit_batch(
         r,
-        [keys.meta, keys.progress(p), keys.state(p), keys.undo(p), keys.notices(batch.generation)],
         [
-            batch.generation,
-            batch.after_epoch,
+            keys.meta,
+            keys.progress(p),
+            keys.state(p),
+            keys.undo(p),
+            keys.notices(target.generation),
+            keys.batch(target.generation, p, target.last_epoch),
+        ],
+        [
+            target.generation,
+            target.after_epoch,
             applied.applied_through,
             orjson.dumps(applied.undo) if applied.undo else b"",
-            notice.encode() if notify else b"",
+            notice,
             len(sets) // 2,
             *sets,
             *deletes,
         ],
     )
     logger.debug(
-        "partition %d batch %d..%d (%d events): %s",
+        "partition %d epochs %d..%d: %s",
         p,
-        batch.after_epoch + 1,
+        target.after_epoch + 1,
         applied.applied_through,
-        len(batch.events),
         outcome.name,
     )
     return outcome

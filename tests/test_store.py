@@ -35,11 +35,9 @@ def start(r, keys, generation=1):
 
 def batch(keys, lines, after, last, first_epoch=None, generation=1, on_error="fail"):
     first = after + 1 if first_epoch is None else first_epoch
-    evs = []
-    for i, line in enumerate(lines):
-        e = json.loads(line)
-        evs.append((first + i, e["user_id"], e))
-    return Batch(keys.namespace, generation, 0, after, last, FLOW_PATH, on_error, evs)
+    epochs = list(range(first, first + len(lines)))
+    raw = [line.encode() for line in lines]
+    return Batch(keys.namespace, generation, 0, 1, after, last, FLOW_PATH, on_error, epochs, raw)
 
 
 def states(r, keys, p=0):
@@ -75,7 +73,8 @@ def test_a_batch_commits_state_progress_undo_and_its_lines_together(r, keys):
     }
     assert applied_epochs(r, keys, 1) == [2]
     [notice] = notices(r, keys)
-    assert [e for e, _ in notice.lines] == [0, 1, 2]
+    assert notice.epochs == [0, 1, 2]
+    assert notice.lines[2] == b'2 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3]}'
     assert sorted(r.scan_iter(match=keys.pattern)) == sorted(
         k.encode()
         for k in [keys.meta, keys.progress(0), keys.state(0), keys.undo(0), keys.notices(1)]
@@ -154,10 +153,14 @@ def test_rq_runs_the_batch_job_with_the_json_serializer(fake, keys):
     start(fake, keys)
     queue = Queue(keys.queue_name(0), connection=fake, serializer=JSONSerializer)
     b = batch(keys, SEED_LINES, -1, 6)
-    job = queue.enqueue(PROCESS_BATCH, b.encode(), job_id=keys.job_id(1, 0, 6))
-    # The payload is plain JSON in Redis: nothing needs unpickling.
+    batch_key = keys.batch(1, 0, 6)
+    fake.set(batch_key, b.encode())
+    job = queue.enqueue(PROCESS_BATCH, keys.namespace, 0, batch_key, job_id=keys.job_id(1, 0, 6))
+    # The job and the batch are plain JSON in Redis: nothing needs unpickling.
     func, _, args, _ = json.loads(zlib.decompress(fake.hget(f"rq:job:{job.id}", "data")))
-    assert (func, args) == (PROCESS_BATCH, [b.encode()])
+    assert (func, args) == (PROCESS_BATCH, [keys.namespace, 0, batch_key])
+    assert Batch.decode(fake.get(batch_key)).encode() == b.encode()
     SimpleWorker([queue], connection=fake, serializer=JSONSerializer).work(burst=True)
     assert job.get_status() == "finished"
     assert states(fake, keys) == reference_run(SEED_LINES)[1]
+    assert fake.get(batch_key) is None  # the commit deleted the stored batch

@@ -6,6 +6,7 @@
 -- KEYS[3] = state hash of the partition       (key -> state JSON)
 -- KEYS[4] = undo sorted set of the partition  (score = last epoch of a batch)
 -- KEYS[5] = notice stream of the running driver
+-- KEYS[6] = the batch's stored events (deleted: the batch is done)
 -- ARGV[1] = generation of the batch
 -- ARGV[2] = epoch the partition must have applied before this batch ("after")
 -- ARGV[3] = epoch the partition has applied after this batch ("through")
@@ -48,6 +49,7 @@ if ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[4], through, ARGV[4])
 end
 redis.call('HSET', KEYS[2], 'applied', through)
+redis.call('DEL', KEYS[6])
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[5], '*', 'n', ARGV[5])
 end

@@ -1,0 +1,91 @@
+"""Watching a command's process tree: peak RSS and CPU time of each process."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+
+@dataclass
+class ProcessStats:
+    """What one process of the tree used."""
+
+    pid: int
+    role: str
+    peak_rss: int = 0
+    cpu_seconds: float = 0.0
+
+
+@dataclass
+class TreeSampler:
+    """Samples a process and its descendants every ``interval`` seconds until stopped."""
+
+    root: int
+    interval: float = 0.05
+    stats: dict[int, ProcessStats] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        try:
+            root = psutil.Process(self.root)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    rss = proc.memory_info().rss
+                    cpu = proc.cpu_times()
+                    cmdline = proc.cmdline()
+            except psutil.Error:
+                continue
+            stats = self.stats.get(proc.pid)
+            if stats is None:
+                stats = self.stats[proc.pid] = ProcessStats(proc.pid, _role(cmdline))
+            stats.peak_rss = max(stats.peak_rss, rss)
+            stats.cpu_seconds = max(stats.cpu_seconds, cpu.user + cpu.system)
+
+    def by_role(self) -> dict[str, list[ProcessStats]]:
+        """The sampled processes grouped by what they are."""
+        groups: dict[str, list[ProcessStats]] = {}
+        for s in self.stats.values():
+            groups.setdefault(s.role, []).append(s)
+        return groups
+
+
+def _role(cmdline: list[str]) -> str:
+    text = " ".join(cmdline)
+    if "redis-server" in text:
+        return "redis"
+    if " worker" in text:
+        return "worker"
+    return "driver"
+
+
+def run_sampled(args: list[str], **kwargs: object) -> tuple[float, TreeSampler, int]:
+    """Run a command to its end; return (wall seconds, its sampled tree, exit status)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(args, **kwargs)  # type: ignore[call-overload]
+    with TreeSampler(proc.pid) as sampler:
+        proc.wait()
+    return time.monotonic() - started, sampler, proc.returncode
