@@ -174,6 +174,26 @@ def make_router(
     return route
 
 
+def make_emitter(steps: list[Step]) -> Callable[[Any], list[Any]]:
+    """A function from the stateful step's ``(key, emitted)`` to the flow's output items.
+
+    Plain maps are composed without the general path's lists (runs once per event).
+    """
+    if not all(isinstance(s, MapStep) for s in steps):
+        return lambda item: run_steps(steps, item)
+    fns = [s.fn for s in steps]
+    if len(fns) == 1:
+        fn = fns[0]
+        return lambda item: [fn(item)]
+
+    def emit(item: Any) -> list[Any]:
+        for fn in fns:
+            item = fn(item)
+        return [item]
+
+    return emit
+
+
 def keyed(step: StatefulMapStep, item: Any) -> tuple[str, Any]:
     """Check that an item entering the stateful step is ``(key, value)`` with a string key.
 

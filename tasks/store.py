@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from redis import Redis
 
-from tasks.apply import AppliedBatch, Raw
+from tasks.apply import AppliedBatch, Raw, encode_undo
 from tasks.keys import Keys
 from tasks.scripts import CommitOutcome, commit_batch
 
@@ -85,7 +85,7 @@ def commit(
             target.generation,
             target.after_epoch,
             applied.applied_through,
-            orjson.dumps(applied.undo) if applied.undo else b"",
+            encode_undo(applied.undo) if applied.undo else b"",
             notice,
             len(sets) // 2,
             *sets,
@@ -125,7 +125,7 @@ def restore_partition(r: Redis, keys: Keys, partition: int, epoch: int) -> int:
     if applied is None or int(applied) <= epoch:
         return 0
     records = r.zrangebyscore(keys.undo(partition), f"({epoch}", "+inf", withscores=True)
-    restore: dict[str, str | None] = {}
+    restore: dict[str, Any] = {}  # key -> its state (a JSON value) or None
     # Walk backwards so that the earliest event after `epoch` wins for each key.
     for member, _score in reversed(records):
         for e, key, before in reversed(orjson.loads(member)):
@@ -134,7 +134,12 @@ def restore_partition(r: Redis, keys: Keys, partition: int, epoch: int) -> int:
     # Only the oldest record can straddle `epoch`: keep its part up to `epoch`.
     kept = [entry for entry in orjson.loads(records[0][0]) if entry[0] <= epoch] if records else []
     pipe = r.pipeline(transaction=True)
-    sets = [x for key, before in restore.items() if before is not None for x in (key, before)]
+    sets = [
+        x
+        for key, before in restore.items()
+        if before is not None
+        for x in (key, orjson.dumps(before))
+    ]
     deletes = [key for key, before in restore.items() if before is None]
     for i in range(0, len(sets), 2000):
         pipe.hset(keys.state(partition), items=sets[i : i + 2000])

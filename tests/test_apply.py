@@ -5,7 +5,7 @@ import json
 import orjson
 import pytest
 
-from tasks.apply import apply_events, format_line
+from tasks.apply import apply_events, encode_undo, format_line
 from tasks.cartjoin import flow, validate_event
 from tasks.errors import InvalidEvent
 from tasks.flow import Dataflow
@@ -49,7 +49,11 @@ def test_undo_holds_each_events_before_image():
     result = apply_events(flow, events(order("a", 1), order("a", 2)), {}, 1, "fail")
     assert result.undo == [
         (0, "a", None),
-        (1, "a", '{"unpaid_order_ids":[1],"paid_order_ids":[]}'),
+        (1, "a", b'{"unpaid_order_ids":[1],"paid_order_ids":[]}'),
+    ]
+    assert orjson.loads(encode_undo(result.undo)) == [
+        [0, "a", None],
+        [1, "a", {"unpaid_order_ids": [1], "paid_order_ids": []}],
     ]
 
 
