@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -401,6 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose, worker=args.command == "worker")
+    if args.command in ("ingest", "resume", "replay", "worker"):
+        # The hot loops allocate many short-lived tuples while large buffers stay alive:
+        # with the default thresholds, the cyclic GC keeps re-scanning those buffers.
+        gc.freeze()
+        gc.set_threshold(100_000, 50, 100)
     if args.command != "worker":  # RQ's worker handles SIGTERM itself (finish the job, exit)
         # SIGTERM stops like Ctrl-C: workers stopped, server stopped, namespace released.
         signal.signal(signal.SIGTERM, _interrupt)

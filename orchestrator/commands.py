@@ -25,7 +25,7 @@ from orchestrator.namespace import (
     start_run,
 )
 from orchestrator.progress import Progress
-from orchestrator.reader import InputError, fingerprint, open_input, read_lines, seek_epoch
+from orchestrator.reader import InputError, LineSource, fingerprint, open_input, seek_epoch
 from orchestrator.server import connect
 from orchestrator.settings import DEFAULT_FLOW, Mode, Settings, redact_url
 from orchestrator.workers import WorkerPool, listening_workers, run_worker
@@ -196,8 +196,8 @@ def run_pipeline(
                     on_commit=committer.record,
                     batch_events=settings.batch_events,
                 )
-                lines = read_lines(f, start.epoch, start.offset, settings.max_line_bytes)
-                result = driver.run(lines, start.epoch, start.offset)
+                source = LineSource(f, start.epoch, start.offset, settings.max_line_bytes)
+                result = driver.run(source)
             finally:
                 progress.close()
                 pool.stop()

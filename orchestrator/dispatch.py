@@ -44,6 +44,7 @@ class InFlight:
     batch: Batch
     offsets: list[int]  # of each line of the batch in the input
     events: int  # how many events its lines give
+    size: int  # bytes of its lines
     attempt: int = 1
     suspect_since: float | None = None
 
@@ -90,10 +91,10 @@ class Dispatcher:
             self.queues[b.partition].enqueue_many([job], pipeline=pipe)
         pipe.execute()
 
-    def new_flight(self, batch: Batch, offsets: list[int], events: int) -> InFlight:
+    def new_flight(self, batch: Batch, offsets: list[int], events: int, size: int) -> InFlight:
         """The in-flight record of a batch about to be sent."""
         job_id = self.keys.job_id(self.generation, batch.partition, batch.last_epoch)
-        return InFlight(job_id, batch, offsets, events)
+        return InFlight(job_id, batch, offsets, events, size)
 
     def watch(self, in_flight: dict[int, InFlight]) -> None:
         """Re-send batches whose worker is gone; raise if a job failed in its worker.

@@ -13,7 +13,7 @@ from redis import Redis
 
 from tasks.batch import CommitNotice
 
-READ_COUNT = 1_000
+READ_COUNT = 8  # a notice holds up to a batch of output lines: keep replies small
 TRIM_EVERY = 50  # reads between two trims of the entries already taken
 
 

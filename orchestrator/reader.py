@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -33,6 +34,19 @@ class InputLine(NamedTuple):
     oversized: str | None = None
 
 
+@dataclass
+class LineSource:
+    """An input file being read: the epoch and byte offset of its next line."""
+
+    file: BinaryIO
+    epoch: int
+    offset: int
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+
+    def __post_init__(self) -> None:
+        self.file.seek(self.offset)
+
+
 def open_input(path: Path) -> BinaryIO:
     """Open an input file for reading, with a clear error."""
     try:
@@ -53,19 +67,27 @@ def read_lines(
             return
         oversized = None
         size = len(data)
-        if size > max_line_bytes and not data.endswith(b"\n"):
-            # Skip the rest of the line without holding it in memory.
-            while True:
-                chunk = f.readline(1 << 20)
-                size += len(chunk)
-                if not chunk or chunk.endswith(b"\n"):
-                    break
-            oversized = f"line is {size:,} bytes, over the {max_line_bytes:,}-byte limit"
-            data = data[:200]
+        if size > max_line_bytes and data[-1:] != b"\n":
+            data, size, oversized = finish_oversized(f, data, max_line_bytes)
         end = offset + size
         yield InputLine(epoch, offset, end, data, oversized)
         epoch += 1
         offset = end
+
+
+def finish_oversized(f: BinaryIO, start: bytes, max_line_bytes: int) -> tuple[bytes, int, str]:
+    """Skip the rest of a line longer than the limit, without holding it in memory.
+
+    Returns:
+        (its first bytes, its whole size, the reason it is rejected).
+    """
+    size = len(start)
+    while True:
+        chunk = f.readline(1 << 20)
+        size += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            break
+    return start[:200], size, f"line is {size:,} bytes, over the {max_line_bytes:,}-byte limit"
 
 
 def fingerprint(f: BinaryIO, end: int) -> str:

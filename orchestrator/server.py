@@ -263,6 +263,9 @@ class EmbeddedServer:
             "--dir", str(self.data_dir),
             "--appendonly", "yes" if self.persistent else "no",
             "--appendfsync", "always",
+            # Rewrite the append-only file only once it is large: a rewrite forks and
+            # writes the whole dataset, which on 2 cores competes with the pipeline.
+            "--auto-aof-rewrite-min-size", "1gb",
             "--save", "",
             "--maxmemory-policy", "noeviction",
             "--logfile", "redis.log",
