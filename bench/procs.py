@@ -77,8 +77,12 @@ def _role(cmdline: list[str]) -> str:
     text = " ".join(cmdline)
     if "redis-server" in text:
         return "redis"
+    if "redis-aof-rewrite" in text or "redis-rdb" in text:
+        return "redis-rewrite"
     if " worker" in text:
         return "worker"
+    if "bench.plain" in text:
+        return "python"
     return "driver"
 
 
