@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import redis
 from redis import Redis
@@ -15,6 +13,7 @@ from redis import Redis
 from orchestrator.driver import BadLine, Driver, RunResult
 from orchestrator.lock import DriverLock, driver_running
 from orchestrator.namespace import (
+    Checkpoint,
     Committer,
     NamespaceInfo,
     check_compatible,
@@ -28,6 +27,7 @@ from orchestrator.progress import Progress
 from orchestrator.reader import InputError, LineSource, fingerprint, open_input, seek_epoch
 from orchestrator.server import connect
 from orchestrator.settings import DEFAULT_FLOW, Mode, Settings, redact_url
+from orchestrator.sink import open_sink
 from orchestrator.workers import WorkerPool, listening_workers, run_worker
 from tasks.errors import NamespaceError
 from tasks.flow import load_flow
@@ -42,10 +42,11 @@ def say(message: str) -> None:
 
 @dataclass(frozen=True)
 class Start:
-    """Where a run begins: the first epoch and the byte offset of its line."""
+    """Where a run begins: the first epoch, the byte offset of its line, the checkpoint used."""
 
     epoch: int
     offset: int
+    checkpoint: Checkpoint = Checkpoint(0, 0, 0)
 
 
 def plan_start(
@@ -89,8 +90,9 @@ def plan_start(
             f"and replay can start at {info.retained_from} to {committed + 1}{kept}"
         )
         raise NamespaceError(msg)
-    epoch, offset = checkpoint_at_or_before(r, keys, from_epoch)
-    return Start(from_epoch, seek_epoch(f, path, epoch, offset, from_epoch))
+    checkpoint = checkpoint_at_or_before(r, keys, from_epoch)
+    offset = seek_epoch(f, path, checkpoint.epoch, checkpoint.offset, from_epoch)
+    return Start(from_epoch, offset, checkpoint)
 
 
 def check_unchanged(f: Any, path: Path, info: NamespaceInfo) -> None:
@@ -137,17 +139,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@contextlib.contextmanager
-def output_stream(settings: Settings, mode: Mode) -> Iterator[BinaryIO]:
-    """Standard output, or the --output file (truncated by ingest, appended to otherwise)."""
-    if settings.output is None:
-        sys.stdout.flush()
-        yield sys.stdout.buffer
-        return
-    with open(settings.output, "wb" if mode == "ingest" else "ab") as f:
-        yield f
-
-
 def run_pipeline(
     settings: Settings, mode: Mode, path: Path, from_epoch: int | None = None
 ) -> RunResult:
@@ -164,21 +155,25 @@ def run_pipeline(
         start = plan_start(r, keys, info, mode, from_epoch, f, path)
         if not conn.embedded and (warning := persistence_warning(r)):
             say(f"warning: {warning}")
-        generation = start_run(
-            r,
-            keys,
-            partitions=partitions,
-            flow=flow,
-            input_name=str(path),
-            start_epoch=start.epoch,
-            start_offset=start.offset,
-        )
-        committer = Committer(
-            r, keys, partitions, input_path=str(path), retain_epochs=settings.retain_epochs
-        )
-        pool = WorkerPool(settings.worker_count, conn.url, keys.namespace, verbose=settings.verbose)
-        progress = Progress(enabled=not settings.quiet)
-        with output_stream(settings, mode) as out:
+        with open_sink(settings.output, mode, info, start.checkpoint, start.epoch) as sink:
+            generation = start_run(
+                r,
+                keys,
+                partitions=partitions,
+                flow=flow,
+                input_name=str(path),
+                start_epoch=start.epoch,
+                start_offset=start.offset,
+                output=sink.path,
+                output_length=sink.start_length,
+            )
+            committer = Committer(
+                r, keys, partitions, input_path=str(path), retain_epochs=settings.retain_epochs
+            )
+            pool = WorkerPool(
+                settings.worker_count, conn.url, keys.namespace, verbose=settings.verbose
+            )
+            progress = Progress(enabled=not settings.quiet)
             pool.start()
             try:
                 if not pool.processes:
@@ -190,18 +185,25 @@ def run_pipeline(
                     partitions=partitions,
                     flow_path=flow,
                     on_error=settings.on_error,
-                    out=out,
+                    out=sink.stream,
                     workers=pool,
                     progress=progress,
                     on_commit=committer.record,
                     batch_events=settings.batch_events,
+                    output_is_file=sink.path is not None,
                 )
                 source = LineSource(f, start.epoch, start.offset, settings.max_line_bytes)
                 result = driver.run(source)
             finally:
                 progress.close()
                 pool.stop()
-        committer.record(result.committed, result.next_offset, [], final=True)
+            committer.record(
+                result.committed,
+                result.next_offset,
+                [],
+                output_length=driver.output_length(),
+                final=True,
+            )
         return result
 
 

@@ -15,6 +15,7 @@ says, without reading the input before it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from bisect import bisect_left
 from collections import deque
@@ -101,8 +102,8 @@ class RunResult:
 
 
 # Called when the committed epoch advances: (committed epoch, offset of the next line,
-# dead letters for epochs up to it).
-OnCommit = Callable[[int, int, list[BadLine]], None]
+# dead letters for epochs up to it, output_length=length of the output file or None).
+OnCommit = Callable[..., None]
 
 
 class Driver:
@@ -122,9 +123,11 @@ class Driver:
         progress: Progress,
         on_commit: OnCommit,
         batch_events: int = DEFAULT_BATCH_EVENTS,
+        output_is_file: bool = False,
     ) -> None:
         self.r = r
         self.batch_events = batch_events
+        self.output_is_file = output_is_file
         self.keys = keys
         self.generation = generation
         self.partitions = partitions
@@ -238,6 +241,18 @@ class Driver:
     def _full(self) -> bool:
         return self.buffered >= MAX_BUFFERED_EVENTS or self.buffered_bytes >= MAX_BUFFERED_BYTES
 
+    def output_length(self) -> int | None:
+        """The output file's length, synced to disk (None for a stream such as stdout).
+
+        Recorded with the committed epoch: what the file holds up to there survives a
+        crash, and a resume truncates whatever was written after it.
+        """
+        if not self.output_is_file:
+            return None
+        self.out.flush()
+        os.fsync(self.out.fileno())
+        return self.out.tell()
+
     def _stops_at(self, bad: BadLine, result: RunResult) -> bool:
         """Reject a line read by the driver; whether the run stops there (``fail``)."""
         self._reject(bad, result)
@@ -348,7 +363,7 @@ class Driver:
         committed = result.committed
         dead = sorted((d for d in self.dead if d.epoch <= committed), key=lambda d: d.epoch)
         self.dead = [d for d in self.dead if d.epoch > committed]
-        self.on_commit(committed, result.next_offset, dead)
+        self.on_commit(committed, result.next_offset, dead, output_length=self.output_length())
         self.recorded, self.recorded_at = committed, now
 
 

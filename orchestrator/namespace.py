@@ -29,6 +29,8 @@ class NamespaceInfo:
     committed: int  # the last committed epoch, or -1
     offset: int  # byte offset in the input of line committed + 1
     input: str | None
+    output: str | None = None  # the --output file of the runs, if any
+    output_length: int | None = None  # its length once the committed epochs are in it
     retained_from: int = 0  # the oldest epoch replay can start at
     fingerprint: str | None = None  # of the input's first fingerprint_end bytes
     fingerprint_end: int = 0
@@ -49,6 +51,8 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         committed=int(meta.get("committed", NOTHING)),
         offset=int(meta.get("offset", 0)),
         input=meta.get("input"),
+        output=meta.get("output"),
+        output_length=int(meta["output_length"]) if "output_length" in meta else None,
         retained_from=int(meta.get("retained_from", 0)),
         fingerprint=meta.get("fingerprint"),
         fingerprint_end=int(meta.get("fingerprint_end", 0)),
@@ -87,6 +91,8 @@ def start_run(
     input_name: str,
     start_epoch: int,
     start_offset: int,
+    output: str | None = None,
+    output_length: int | None = None,
 ) -> int:
     """Take over the namespace for a run that processes input from ``start_epoch`` on.
 
@@ -99,6 +105,10 @@ def start_run(
     """
     generation = int(r.hincrby(keys.meta, "generation", 1))
     r.hset(keys.meta, mapping={"partitions": partitions, "flow": flow, "input": input_name})
+    if output is None:
+        r.hdel(keys.meta, "output", "output_length")
+    else:
+        r.hset(keys.meta, "output", output)
     for p in range(partitions):
         restore_partition(r, keys, p, start_epoch - 1)
     for name in keys.queue_names(partitions):
@@ -111,7 +121,9 @@ def start_run(
     pipe.zremrangebyscore(keys.checkpoints, f"({start_epoch}", "+inf")
     pipe.execute()
     drop_dead_letters_from(r, keys, start_epoch)
-    Committer(r, keys, partitions).record(start_epoch - 1, start_offset, [])
+    Committer(r, keys, partitions).record(
+        start_epoch - 1, start_offset, [], output_length=output_length
+    )
     logger.info("generation %d starts at epoch %d (byte %d)", generation, start_epoch, start_offset)
     return generation
 
@@ -162,17 +174,32 @@ class Committer:
         self._fingerprinted_at = float("-inf")
         self._collected_at = time.monotonic()
 
-    def record(self, committed: int, offset: int, dead: list[Any], *, final: bool = False) -> None:
-        """Record that every epoch up to ``committed`` is committed and its output written."""
+    def record(
+        self,
+        committed: int,
+        offset: int,
+        dead: list[Any],
+        *,
+        output_length: int | None = None,
+        final: bool = False,
+    ) -> None:
+        """Record that every epoch up to ``committed`` is committed and its output written.
+
+        ``output_length`` is the length of the output file once those lines are in
+        it (and synced): a resume truncates the file back to it.
+        """
         now = time.monotonic()
         fields: dict[str, Any] = {"committed": committed, "offset": offset, "at": time.time()}
+        if output_length is not None:
+            fields["output_length"] = output_length
         if self.input_path and (final or now - self._fingerprinted_at >= self.FINGERPRINT_EVERY):
             with open(self.input_path, "rb") as f:
                 fields |= {"fingerprint": fingerprint(f, offset), "fingerprint_end": offset}
             self._fingerprinted_at = now
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.keys.meta, mapping=fields)
-        pipe.zadd(self.keys.checkpoints, {f"{committed + 1}:{offset}": committed + 1})
+        checkpoint = Checkpoint(committed + 1, offset, output_length)
+        pipe.zadd(self.keys.checkpoints, {checkpoint.member: committed + 1})
         for bad in dead:
             pipe.xadd(
                 self.keys.dead_letters,
@@ -201,7 +228,7 @@ def collect_garbage(r: Redis, keys: Keys, partitions: int, committed: int, retai
         The oldest epoch replay can start at.
     """
     retained_from = max(0, committed + 1 - retain)
-    floor, _ = checkpoint_at_or_before(r, keys, retained_from)
+    floor = checkpoint_at_or_before(r, keys, retained_from).epoch
     pipe = r.pipeline(transaction=True)
     for p in range(partitions):
         pipe.zremrangebyscore(keys.undo(p), "-inf", f"({retained_from}")
@@ -211,13 +238,28 @@ def collect_garbage(r: Redis, keys: Keys, partitions: int, committed: int, retai
     return retained_from
 
 
-def checkpoint_at_or_before(r: Redis, keys: Keys, epoch: int) -> tuple[int, int]:
-    """The nearest recorded (epoch, byte offset) at or before ``epoch``; (0, 0) if none."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where epoch ``epoch`` starts: its byte offset in the input and in the output file."""
+
+    epoch: int
+    offset: int
+    output_length: int | None  # None: no output file was recorded
+
+    @property
+    def member(self) -> str:
+        """Its member in the checkpoints sorted set (scored by epoch)."""
+        out = -1 if self.output_length is None else self.output_length
+        return f"{self.epoch}:{self.offset}:{out}"
+
+
+def checkpoint_at_or_before(r: Redis, keys: Keys, epoch: int) -> Checkpoint:
+    """The nearest recorded checkpoint at or before ``epoch`` (the start of the input if none)."""
     found = r.zrevrangebyscore(keys.checkpoints, epoch, "-inf", start=0, num=1)
     if not found:
-        return 0, 0
-    e, offset = found[0].decode().split(":")
-    return int(e), int(offset)
+        return Checkpoint(0, 0, 0)
+    e, offset, out = found[0].decode().split(":")
+    return Checkpoint(int(e), int(offset), None if int(out) < 0 else int(out))
 
 
 def reset(r: Redis, keys: Keys) -> int:

@@ -1,0 +1,103 @@
+"""Where output lines go: stdout (at-least-once) or an --output file (exactly-once).
+
+The file's length is recorded with every committed epoch (after an fsync), so
+a run that resumes or replays first cuts the file back to what the epochs
+before its start wrote: after any crash the file holds each epoch's lines
+once, in order. Stdout cannot be taken back: after a crash, ``resume`` may
+print again the lines written since the last record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from orchestrator.namespace import Checkpoint, NamespaceInfo
+from orchestrator.reader import InputError
+from orchestrator.settings import Mode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sink:
+    """The output of a run: a stream, and (for a file) its path and starting length."""
+
+    stream: BinaryIO
+    path: str | None
+    start_length: int | None
+
+
+def cut_point(path: Path, checkpoint: Checkpoint, epoch: int) -> int:
+    """Where the lines of ``epoch`` and later start in an output file, reading from a checkpoint.
+
+    Lines are ``EPOCH JSON``: the file is read forward from the checkpoint's
+    recorded length to the first line of an epoch >= ``epoch``.
+    """
+    assert checkpoint.output_length is not None
+    position = checkpoint.output_length
+    with open(path, "rb") as f:
+        f.seek(position)
+        for line in f:
+            head = line.split(b" ", 1)[0]
+            if not line.endswith(b"\n") or not head.isdigit() or int(head) >= epoch:
+                break
+            position += len(line)
+    return position
+
+
+def recorded_length(
+    path: Path, mode: Mode, info: NamespaceInfo, checkpoint: Checkpoint, epoch: int
+) -> int | None:
+    """How long the output file must be before this run writes to it; None if unknown."""
+    if mode == "ingest":
+        return 0
+    if info.output != str(path):
+        return None
+    if mode == "resume":
+        return info.output_length
+    return cut_point(path, checkpoint, epoch) if checkpoint.output_length is not None else None
+
+
+@contextlib.contextmanager
+def open_sink(
+    output: Path | None, mode: Mode, info: NamespaceInfo, checkpoint: Checkpoint, epoch: int
+) -> Iterator[Sink]:
+    """Standard output, or the output file cut back to the recorded length of the epochs before
+    ``epoch`` (created empty by ingest).
+
+    Raises:
+        InputError: the file is shorter than the recorded length (changed by someone else).
+    """
+    if output is None:
+        sys.stdout.flush()
+        yield Sink(sys.stdout.buffer, None, None)
+        return
+    path = output.resolve()
+    length = recorded_length(path, mode, info, checkpoint, epoch) if path.exists() else 0
+    size = path.stat().st_size if path.exists() else 0
+    if length is None:
+        logger.warning(
+            "%s is not the output file recorded for this namespace: appending to it "
+            "(exactly-once output needs the same --output as the run that is continued)",
+            output,
+        )
+        length = size
+    elif size < length:
+        msg = (
+            f"the output file {output} is shorter ({size} bytes) than the {length} bytes "
+            f"recorded for the committed epochs: was it changed? Use another --output"
+        )
+        raise InputError(msg)
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        f.truncate(length)
+        f.seek(length)
+        f.flush()
+        os.fsync(f.fileno())
+        yield Sink(f, str(path), length)

@@ -1,0 +1,23 @@
+"""The benchmark still runs, and its two runs still write the same bytes (a small size)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cli_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_runs_small_and_its_outputs_match():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--events", "20000", "--users", "2000"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "output (1) == (2), byte for byte: True" in run.stdout
+    assert "output after resume == (1):       True" in run.stdout
+    for figure in ("ratio (2)/(1)", "resume / full run", "Redis used_memory", "final states, JSON"):
+        assert figure in run.stdout
