@@ -110,7 +110,9 @@ class Chaos:
         except redis.RedisError:
             return -1
 
-    def run_driver(self, command: str, path: Path, kill_at: int | None) -> tuple[int, str]:
+    def run_driver(self, command: str, path: Path, kill: bool) -> tuple[int, str]:
+        """Run the driver to its end, or (``kill``) SIGKILL it at a random moment after it
+        has committed something."""
         out_path = self.workdir / f"driver-{self.driver_runs}.out"
         self.driver_runs += 1
         with open(out_path, "wb") as out:
@@ -118,10 +120,11 @@ class Chaos:
             args += ["--batch-events", str(self.args.batch_events)]
             if command == "ingest":
                 args += ["--partitions", str(self.args.partitions)]
+            start = self.committed()
             driver = self.cli(*args, stdout=out, stderr=self.log)
+            kill_after = time.monotonic() + self.rng.uniform(0.5, 1.5)
             while driver.poll() is None:
-                if kill_at is not None and self.committed() >= kill_at:
-                    time.sleep(self.rng.uniform(0, 0.3))  # at any point, not just after a commit
+                if kill and time.monotonic() >= kill_after and self.committed() > start:
                     driver.send_signal(signal.SIGKILL)
                     driver.wait()
                     self.driver_kills += 1
@@ -134,16 +137,12 @@ class Chaos:
             self.start_worker()
         killer = threading.Thread(target=self.kill_workers, daemon=True)
         killer.start()
-        n = self.args.events
-        kill_points = [
-            n * (i + 1) // (self.args.driver_kills + 1) for i in range(self.args.driver_kills)
-        ]
         outputs = []
         command = "ingest"
         try:
             while True:
-                kill_at = kill_points.pop(0) if kill_points else None
-                code, text = self.run_driver(command, path, kill_at)
+                kill = self.driver_kills < self.args.driver_kills
+                code, text = self.run_driver(command, path, kill)
                 outputs.append(text)
                 if code == 0:
                     break

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from orchestrator import commands
+from orchestrator import commands, queries
 from orchestrator.dispatch import WorkerFailed
 from orchestrator.driver import RunResult
 from orchestrator.exitcodes import ExitStatus
@@ -90,46 +90,54 @@ def _namespace(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _option(
+    group: Any, *flags: str, env: str, default: Any = None, help: str, **kwargs: Any
+) -> None:
+    """Add an option whose default comes from an environment variable (named in its help).
+
+    argparse converts a string default with the option's ``type``, so a bad value in
+    the environment is reported like a bad flag.
+    """
+    names = env.split("|")
+    value = _env(*names)
+    shown = " or ".join(names)
+    if kwargs.get("action") == "store_true":
+        kwargs["default"] = value not in (None, "", "0", "false", "no")
+    else:
+        kwargs["default"] = value if value is not None else default
+    group.add_argument(*flags, help=f"{help} (env {shown})", **kwargs)
+
+
 def _connection_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("where the pipeline lives")
-    group.add_argument(
-        "--redis-url",
-        default=_env("REDIS_URL", "RQ_REDIS_URL"),
-        metavar="URL",
-        help="Redis to use: redis://, rediss:// or unix:// URL (env REDIS_URL or RQ_REDIS_URL); "
-        "default: start an embedded redis-server in --data-dir",
-    )
-    group.add_argument(
-        "--namespace",
-        type=_namespace,
-        default=_env("ORCHESTRATOR_NAMESPACE") or DEFAULT_NAMESPACE,
-        metavar="NAME",
-        help="every Redis key of the pipeline lives under it "
-        f"(env ORCHESTRATOR_NAMESPACE; default {DEFAULT_NAMESPACE})",
-    )
-    group.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(_env("ORCHESTRATOR_DATA_DIR") or DEFAULT_DATA_DIR),
-        metavar="DIR",
-        help="data of the embedded server (env ORCHESTRATOR_DATA_DIR; "
-        f"default ./{DEFAULT_DATA_DIR})",
-    )
-    group.add_argument(
-        "-v", "--verbose", action="store_true", help="debug logs, and tracebacks on errors"
-    )
+    _option(
+        group, "--redis-url", env="REDIS_URL|RQ_REDIS_URL", metavar="URL",
+        help="Redis to use: a redis://, rediss:// or unix:// URL; default: start an embedded "
+        "redis-server in --data-dir",
+    )  # fmt: skip
+    _option(
+        group, "--namespace", env="ORCHESTRATOR_NAMESPACE", type=_namespace,
+        default=DEFAULT_NAMESPACE, metavar="NAME",
+        help=f"every Redis key of the pipeline lives under it (default {DEFAULT_NAMESPACE})",
+    )  # fmt: skip
+    _option(
+        group, "--data-dir", env="ORCHESTRATOR_DATA_DIR", type=Path, default=DEFAULT_DATA_DIR,
+        metavar="DIR", help=f"data of the embedded server (default ./{DEFAULT_DATA_DIR})",
+    )  # fmt: skip
+    _option(
+        group, "-v", "--verbose", env="ORCHESTRATOR_VERBOSE", action="store_true",
+        help="debug logs (to stderr), and tracebacks on internal errors",
+    )  # fmt: skip
     return parent
 
 
-def _flow_option(parser: argparse.ArgumentParser | Any) -> None:
-    parser.add_argument(
-        "--flow",
-        default=_env("ORCHESTRATOR_FLOW"),
-        metavar="MODULE:ATTR",
-        help="the Dataflow to run, imported from a module (the current directory is importable; "
-        f"env ORCHESTRATOR_FLOW); default: the namespace's flow, or {DEFAULT_FLOW}",
-    )
+def _flow_option(parser: Any) -> None:
+    _option(
+        parser, "--flow", env="ORCHESTRATOR_FLOW", metavar="MODULE:ATTR",
+        help="the Dataflow to run, imported from a module (the current directory is "
+        f"importable); default: the namespace's flow, or {DEFAULT_FLOW}",
+    )  # fmt: skip
 
 
 def _run_options() -> argparse.ArgumentParser:
@@ -137,64 +145,47 @@ def _run_options() -> argparse.ArgumentParser:
     group = parent.add_argument_group("how the run works")
     group.add_argument("file", type=Path, metavar="FILE", help="input: one JSON event per line")
     _flow_option(group)
-    group.add_argument(
-        "--partitions",
-        type=_positive,
-        default=None,
-        metavar="P",
+    _option(
+        group, "--partitions", env="ORCHESTRATOR_PARTITIONS", type=_positive, metavar="P",
         help="key partitions (RQ queues); fixed at the first ingest and stored (default 4)",
-    )
-    group.add_argument(
-        "--workers",
-        type=_non_negative,
-        default=None,
-        metavar="N",
+    )  # fmt: skip
+    _option(
+        group, "--workers", env="ORCHESTRATOR_WORKERS", type=_non_negative, metavar="N",
         help="worker processes this command starts and stops; default 2 with the embedded "
         "server, 0 with --redis-url (then it waits for 'orchestrator worker' processes)",
-    )
-    group.add_argument(
-        "--on-error",
+    )  # fmt: skip
+    _option(
+        group, "--on-error", env="ORCHESTRATOR_ON_ERROR", default="fail",
         choices=["fail", "skip", "dead-letter"],
-        default=_env("ORCHESTRATOR_ON_ERROR") or "fail",
         help="a bad line or rejected event: fail = commit everything before it and exit 65; "
         "skip = leave it out, count it and go on; dead-letter = like skip, and record it "
-        "(epoch, line, text, reason) in the namespace's dead-letter stream "
-        "(env ORCHESTRATOR_ON_ERROR; default fail)",
-    )
-    group.add_argument(
-        "--retain-epochs",
-        type=_positive,
-        default=int(_env("ORCHESTRATOR_RETAIN_EPOCHS") or 100_000),
-        metavar="N",
+        "(epoch, line, text, reason) in the namespace's dead-letter stream (default fail)",
+    )  # fmt: skip
+    _option(
+        group, "--output", env="ORCHESTRATOR_OUTPUT", type=Path, metavar="PATH",
+        help="write output lines to this file, exactly once across crashes (resume and replay "
+        "cut it back to the committed epochs first); default stdout, at-least-once",
+    )  # fmt: skip
+    _option(
+        group, "--retain-epochs", env="ORCHESTRATOR_RETAIN_EPOCHS", type=_positive,
+        default=100_000, metavar="N",
         help="keep the history needed to replay the last N epochs; older history is dropped, "
-        "the current state of every key is always kept (env ORCHESTRATOR_RETAIN_EPOCHS; "
-        "default 100000)",
-    )
-    group.add_argument(
-        "--batch-events",
-        type=_positive,
-        default=int(_env("ORCHESTRATOR_BATCH_EVENTS") or 5_000),
-        metavar="N",
-        help="at most N events per batch job (batches grow to it while workers are busy; "
-        "env ORCHESTRATOR_BATCH_EVENTS; default 5000)",
-    )
-    group.add_argument(
-        "--max-line-bytes",
-        type=_positive,
-        default=int(_env("ORCHESTRATOR_MAX_LINE_BYTES") or 1 << 20),
-        metavar="B",
-        help="a longer input line is a bad line (env ORCHESTRATOR_MAX_LINE_BYTES; default 1 MiB)",
-    )
-    group.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="write output lines here instead of stdout (ingest truncates, resume/replay append)",
-    )
-    group.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress or summary on stderr"
-    )
+        "the current state of every key is always kept (default 100000)",
+    )  # fmt: skip
+    _option(
+        group, "--batch-events", env="ORCHESTRATOR_BATCH_EVENTS", type=_positive,
+        default=5_000, metavar="N",
+        help="at most N events per batch job; batches grow to it while workers are busy "
+        "(default 5000)",
+    )  # fmt: skip
+    _option(
+        group, "--max-line-bytes", env="ORCHESTRATOR_MAX_LINE_BYTES", type=_positive,
+        default=1 << 20, metavar="B", help="a longer input line is a bad line (default 1 MiB)",
+    )  # fmt: skip
+    _option(
+        group, "-q", "--quiet", env="ORCHESTRATOR_QUIET", action="store_true",
+        help="no progress line or summary on stderr",
+    )  # fmt: skip
     return parent
 
 
@@ -232,9 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-epoch", type=int, required=True, metavar="N", help="first epoch to reprocess"
     )
     status = sub.add_parser(
-        "status", parents=[conn], help="committed epoch, partition progress, queues, workers"
+        "status",
+        parents=[conn],
+        help="committed epoch, progress and backlog, queues, workers, rate, retention",
     )
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    state = sub.add_parser(
+        "state",
+        parents=[conn],
+        help="the committed state of one key, now or as of a retained epoch",
+        description="Print the state of KEY as of the last committed epoch, or as it was at "
+        "the end of epoch N (any epoch within the retention window).",
+    )
+    state.add_argument("key", metavar="KEY", help="the key (for the cart join, a user_id)")
+    state.add_argument("--at-epoch", type=int, metavar="N", help="the state as of epoch N")
+    state.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     worker = sub.add_parser(
         "worker",
         parents=[conn],
@@ -293,7 +296,10 @@ def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
         )
         return report_run(settings, args.file, result)
     if args.command == "status":
-        print_status(commands.status(settings), as_json=args.json)
+        print_status(queries.status(settings), as_json=args.json)
+        return ExitStatus.OK
+    if args.command == "state":
+        print_state(queries.key_state(settings, args.key, args.at_epoch), as_json=args.json)
         return ExitStatus.OK
     if args.command == "worker":
         commands.worker(settings, burst=args.burst)
@@ -311,9 +317,9 @@ def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
 def dead_letters(settings: Settings, action: str, *, as_json: bool) -> ExitStatus:
     """List or clear the namespace's dead letters."""
     if action == "clear":
-        commands.say(f"cleared {commands.clear_dead_letters(settings)} dead letter(s)")
+        commands.say(f"cleared {queries.clear_dead_letters(settings)} dead letter(s)")
         return ExitStatus.OK
-    letters = commands.list_dead_letters(settings)
+    letters = queries.list_dead_letters(settings)
     for letter in letters:
         if as_json:
             print(json.dumps(letter))
@@ -365,11 +371,19 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
     if report["partitions"] is None:
         print("state:           empty (no ingest yet)")
         return
-    committed = report["committed_epoch"]
+    retention = report["retention"]
     print(f"input:           {report['input']}")
+    print(f"output file:     {report['output'] or '(stdout)'}")
     print(f"flow:            {report['flow']}")
-    print(f"committed epoch: {committed} (next line at byte {report['next_offset']})")
-    print(f"replayable from: epoch {report['replayable_from']}")
+    print(
+        f"committed epoch: {report['committed_epoch']} (next line at byte {report['next_offset']})"
+    )
+    print(f"read epoch:      {report['read_epoch']} (lag {report['lag_epochs']} epochs)")
+    print(f"events/s:        {report['events_per_s']} (last run)")
+    print(
+        f"replayable from: epoch {retention['replayable_from']} "
+        f"(--retain-epochs {retention['retain_epochs']})"
+    )
     print(f"dead letters:    {report['dead_letters']}")
     print(f"driver:          {report['driver'] or 'not running'}")
     print(f"workers:         {report['workers']} listening")
@@ -377,8 +391,18 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
     for row in report["partition_progress"]:
         print(
             f"  p{row['partition']}: applied through epoch {row['applied_through']}, "
-            f"{row['queued_jobs']} jobs queued"
+            f"{row['backlog_events']} events waiting, {row['queued_jobs']} jobs queued"
         )
+    print(f"plain RQ worker: {report['rq_worker_command']}")
+
+
+def print_state(found: dict[str, Any], *, as_json: bool) -> None:
+    """Print one key's state."""
+    if as_json:
+        print(json.dumps(found))
+        return
+    state = "no state" if found["state"] is None else json.dumps(found["state"])
+    print(f"{found['key']} (partition {found['partition']}) as of epoch {found['epoch']}: {state}")
 
 
 ERRORS: list[tuple[type[BaseException], ExitStatus]] = [

@@ -26,13 +26,13 @@ from orchestrator.namespace import (
 from orchestrator.progress import Progress
 from orchestrator.reader import InputError, LineSource, fingerprint, open_input, seek_epoch
 from orchestrator.server import connect
-from orchestrator.settings import DEFAULT_FLOW, Mode, Settings, redact_url
+from orchestrator.settings import DEFAULT_FLOW, Mode, Settings
 from orchestrator.sink import open_sink
-from orchestrator.workers import WorkerPool, listening_workers, run_worker
+from orchestrator.workers import WorkerPool, run_worker
 from tasks.errors import NamespaceError
 from tasks.flow import load_flow
 from tasks.keys import Keys
-from tasks.store import NOTHING, applied_epochs
+from tasks.store import NOTHING
 
 
 def say(message: str) -> None:
@@ -220,69 +220,6 @@ def resume_hint(settings: Settings, path: Path) -> str:
     if settings.redis_url is None and settings.data_dir != Settings.data_dir:
         parts += ["--data-dir", str(settings.data_dir)]
     return " ".join(parts)
-
-
-def status(settings: Settings) -> dict[str, Any]:
-    """The namespace's committed epoch, partition progress, queue depths and workers."""
-    keys = Keys(settings.namespace)
-    with connect(settings) as conn:
-        r = conn.client
-        info = read_info(r, keys)
-        report: dict[str, Any] = {
-            "namespace": keys.namespace,
-            "redis": redact_url(conn.url)
-            if not conn.embedded
-            else f"embedded ({settings.data_dir})",
-            "input": info.input,
-            "flow": info.flow,
-            "partitions": info.partitions,
-            "committed_epoch": info.committed if info.exists else None,
-            "next_offset": info.offset if info.exists else None,
-            "driver": driver_running(r, keys),
-            "replayable_from": info.retained_from if info.exists else None,
-            "dead_letters": r.xlen(keys.dead_letters),
-        }
-        if info.partitions is None:
-            return report
-        applied = applied_epochs(r, keys, info.partitions)
-        pipe = r.pipeline(transaction=False)
-        for name in keys.queue_names(info.partitions):
-            pipe.llen(f"rq:queue:{name}")
-        depths = pipe.execute()
-        report["partition_progress"] = [
-            {"partition": p, "applied_through": applied[p], "queued_jobs": depths[p]}
-            for p in range(info.partitions)
-        ]
-        report["workers"] = listening_workers(r, keys, info.partitions)
-        report["queues"] = keys.queue_names(info.partitions)
-        return report
-
-
-def list_dead_letters(settings: Settings) -> list[dict[str, Any]]:
-    """The namespace's dead letters, oldest first."""
-    keys = Keys(settings.namespace)
-    with connect(settings) as conn:
-        entries = conn.client.xrange(keys.dead_letters)
-    return [
-        {
-            "id": entry_id.decode(),
-            "epoch": int(fields[b"epoch"]),
-            "line": int(fields[b"line"]),
-            "input": fields[b"input"].decode(),
-            "reason": fields[b"reason"].decode(),
-            "raw": fields[b"raw"].decode("utf-8", "backslashreplace").rstrip("\r\n"),
-        }
-        for entry_id, fields in entries
-    ]
-
-
-def clear_dead_letters(settings: Settings) -> int:
-    """Empty the namespace's dead-letter stream; returns how many there were."""
-    keys = Keys(settings.namespace)
-    with connect(settings) as conn:
-        count = int(conn.client.xlen(keys.dead_letters))
-        conn.client.delete(keys.dead_letters)
-    return count
 
 
 def reset_namespace(settings: Settings) -> int:

@@ -150,6 +150,8 @@ class Driver:
         self.dead: list[BadLine] = []  # dead letters not yet recorded
         self.recorded = -2  # the last committed epoch recorded (none yet)
         self.recorded_at = 0.0
+        self.started_at = time.monotonic()
+        self.read_through = -1
 
     # ----------------------------------------------------------------- the loop
 
@@ -161,6 +163,7 @@ class Driver:
             if not exhausted and result.failure is None and not self._full():
                 exhausted = self._read_chunk(source, result)
             read_through, read_offset = source.epoch - 1, source.offset
+            self.read_through = read_through
             self._dispatch(read_through, result.failure)
             idle = exhausted or result.failure is not None or self._full()
             for notice in self.notices.read(BLOCK_MS if idle and self.in_flight else None):
@@ -177,6 +180,7 @@ class Driver:
                     self.buffered_bytes,
                 )
                 self._record(result, force=True)
+                self.notices.close()
                 result.reruns = self.dispatcher.reruns
                 return result
 
@@ -240,6 +244,19 @@ class Driver:
 
     def _full(self) -> bool:
         return self.buffered >= MAX_BUFFERED_EVENTS or self.buffered_bytes >= MAX_BUFFERED_BYTES
+
+    def _progress(self, result: RunResult, now: float) -> dict[str, object]:
+        """What ``status`` shows of a running driver: read position, rate, backlog."""
+        backlog: dict[int, int] = {}
+        for p, queue in self.pending.items():
+            backlog[p] = sum(x.events for x in queue)
+        for p, flight in self.in_flight.items():
+            backlog[p] = backlog.get(p, 0) + flight.events
+        return {
+            "read_epoch": self.read_through,
+            "events_per_s": round(result.events / max(now - self.started_at, 1e-6), 1),
+            "backlog": {p: n for p, n in backlog.items() if n},
+        }
 
     def output_length(self) -> int | None:
         """The output file's length, synced to disk (None for a stream such as stdout).
@@ -363,7 +380,13 @@ class Driver:
         committed = result.committed
         dead = sorted((d for d in self.dead if d.epoch <= committed), key=lambda d: d.epoch)
         self.dead = [d for d in self.dead if d.epoch > committed]
-        self.on_commit(committed, result.next_offset, dead, output_length=self.output_length())
+        self.on_commit(
+            committed,
+            result.next_offset,
+            dead,
+            output_length=self.output_length(),
+            progress=self._progress(result, now),
+        )
         self.recorded, self.recorded_at = committed, now
 
 

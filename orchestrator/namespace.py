@@ -32,6 +32,9 @@ class NamespaceInfo:
     output: str | None = None  # the --output file of the runs, if any
     output_length: int | None = None  # its length once the committed epochs are in it
     retained_from: int = 0  # the oldest epoch replay can start at
+    read_epoch: int | None = None  # the last epoch the driver read
+    events_per_s: float | None = None  # of the last run, as it went
+    retain_epochs: int | None = None
     fingerprint: str | None = None  # of the input's first fingerprint_end bytes
     fingerprint_end: int = 0
 
@@ -54,6 +57,9 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         output=meta.get("output"),
         output_length=int(meta["output_length"]) if "output_length" in meta else None,
         retained_from=int(meta.get("retained_from", 0)),
+        read_epoch=int(meta["read_epoch"]) if "read_epoch" in meta else None,
+        events_per_s=float(meta["events_per_s"]) if "events_per_s" in meta else None,
+        retain_epochs=int(meta["retain_epochs"]) if "retain_epochs" in meta else None,
         fingerprint=meta.get("fingerprint"),
         fingerprint_end=int(meta.get("fingerprint_end", 0)),
     )
@@ -171,6 +177,8 @@ class Committer:
         self.r, self.keys, self.partitions = r, keys, partitions
         self.input_path = input_path
         self.retain_epochs = retain_epochs
+        if retain_epochs is not None:
+            r.hset(keys.meta, "retain_epochs", retain_epochs)
         self._fingerprinted_at = float("-inf")
         self._collected_at = time.monotonic()
 
@@ -181,6 +189,7 @@ class Committer:
         dead: list[Any],
         *,
         output_length: int | None = None,
+        progress: dict[str, Any] | None = None,
         final: bool = False,
     ) -> None:
         """Record that every epoch up to ``committed`` is committed and its output written.
@@ -192,12 +201,20 @@ class Committer:
         fields: dict[str, Any] = {"committed": committed, "offset": offset, "at": time.time()}
         if output_length is not None:
             fields["output_length"] = output_length
+        backlog = None
+        if progress is not None:  # for status: how far the driver read, how fast, what waits
+            backlog = progress.pop("backlog")
+            fields |= progress
         if self.input_path and (final or now - self._fingerprinted_at >= self.FINGERPRINT_EVERY):
             with open(self.input_path, "rb") as f:
                 fields |= {"fingerprint": fingerprint(f, offset), "fingerprint_end": offset}
             self._fingerprinted_at = now
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.keys.meta, mapping=fields)
+        if backlog is not None:
+            pipe.delete(self.keys.backlog)
+            if backlog:
+                pipe.hset(self.keys.backlog, mapping=backlog)
         checkpoint = Checkpoint(committed + 1, offset, output_length)
         pipe.zadd(self.keys.checkpoints, {checkpoint.member: committed + 1})
         for bad in dead:

@@ -14,7 +14,7 @@ from redis import Redis
 from tasks.batch import CommitNotice
 
 READ_COUNT = 8  # a notice holds up to a batch of output lines: keep replies small
-TRIM_EVERY = 50  # reads between two trims of the entries already taken
+TRIM_EVERY = 8  # reads between two trims of the entries already taken
 
 
 class NoticeReader:
@@ -37,6 +37,10 @@ class NoticeReader:
         if self._reads % TRIM_EVERY == 0:
             self.r.xtrim(self.key, minid=self.last_id)
         return [CommitNotice.decode(fields[b"n"]) for _, fields in entries]
+
+    def close(self) -> None:
+        """Delete the stream: the run has taken every notice it waits for."""
+        self.r.delete(self.key)
 
 
 def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

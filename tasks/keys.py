@@ -57,6 +57,11 @@ class Keys:
         return f"{self.namespace}:notices:{generation}"
 
     @property
+    def backlog(self) -> str:
+        """Hash: partition -> events the running driver has read and the partition not committed."""
+        return f"{self.namespace}:backlog"
+
+    @property
     def dead_letters(self) -> str:
         """Stream: rejected lines and events (epoch, line, raw text, reason) under dead-letter."""
         return f"{self.namespace}:dead-letters"

@@ -16,6 +16,8 @@ def test_key_names_are_pinned():
     assert k.undo(3) == "cart-join:p3:undo"
     assert k.lease(3) == "cart-join:p3:lease"
     assert k.dead_letters == "cart-join:dead-letters"
+    assert k.backlog == "cart-join:backlog"
+    assert k.batch(2, 3, 41) == "cart-join:batch:g2-p3-e41"
     assert k.queue_name(3) == "cart-join-p3"
     assert k.job_id(2, 3, 41) == "cart-join-g2-p3-e41"
 

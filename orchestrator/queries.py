@@ -1,0 +1,155 @@
+"""Read-only commands: ``status``, ``state KEY`` (as of any retained epoch), ``dead-letters``."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import orjson
+from redis import Redis
+
+from orchestrator.lock import driver_running
+from orchestrator.namespace import NamespaceInfo, read_info, require_committed
+from orchestrator.server import connect
+from orchestrator.settings import Settings, redact_url
+from orchestrator.workers import listening_workers
+from tasks.errors import NamespaceError
+from tasks.keys import Keys, partition_of
+from tasks.store import NOTHING, applied_epochs
+
+
+def rq_worker_command(url: str, keys: Keys, partitions: int) -> str:
+    """The plain ``rq worker`` command line that works on this namespace's queues."""
+    shown = url if redact_url(url) == url else "$REDIS_URL"  # never print a password
+    queues = " ".join(keys.queue_names(partitions))
+    return f"rq worker --url {shlex.quote(shown)} --serializer json {queues}"
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """Committed epoch, partition progress and backlog, queues, workers, rate, retention."""
+    keys = Keys(settings.namespace)
+    with connect(settings) as conn:
+        r = conn.client
+        info = read_info(r, keys)
+        report: dict[str, Any] = {
+            "namespace": keys.namespace,
+            "redis": redact_url(conn.url)
+            if not conn.embedded
+            else f"embedded ({settings.data_dir})",
+            "input": info.input,
+            "output": info.output,
+            "flow": info.flow,
+            "partitions": info.partitions,
+            "committed_epoch": info.committed if info.exists else None,
+            "next_offset": info.offset if info.exists else None,
+            "read_epoch": info.read_epoch,
+            "lag_epochs": _lag(info),
+            "events_per_s": info.events_per_s,
+            "driver": driver_running(r, keys),
+            "retention": {
+                "retain_epochs": info.retain_epochs,
+                "replayable_from": info.retained_from if info.exists else None,
+            },
+            "dead_letters": r.xlen(keys.dead_letters),
+        }
+        if info.partitions is None:
+            return report
+        report["partition_progress"] = _partitions(r, keys, info.partitions)
+        report["workers"] = listening_workers(r, keys, info.partitions)
+        report["queues"] = keys.queue_names(info.partitions)
+        report["rq_worker_command"] = rq_worker_command(conn.url, keys, info.partitions)
+        return report
+
+
+def _lag(info: NamespaceInfo) -> int | None:
+    if info.read_epoch is None or not info.exists:
+        return None
+    return max(0, info.read_epoch - info.committed)
+
+
+def _partitions(r: Redis, keys: Keys, partitions: int) -> list[dict[str, Any]]:
+    applied = applied_epochs(r, keys, partitions)
+    pipe = r.pipeline(transaction=False)
+    for name in keys.queue_names(partitions):
+        pipe.llen(f"rq:queue:{name}")
+    pipe.hgetall(keys.backlog)
+    *depths, backlog = pipe.execute()
+    waiting = {int(p): int(n) for p, n in backlog.items()}
+    return [
+        {
+            "partition": p,
+            "applied_through": applied[p],
+            "backlog_events": waiting.get(p, 0),
+            "queued_jobs": depths[p],
+        }
+        for p in range(partitions)
+    ]
+
+
+def key_state(settings: Settings, key: str, at_epoch: int | None) -> dict[str, Any]:
+    """The committed state of one key, now or as it was at the end of a retained epoch.
+
+    Raises:
+        NamespaceError: nothing committed yet, or the epoch is outside the retained window.
+    """
+    keys = Keys(settings.namespace)
+    with connect(settings) as conn:
+        r = conn.client
+        info = read_info(r, keys)
+        require_committed(info, keys)
+        assert info.partitions is not None
+        epoch = info.committed if at_epoch is None else at_epoch
+        if not info.retained_from - 1 <= epoch <= info.committed:
+            msg = (
+                f"--at-epoch {epoch} is out of range: states are kept for epochs "
+                f"{max(info.retained_from - 1, NOTHING)} to {info.committed}"
+            )
+            raise NamespaceError(msg)
+        p = partition_of(key, info.partitions)
+        return {
+            "key": key,
+            "partition": p,
+            "epoch": epoch,
+            "state": _state_at(r, keys, p, key, epoch),
+        }
+
+
+def _state_at(r: Redis, keys: Keys, p: int, key: str, epoch: int) -> Any:
+    """A key's state at the end of ``epoch``: its current state, unless an event after
+    ``epoch`` changed it — then the before-image of the first such event."""
+    pipe = r.pipeline(transaction=False)
+    pipe.hget(keys.state(p), key)
+    pipe.zrangebyscore(keys.undo(p), f"({epoch}", "+inf")
+    current, records = pipe.execute()
+    for record in records:  # in epoch order
+        for e, k, before in orjson.loads(record):
+            if e > epoch and k == key:
+                return before
+    return None if current is None else orjson.loads(current)
+
+
+def list_dead_letters(settings: Settings) -> list[dict[str, Any]]:
+    """The namespace's dead letters, oldest first."""
+    keys = Keys(settings.namespace)
+    with connect(settings) as conn:
+        entries = conn.client.xrange(keys.dead_letters)
+    return [
+        {
+            "id": entry_id.decode(),
+            "epoch": int(fields[b"epoch"]),
+            "line": int(fields[b"line"]),
+            "input": fields[b"input"].decode(),
+            "reason": fields[b"reason"].decode(),
+            "raw": fields[b"raw"].decode("utf-8", "backslashreplace").rstrip("\r\n"),
+        }
+        for entry_id, fields in entries
+    ]
+
+
+def clear_dead_letters(settings: Settings) -> int:
+    """Empty the namespace's dead-letter stream; returns how many there were."""
+    keys = Keys(settings.namespace)
+    with connect(settings) as conn:
+        count = int(conn.client.xlen(keys.dead_letters))
+        conn.client.delete(keys.dead_letters)
+    return count
