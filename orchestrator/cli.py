@@ -108,6 +108,13 @@ def _option(
     group.add_argument(*flags, help=f"{help} (env {shown})", **kwargs)
 
 
+def _json_option(parser: Any) -> None:
+    _option(
+        parser, "--json", env="ORCHESTRATOR_JSON", action="store_true",
+        help="JSON for scripts (one object per line)",
+    )  # fmt: skip
+
+
 def _connection_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("where the pipeline lives")
@@ -219,15 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Restore state as it was at the end of epoch N-1, discard everything "
         "committed for epochs >= N, and process FILE from epoch N.",
     )
-    replay.add_argument(
-        "--from-epoch", type=int, required=True, metavar="N", help="first epoch to reprocess"
-    )
+    _option(
+        replay, "--from-epoch", env="ORCHESTRATOR_FROM_EPOCH", type=int, metavar="N",
+        required=_env("ORCHESTRATOR_FROM_EPOCH") is None, help="first epoch to reprocess",
+    )  # fmt: skip
     status = sub.add_parser(
         "status",
         parents=[conn],
         help="committed epoch, progress and backlog, queues, workers, rate, retention",
     )
-    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    _json_option(status)
     state = sub.add_parser(
         "state",
         parents=[conn],
@@ -236,8 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the end of epoch N (any epoch within the retention window).",
     )
     state.add_argument("key", metavar="KEY", help="the key (for the cart join, a user_id)")
-    state.add_argument("--at-epoch", type=int, metavar="N", help="the state as of epoch N")
-    state.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    _option(
+        state, "--at-epoch", env="ORCHESTRATOR_AT_EPOCH", type=int, metavar="N",
+        help="the state as of the end of epoch N (default: the last committed epoch)",
+    )  # fmt: skip
+    _json_option(state)
     worker = sub.add_parser(
         "worker",
         parents=[conn],
@@ -245,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an RQ worker (JSON serializer, no fork per job) on all partition queues "
         "of the namespace, until SIGTERM (which lets the current batch finish).",
     )
-    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    _option(
+        worker, "--burst", env="ORCHESTRATOR_BURST", action="store_true",
+        help="exit when the queues are empty",
+    )  # fmt: skip
     _flow_option(worker)
     dead = sub.add_parser(
         "dead-letters",
@@ -253,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="list (or clear) the lines left out under --on-error dead-letter",
     )
     dead.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
-    dead.add_argument("--json", action="store_true", help="one JSON object per line, for scripts")
+    _json_option(dead)
     reset = sub.add_parser("reset", parents=[conn], help="delete the namespace's data")
-    reset.add_argument("--yes", action="store_true", help="really delete it")
+    _option(reset, "--yes", env="ORCHESTRATOR_YES", action="store_true", help="really delete it")
     return parser
 
 

@@ -176,8 +176,6 @@ def run_pipeline(
             progress = Progress(enabled=not settings.quiet)
             pool.start()
             try:
-                if not pool.processes:
-                    pool.note_if_none(r, keys, partitions)
                 driver = Driver(
                     r,
                     keys,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis import Redis
 from rq import Queue
@@ -47,6 +47,7 @@ class InFlight:
     size: int  # bytes of its lines
     attempt: int = 1
     suspect_since: float | None = None
+    sent_at: float = field(default_factory=time.monotonic)
 
     @property
     def first_epoch(self) -> int:

@@ -49,6 +49,7 @@ MAX_BUFFERED_BYTES = 32 << 20
 READ_CHUNK = 2_000  # lines read between two looks at the commit notices
 BLOCK_MS = 200  # how long to wait for a notice when there is nothing else to do
 RECORD_EVERY = 0.1  # seconds between two records of the committed epoch
+WAITING_NOTE_AFTER = 2.0  # seconds a batch may wait before the driver says it needs workers
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class Driver:
                 self._on_notice(notice, result)
             self.workers.supervise()
             self.dispatcher.watch(self.in_flight)
+            self._note_missing_workers()
             self._advance(result, read_through, read_offset)
             self.progress.update(result.events, result.committed, len(self.in_flight))
             done = exhausted or result.failure is not None
@@ -269,6 +271,12 @@ class Driver:
         self.out.flush()
         os.fsync(self.out.fileno())
         return self.out.tell()
+
+    def _note_missing_workers(self) -> None:
+        """Say (once) that batches wait for workers, when none came in a few seconds."""
+        now = time.monotonic()
+        if any(now - f.sent_at > WAITING_NOTE_AFTER for f in self.in_flight.values()):
+            self.workers.note_if_none(self.r, self.keys, self.partitions)
 
     def _stops_at(self, bad: BadLine, result: RunResult) -> bool:
         """Reject a line read by the driver; whether the run stops there (``fail``)."""

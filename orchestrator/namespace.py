@@ -117,8 +117,14 @@ def start_run(
         r.hset(keys.meta, "output", output)
     for p in range(partitions):
         restore_partition(r, keys, p, start_epoch - 1)
-    for name in keys.queue_names(partitions):
-        Queue(name, connection=r, serializer=JSONSerializer).empty()
+    queues = [
+        Queue(name, connection=r, serializer=JSONSerializer)
+        for name in keys.queue_names(partitions)
+    ]
+    for queue in queues:
+        queue.empty()
+    # Registered with RQ from the start, so that `rq info` lists every partition queue.
+    r.sadd(Queue.redis_queues_keys, *[queue.key for queue in queues])
     stale = [k for k in r.scan_iter(match=keys.notices_pattern, count=1000)]
     stale += [k for k in r.scan_iter(match=keys.batches_pattern, count=1000)]
     pipe = r.pipeline(transaction=True)

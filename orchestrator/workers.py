@@ -173,16 +173,20 @@ class WorkerPool:
             )
 
     def note_if_none(self, r: Redis, keys: Keys, partitions: int) -> None:
-        """With external workers only: say once on stderr that the run waits for them."""
+        """With external workers only: say once on stderr that the run waits for them.
+
+        Called when a batch has waited in its queue for a while, so that workers
+        started at the same time as the driver are not reported missing.
+        """
         if self.processes or self._warned_none:
             return
+        self._warned_none = True
         if listening_workers(r, keys, partitions) == 0:
             print(
                 f"orchestrator: waiting for workers: start some with "
                 f"'orchestrator worker --namespace {self.namespace}' (same --redis-url/REDIS_URL)",
                 file=sys.stderr,
             )
-        self._warned_none = True
 
     def stop(self) -> None:
         """Ask every worker to finish its job and exit (SIGTERM); kill those that do not."""

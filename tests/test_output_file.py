@@ -8,9 +8,10 @@ import time
 import pytest
 
 from bench.generate import generate
+from tasks.keys import Keys
+
 from conftest import REPO, cli_env, new_namespace, run_cli
 from reference import reference_run
-from tasks.keys import Keys
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,79 @@
+"""Plain RQ tools on our queues: `rq info` sees them, a plain `rq worker` runs our jobs."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from bench.generate import generate
+
+from conftest import cli_env, new_namespace, run_cli
+from reference import reference_run
+
+pytestmark = pytest.mark.integration
+
+RQ = os.path.join(os.path.dirname(sys.executable), "rq")
+
+
+def test_rq_info_lists_the_partition_queues_and_our_workers(redis_url, tmp_path):
+    ns = new_namespace()
+    args = ["--redis-url", redis_url, "--namespace", ns]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "worker", *args],
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    try:
+        for w in workers:  # each says it waits until the first ingest creates the namespace
+            w.stderr.readline()
+        (tmp_path / "in.json").write_text("\n".join(generate(200, 20, seed=1)) + "\n")
+        run = run_cli("ingest", "in.json", *args, "--partitions", "3", cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        queues = [f"{ns}-p{p}" for p in range(3)]
+        info = subprocess.run(
+            [RQ, "info", "--url", redis_url, *queues], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        for w in workers:
+            w.terminate()
+            w.communicate(timeout=30)
+    assert info.returncode == 0, info.stderr
+    for queue in queues:
+        assert queue in info.stdout
+    assert "2 workers, 3 queues" in info.stdout
+
+
+def test_a_plain_rq_worker_from_the_status_command_line_runs_our_jobs(redis_url, tmp_path):
+    lines = list(generate(3_000, 300, seed=6))
+    (tmp_path / "in.json").write_text("\n".join(lines) + "\n")
+    ns = new_namespace()
+    args = ["--redis-url", redis_url, "--namespace", ns]
+    # A first ingest creates the namespace; its status then gives the worker's command line.
+    (tmp_path / "first.json").write_text(lines[0] + "\n")
+    assert run_cli("ingest", "first.json", *args, "--workers", "1", cwd=tmp_path).returncode == 0
+    status = json.loads(run_cli("status", "--json", *args, cwd=tmp_path).stdout)
+    command = status["rq_worker_command"]
+    assert command.startswith("rq worker --url ") and "--serializer json" in command
+    argv = [RQ if a == "rq" else a for a in shlex.split(command.replace("$REDIS_URL", redis_url))]
+    worker = subprocess.Popen(
+        argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        run_cli("reset", "--yes", *args, cwd=tmp_path)
+        # The plain RQ worker (forking, JSON serializer) does all the work of this run.
+        run = run_cli("ingest", "in.json", *args, "--partitions", "4", cwd=tmp_path)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        logs, _ = worker.communicate(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == reference_run(lines)[0]
+    assert "Job OK" in logs
