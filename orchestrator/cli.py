@@ -407,7 +407,8 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
             f"  p{row['partition']}: applied through epoch {row['applied_through']}, "
             f"{row['backlog_events']} events waiting, {row['queued_jobs']} jobs queued"
         )
-    print(f"plain RQ worker: {report['rq_worker_command']}")
+    note = " (while this embedded server runs)" if report["redis"].startswith("embedded") else ""
+    print(f"plain RQ worker: {report['rq_worker_command']}{note}")
 
 
 def print_state(found: dict[str, Any], *, as_json: bool) -> None:

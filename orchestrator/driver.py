@@ -183,7 +183,7 @@ class Driver:
             self.dispatcher.watch(self.in_flight)
             self._note_missing_workers()
             self._advance(result, read_through, read_offset)
-            self.progress.update(result.events, result.committed, len(self.in_flight))
+            self.progress.update(result.events, result.committed, read_through, len(self.in_flight))
             done = exhausted or result.failure is not None
             if done and not self.in_flight and not self.pending:
                 # Nothing may stay counted as buffered, or a long run would stop reading.
@@ -255,7 +255,9 @@ class Driver:
         return exhausted
 
     def _full(self) -> bool:
-        return self.buffered >= self.max_buffered or self.buffered_bytes >= MAX_BUFFERED_BYTES
+        # Lines of partitions that ran ahead wait in the merger for a slower one: they count.
+        held = self.buffered + self.merger.held
+        return held >= self.max_buffered or self.buffered_bytes >= MAX_BUFFERED_BYTES
 
     def _progress(self, result: RunResult, now: float) -> dict[str, object]:
         """What ``status`` shows of a running driver: read position, rate, backlog."""

@@ -19,12 +19,14 @@ class OutputMerger:
         # partition -> [epoch, line] pairs in order; the ones before start[p] are taken
         self._queues: dict[int, list[Any]] = {}
         self._start: dict[int, int] = {}
+        self.held = 0  # lines waiting for an earlier epoch to commit
 
     def add(self, partition: int, lines: list[Any]) -> None:
         """Add a partition's committed ``[epoch, line]`` pairs (in epoch order)."""
         if lines:
             self._queues.setdefault(partition, []).extend(lines)
             self._start.setdefault(partition, 0)
+            self.held += len(lines)
 
     def pop_through(self, epoch: int) -> list[bytes]:
         """Remove and return, in epoch order, every line with an epoch <= ``epoch``."""
@@ -38,6 +40,7 @@ class OutputMerger:
                     del queue[:end]  # compact now and then, not on every call
                     end = 0
                 self._start[p] = end
+        self.held -= sum(len(run) for run in runs)
         if len(runs) <= 1:
             return [line for _, line in runs[0]] if runs else []
         # Timsort merges the already-sorted runs in C; a partition's lines of one epoch
@@ -48,7 +51,9 @@ class OutputMerger:
     def drop_from(self, epoch: int) -> None:
         """Forget lines with an epoch >= ``epoch`` (a run that stops there will not print them)."""
         for p, queue in self._queues.items():
-            del queue[bisect_left(queue, epoch, lo=self._start[p], key=_epoch) :]
+            cut = bisect_left(queue, epoch, lo=self._start[p], key=_epoch)
+            self.held -= len(queue) - cut
+            del queue[cut:]
 
 
 _epoch = itemgetter(0)

@@ -19,7 +19,7 @@ class Progress:
         self.last = 0.0
         self.shown = False
 
-    def update(self, events: int, committed: int, in_flight: int) -> None:
+    def update(self, events: int, committed: int, read_epoch: int, in_flight: int) -> None:
         """Show the current figures if the last update is old enough."""
         if not self.enabled:
             return
@@ -29,8 +29,9 @@ class Progress:
         self.last = now
         rate = events / max(now - self.started, 1e-9)
         self.stream.write(
-            f"\r{events:,} events read, committed through epoch {committed:,}, "
-            f"{rate:,.0f} events/s, {in_flight} batches in flight\x1b[K"
+            f"\r{events:,} events read, committed through epoch {committed:,} "
+            f"(lag {max(0, read_epoch - committed):,} epochs), {rate:,.0f} events/s, "
+            f"{in_flight} batches in flight\x1b[K"
         )
         self.stream.flush()
         self.shown = True

@@ -48,3 +48,35 @@ def test_seek_epoch_counts_forward_from_a_known_position():
         seek_epoch(f, "f", 0, 0, 4)
     with pytest.raises(InputError, match="shorter"):
         seek_epoch(f, "f", 5, 100, 5)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_progress_line_shows_on_a_terminal_only():
+    from orchestrator.progress import Progress
+
+    shown = Terminal()
+    Progress(enabled=True, stream=shown).update(1_500, 1_200, 1_499, 3)
+    assert "1,500 events read, committed through epoch 1,200 (lag 299 epochs)" in shown.getvalue()
+    assert "batches in flight" in shown.getvalue()
+    silent = io.StringIO()  # not a terminal
+    Progress(enabled=True, stream=silent).update(1, 0, 0, 0)
+    quiet = Terminal()
+    Progress(enabled=False, stream=quiet).update(1, 0, 0, 0)  # --quiet
+    assert silent.getvalue() == quiet.getvalue() == ""
+
+
+def test_the_merger_counts_the_lines_it_holds():
+    m = OutputMerger()
+    m.add(0, [(0, b"0"), (3, b"3")])
+    m.add(1, [(1, b"1"), (2, b"2"), (5, b"5")])
+    assert m.held == 5
+    m.pop_through(1)
+    assert m.held == 3
+    m.drop_from(3)
+    assert m.held == 1
+    m.pop_through(9)
+    assert m.held == 0
