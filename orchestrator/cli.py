@@ -59,28 +59,24 @@ def _env(*names: str) -> str | None:
     return None
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        msg = f"not a whole number: {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if value < 1:
-        msg = f"must be at least 1: {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+def _at_least(minimum: int) -> Any:
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            msg = f"not a whole number: {text!r}"
+            raise argparse.ArgumentTypeError(msg) from None
+        if value < minimum:
+            msg = f"must be at least {minimum}: {value}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        msg = f"not a whole number: {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if value < 0:
-        msg = f"must not be negative: {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+_positive, _non_negative = _at_least(1), _at_least(0)
 
 
 def _namespace(text: str) -> str:

@@ -29,6 +29,25 @@ from tasks.keys import Keys
 REPO = Path(__file__).resolve().parent.parent
 SEED_INPUT = REPO / "examples" / "cart-join.json"
 
+# The tutorial's printed outputs: its failing run (epochs 0-4, as this project prints them
+# before the error) and its run resumed from epoch 1.
+SEED_FIRST_RUN = """\
+0 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1]}
+1 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1, 2]}
+2 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3]}
+3 {"user_id": "a", "paid_order_ids": [2], "unpaid_order_ids": [1]}
+4 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3, 4]}
+"""
+
+SEED_RESUMED_RUN = """\
+1 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1, 2]}
+2 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3]}
+3 {"user_id": "a", "paid_order_ids": [2], "unpaid_order_ids": [1]}
+4 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3, 4]}
+6 {"user_id": "a", "paid_order_ids": [2, 1], "unpaid_order_ids": []}
+7 {"user_id": "b", "paid_order_ids": [4], "unpaid_order_ids": [3]}
+"""
+
 
 @pytest.fixture
 def fake() -> Iterator[fakeredis.FakeRedis]:

@@ -1,7 +1,7 @@
 """The seed's cart join as a plain single-process loop: the oracle the pipeline is compared with.
 
-Written from the tutorial's code (json module, no recovery), independent of
-the pipeline's own modules.
+The tutorial's functions (json module, no recovery) come from ``bench/plain.py``,
+which is independent of the pipeline's own modules.
 """
 
 from __future__ import annotations
@@ -10,29 +10,7 @@ import copy
 import json
 from collections.abc import Iterable
 
-
-def build_state(user_id_as_key):
-    return {"unpaid_order_ids": [], "paid_order_ids": []}
-
-
-def joiner(state, event):
-    e_type = event["type"]
-    order_id = event["order_id"]
-    if e_type == "order":
-        state["unpaid_order_ids"].append(order_id)
-    elif e_type == "payment":
-        state["unpaid_order_ids"].remove(order_id)
-        state["paid_order_ids"].append(order_id)
-    return state, state
-
-
-def format_output(user_id__joined_state):
-    user_id, joined_state = user_id__joined_state
-    return {
-        "user_id": user_id,
-        "paid_order_ids": joined_state["paid_order_ids"],
-        "unpaid_order_ids": joined_state["unpaid_order_ids"],
-    }
+from bench.plain import build_state, format_output, joiner
 
 
 def reference_run(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SEED_INPUT
+from conftest import REPO, SEED_FIRST_RUN, SEED_INPUT, SEED_RESUMED_RUN
 
 SEED_FILE = REPO.parent / "shared" / "seeds" / "000_07afe2e2505bdab5.txt"
 
@@ -129,23 +129,6 @@ run_main(flow, input_builder, output_builder, recovery_config=recovery_config)
 """,
 ]
 
-FAILING_RUN = """\
-0 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1]}
-1 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1, 2]}
-2 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3]}
-3 {"user_id": "a", "paid_order_ids": [2], "unpaid_order_ids": [1]}
-4 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3, 4]}
-"""
-
-RESUMED_RUN = """\
-1 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1, 2]}
-2 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3]}
-3 {"user_id": "a", "paid_order_ids": [2], "unpaid_order_ids": [1]}
-4 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3, 4]}
-6 {"user_id": "a", "paid_order_ids": [2, 1], "unpaid_order_ids": []}
-7 {"user_id": "b", "paid_order_ids": [4], "unpaid_order_ids": [3]}
-"""
-
 
 def run_block(code, namespace):
     out = io.StringIO()
@@ -167,7 +150,7 @@ def test_the_seeds_code_prints_the_seeds_outputs(tmp_path, monkeypatch):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(json.decoder.JSONDecodeError):
         exec(BLOCKS[8], ns)
-    assert out.getvalue() == FAILING_RUN
+    assert out.getvalue() == SEED_FIRST_RUN
 
     run_block(BLOCKS[9], ns)
     run_block(BLOCKS[10], ns)
@@ -175,11 +158,11 @@ def test_the_seeds_code_prints_the_seeds_outputs(tmp_path, monkeypatch):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(json.decoder.JSONDecodeError):
         exec(BLOCKS[11], ns)
-    assert out.getvalue() == FAILING_RUN
+    assert out.getvalue() == SEED_FIRST_RUN
 
     # The fixed input builder, resumed from epoch 1: the tutorial's six lines.
     run_block(BLOCKS[12], ns)
-    assert run_block(BLOCKS[13], ns) == RESUMED_RUN
+    assert run_block(BLOCKS[13], ns) == SEED_RESUMED_RUN
     ns["recovery_dir"].cleanup()
 
 

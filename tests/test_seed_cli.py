@@ -8,27 +8,10 @@ import shutil
 
 import pytest
 
-from conftest import SEED_INPUT, run_cli
+from conftest import SEED_FIRST_RUN, SEED_INPUT, SEED_RESUMED_RUN, run_cli
 from reference import reference_run
 
 pytestmark = pytest.mark.integration
-
-SEED_FIRST_RUN = """\
-0 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1]}
-1 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1, 2]}
-2 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3]}
-3 {"user_id": "a", "paid_order_ids": [2], "unpaid_order_ids": [1]}
-4 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3, 4]}
-"""
-
-SEED_RESUMED_RUN = """\
-1 {"user_id": "a", "paid_order_ids": [], "unpaid_order_ids": [1, 2]}
-2 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3]}
-3 {"user_id": "a", "paid_order_ids": [2], "unpaid_order_ids": [1]}
-4 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3, 4]}
-6 {"user_id": "a", "paid_order_ids": [2, 1], "unpaid_order_ids": []}
-7 {"user_id": "b", "paid_order_ids": [4], "unpaid_order_ids": [3]}
-"""
 
 
 @pytest.fixture
