@@ -1,9 +1,10 @@
 """The driver: read epochs, route keyed events to partition queues, collect commits, emit output.
 
 One batch per partition is in flight at a time: while it runs, the partition's
-next events accumulate, and they leave as one batch when it commits. Batches
-therefore grow with the workers' latency, and a partition's batches can never
-be applied out of order or concurrently (the commit script also refuses both).
+next events accumulate, and they leave as one batch when it commits (once they
+are MIN_BATCH_LINES, or have waited LINGER). Batches therefore grow with the
+workers' latency, and a partition's batches can never be applied out of order
+or concurrently (the commit script also refuses both).
 
 The namespace's committed epoch advances when every epoch up to it is
 committed by its partition; the driver then writes those epochs' lines, and
@@ -131,9 +132,8 @@ class Driver:
     ) -> None:
         self.r = r
         self.batch_events = batch_events
-        # Room for every partition to have a full batch in flight and the next one filling
-        # up: with less, batches shrink to what is read between two commits (measured: 8
-        # partitions made ~250-event batches and twice the CPU per event).
+        # Room for every partition to have a batch in flight and the next one filling up,
+        # however many partitions there are.
         self.max_buffered = max(
             MAX_BUFFERED_EVENTS, 2 * partitions * min(batch_events, MIN_BATCH_LINES)
         )
