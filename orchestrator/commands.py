@@ -1,4 +1,4 @@
-"""The commands behind the CLI: run the pipeline (ingest, resume, replay), status, reset, worker."""
+"""The commands behind the CLI that change things: ingest, resume, replay, reset, worker."""
 
 from __future__ import annotations
 
