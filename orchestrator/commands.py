@@ -147,62 +147,76 @@ def run_pipeline(
     if settings.flow is not None:
         load_flow(settings.flow)  # a flow that cannot load is refused before anything starts
     with open_input(path) as f, connect(settings) as conn, DriverLock(conn.client, keys):
-        r = conn.client
-        info = read_info(r, keys)
-        partitions = check_compatible(info, settings.partitions, settings.flow)
-        flow = settings.flow or info.flow or DEFAULT_FLOW
-        load_flow(flow)
-        start = plan_start(r, keys, info, mode, from_epoch, f, path)
-        if not conn.embedded and (warning := persistence_warning(r)):
-            say(f"warning: {warning}")
-        with open_sink(settings.output, mode, info, start.checkpoint, start.epoch) as sink:
-            generation = start_run(
+        # The worker processes start now: they import while the driver plans the run
+        # (a resume's fixed cost is mostly start-up time).
+        pool = WorkerPool(settings.worker_count, conn.url, keys.namespace, verbose=settings.verbose)
+        pool.start()
+        try:
+            return _drive(settings, mode, path, from_epoch, f, conn.client, conn.embedded, pool)
+        finally:
+            pool.stop()
+
+
+def _drive(
+    settings: Settings,
+    mode: Mode,
+    path: Path,
+    from_epoch: int | None,
+    f: Any,
+    r: Redis,
+    embedded: bool,
+    pool: WorkerPool,
+) -> RunResult:
+    keys = Keys(settings.namespace)
+    info = read_info(r, keys)
+    partitions = check_compatible(info, settings.partitions, settings.flow)
+    flow = settings.flow or info.flow or DEFAULT_FLOW
+    load_flow(flow)
+    start = plan_start(r, keys, info, mode, from_epoch, f, path)
+    if not embedded and (warning := persistence_warning(r)):
+        say(f"warning: {warning}")
+    with open_sink(settings.output, mode, info, start.checkpoint, start.epoch) as sink:
+        generation = start_run(
+            r,
+            keys,
+            partitions=partitions,
+            flow=flow,
+            input_name=str(path),
+            start_epoch=start.epoch,
+            start_offset=start.offset,
+            output=sink.path,
+            output_length=sink.start_length,
+        )
+        committer = Committer(
+            r, keys, partitions, input_path=str(path), retain_epochs=settings.retain_epochs
+        )
+        progress = Progress(enabled=not settings.quiet)
+        try:
+            driver = Driver(
                 r,
                 keys,
+                generation=generation,
                 partitions=partitions,
-                flow=flow,
-                input_name=str(path),
-                start_epoch=start.epoch,
-                start_offset=start.offset,
-                output=sink.path,
-                output_length=sink.start_length,
+                flow_path=flow,
+                on_error=settings.on_error,
+                out=sink.stream,
+                workers=pool,
+                progress=progress,
+                on_commit=committer.record,
+                batch_events=settings.batch_events,
+                output_is_file=sink.path is not None,
             )
-            committer = Committer(
-                r, keys, partitions, input_path=str(path), retain_epochs=settings.retain_epochs
-            )
-            pool = WorkerPool(
-                settings.worker_count, conn.url, keys.namespace, verbose=settings.verbose
-            )
-            progress = Progress(enabled=not settings.quiet)
-            pool.start()
-            try:
-                driver = Driver(
-                    r,
-                    keys,
-                    generation=generation,
-                    partitions=partitions,
-                    flow_path=flow,
-                    on_error=settings.on_error,
-                    out=sink.stream,
-                    workers=pool,
-                    progress=progress,
-                    on_commit=committer.record,
-                    batch_events=settings.batch_events,
-                    output_is_file=sink.path is not None,
-                )
-                source = LineSource(f, start.epoch, start.offset, settings.max_line_bytes)
-                result = driver.run(source)
-            finally:
-                progress.close()
-                pool.stop()
-            committer.record(
-                result.committed,
-                result.next_offset,
-                [],
-                output_length=driver.output_length(),
-                final=True,
-            )
-        return result
+            result = driver.run(LineSource(f, start.epoch, start.offset, settings.max_line_bytes))
+        finally:
+            progress.close()
+        committer.record(
+            result.committed,
+            result.next_offset,
+            [],
+            output_length=driver.output_length(),
+            final=True,
+        )
+    return result
 
 
 def describe_bad(path: Path, bad: BadLine) -> str:

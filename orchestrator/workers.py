@@ -37,7 +37,7 @@ def listening_workers(r: Redis, keys: Keys, partitions: int) -> int:
     return sum(1 for w in SimpleWorker.all(connection=r) if names & set(w.queue_names()))
 
 
-def wait_for_partitions(r: Redis, keys: Keys, poll: float = 1.0) -> int:
+def wait_for_partitions(r: Redis, keys: Keys, poll: float = 0.1) -> int:
     """The namespace's partition count; waits (saying so once) until a first ingest sets it."""
     said = False
     while True:
