@@ -12,6 +12,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from orchestrator.reader import fingerprint
+from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks.errors import NamespaceError
 from tasks.keys import Keys
 from tasks.store import NOTHING, restore_partition
@@ -72,7 +73,7 @@ def check_compatible(info: NamespaceInfo, partitions: int | None, flow: str | No
         NamespaceError: a different partition count or flow than the namespace was created with.
     """
     if info.partitions is None:
-        return partitions or 4
+        return partitions or DEFAULT_PARTITIONS
     if partitions is not None and partitions != info.partitions:
         msg = (
             f"--partitions {partitions} does not match the namespace's {info.partitions} "

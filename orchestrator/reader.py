@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 from tasks.errors import PipelineError
 
@@ -18,20 +17,6 @@ class InputError(PipelineError):
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 FINGERPRINT_BLOCK = 4096
 FINGERPRINT_SAMPLES = 16
-
-
-class InputLine(NamedTuple):
-    """One line of input: its epoch, where it starts and ends in the file, and its bytes.
-
-    A line longer than the limit is not kept in memory: ``data`` holds its start
-    and ``oversized`` says why it is rejected. (A named tuple: one is made per line.)
-    """
-
-    epoch: int
-    offset: int
-    end: int
-    data: bytes
-    oversized: str | None = None
 
 
 @dataclass
@@ -54,25 +39,6 @@ def open_input(path: Path) -> BinaryIO:
     except OSError as e:
         msg = f"cannot read {path}: {e.strerror}"
         raise InputError(msg) from None
-
-
-def read_lines(
-    f: BinaryIO, epoch: int, offset: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-) -> Iterator[InputLine]:
-    """Yield lines from ``offset`` on, numbering them from ``epoch``."""
-    f.seek(offset)
-    while True:
-        data = f.readline(max_line_bytes + 1)
-        if not data:
-            return
-        oversized = None
-        size = len(data)
-        if size > max_line_bytes and data[-1:] != b"\n":
-            data, size, oversized = finish_oversized(f, data, max_line_bytes)
-        end = offset + size
-        yield InputLine(epoch, offset, end, data, oversized)
-        epoch += 1
-        offset = end
 
 
 def finish_oversized(f: BinaryIO, start: bytes, max_line_bytes: int) -> tuple[bytes, int, str]:

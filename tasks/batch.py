@@ -96,19 +96,6 @@ class CommitNotice:
     # set when on_error=fail stopped the batch at this event
     failed: Rejection | None = None
 
-    def encode(self) -> bytes:
-        """Encode as a JSON header and the raw output lines."""
-        header = {
-            "p": self.partition,
-            "through": self.applied_through,
-            "epochs": self.epochs,
-            "rejected": [[r.epoch, r.key, r.reason] for r in self.rejected],
-            "failed": None
-            if self.failed is None
-            else [self.failed.epoch, self.failed.key, self.failed.reason],
-        }
-        return _frame(header, self.lines)
-
     @staticmethod
     def encode_outputs(
         partition: int,

@@ -5,7 +5,7 @@ import io
 import pytest
 
 from orchestrator.output import OutputMerger
-from orchestrator.reader import InputError, read_lines, seek_epoch
+from orchestrator.reader import InputError, finish_oversized, seek_epoch
 
 
 def test_lines_are_released_in_epoch_order_only_up_to_the_committed_epoch():
@@ -26,18 +26,13 @@ def test_lines_from_a_stopping_epoch_on_are_dropped():
     assert m.pop_through(9) == ["0", "1"]
 
 
-def test_reading_from_an_offset_numbers_lines_from_its_epoch():
-    data = b'{"a": 1}\n\n{"b": 2}\r\nlast'
-    f = io.BytesIO(data)
-    lines = list(read_lines(f, 0, 0))
-    assert [(x.epoch, x.offset, x.end) for x in lines] == [
-        (0, 0, 9),
-        (1, 9, 10),
-        (2, 10, 20),
-        (3, 20, 24),
-    ]
-    resumed = list(read_lines(f, 2, 10))
-    assert [(x.epoch, x.data) for x in resumed] == [(2, b'{"b": 2}\r\n'), (3, b"last")]
+def test_an_oversized_line_is_skipped_to_its_end_and_reported():
+    f = io.BytesIO(b"x" * 50 + b"\nnext\n")
+    start = f.readline(11)  # the driver reads at most the limit + 1 bytes of a line
+    data, size, reason = finish_oversized(f, start, 10)
+    assert (data, size) == (b"x" * 11, 51)
+    assert reason == "line is 51 bytes, over the 10-byte limit"
+    assert f.readline() == b"next\n"  # the next line starts where it should
 
 
 def test_seek_epoch_counts_forward_from_a_known_position():
