@@ -86,7 +86,7 @@ class Chaos:
     def kill_workers(self) -> None:
         """Now and then, SIGKILL a worker in the middle of a batch (and start a new one)."""
         while self.worker_kills < self.args.worker_kills:
-            if self.done.wait(self.rng.uniform(0.1, 0.5)):
+            if self.done.wait(self.rng.uniform(0.05, 0.3)):
                 return
             victim = None
             while victim is None:  # a kill between batches proves little: wait for a busy one
@@ -122,7 +122,7 @@ class Chaos:
                 args += ["--partitions", str(self.args.partitions)]
             start = self.committed()
             driver = self.cli(*args, stdout=out, stderr=self.log)
-            kill_after = time.monotonic() + self.rng.uniform(0.5, 1.5)
+            kill_after = time.monotonic() + self.rng.uniform(0.1, 0.6)
             while driver.poll() is None:
                 if kill and time.monotonic() >= kill_after and self.committed() > start:
                     driver.send_signal(signal.SIGKILL)
