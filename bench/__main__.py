@@ -58,6 +58,14 @@ def rss_summary(sampler: TreeSampler) -> str:
     return ", ".join(parts) + " MB"
 
 
+def cpu_summary(sampler: TreeSampler) -> str:
+    """CPU seconds (user + system) of each role, summed over its processes."""
+    parts = []
+    for role, procs in sorted(sampler.by_role().items()):
+        parts.append(f"{role} {sum(p.cpu_seconds for p in procs):.1f}")
+    return ", ".join(parts) + " s"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{rss_summary(resume_tree)}"
         )
         print()
+        print(f"CPU (2): {cpu_summary(pipe_tree)}; (1): {cpu_summary(plain_tree)}")
         print(f"ratio (2)/(1), events/s:         {plain_wall / pipe_wall:.2f}")
         print(f"resume / full run, wall:         {resume_wall / pipe_wall:.1%}")
         print(f"output (1) == (2), byte for byte: {identical}")

@@ -5,7 +5,7 @@ the partition's lease alive (``tasks/lease.py``). A batch that is neither
 queued, nor leased, nor committed for ``LOST_AFTER`` seconds lost its worker
 (killed, or its connection dropped right after it took the job): it is sent
 again, at the front of its queue. Running it twice is harmless — the commit
-script accepts one copy and refuses the other.
+accepts one copy and refuses the other.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One batch per partition is in flight at a time: while it runs, the partition's
 next events accumulate, and they leave as one batch when it commits (once they
 are MIN_BATCH_LINES, or have waited LINGER). Batches therefore grow with the
 workers' latency, and a partition's batches can never be applied out of order
-or concurrently (the commit script also refuses both).
+or concurrently (the commit also refuses both).
 
 The namespace's committed epoch advances when every epoch up to it is
 committed by its partition; the driver then writes those epochs' lines, and

@@ -2,7 +2,7 @@
 
 The flow's functions run here (so functions defined in ``__main__`` work);
 state, undo records and progress live in Redis exactly as with the
-distributed engine, committed per batch by the same script. Outputs go to the
+distributed engine, committed per batch in the same transaction. Outputs go to the
 output handler in epoch order, after their batch has committed.
 """
 
@@ -25,8 +25,7 @@ from tasks.apply import apply_events
 from tasks.errors import NamespaceError, PipelineError, StaleGeneration
 from tasks.flow import Dataflow, keyed, run_steps
 from tasks.keys import Keys
-from tasks.scripts import CommitOutcome
-from tasks.store import CommitTarget, commit, load
+from tasks.store import CommitOutcome, CommitTarget, partition_transaction
 
 InputBuilder = Callable[[int, int], Iterable[tuple[int, Any]]]
 OutputBuilder = Callable[[int, int], Callable[[tuple[int, Any]], Any]]
@@ -137,14 +136,17 @@ class _Runner:
         if through <= self.after:
             return
         wanted = list(dict.fromkeys(key for _, key, _ in events))
-        loaded = load(self.r, self.keys, 0, wanted)
-        # Outputs are delivered after the commit: copy each one as it is emitted, since
-        # a mapper may emit its state and change it again for a later event.
-        applied = apply_events(
-            self.flow, events, loaded.states, through, "fail", render=lambda e, x: (e, deepcopy(x))
-        )
         target = CommitTarget(self.keys, self.generation, 0, self.after, through)
-        if commit(self.r, target, applied) is not CommitOutcome.COMMITTED:
+        with partition_transaction(self.r, self.keys, 0) as txn:
+            loaded = txn.load(wanted)
+            # Outputs are delivered after the commit: copy each one as it is emitted, since
+            # a mapper may emit its state and change it again for a later event.
+            applied = apply_events(
+                self.flow, events, loaded.states, through, "fail",
+                render=lambda e, x: (e, deepcopy(x)),
+            )  # fmt: skip
+            outcome = txn.commit(target, applied)
+        if outcome is not CommitOutcome.COMMITTED:
             msg = f"namespace {self.keys.namespace!r} was taken over by another run"
             raise StaleGeneration(msg)
         delivered = self.after  # every epoch up to this one is out

@@ -15,7 +15,7 @@ from orchestrator.reader import fingerprint
 from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks.errors import NamespaceError
 from tasks.keys import Keys
-from tasks.store import NOTHING, restore_partition
+from tasks.store import NOTHING, claim_partition, restore_partition
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def start_run(
 ) -> int:
     """Take over the namespace for a run that processes input from ``start_epoch`` on.
 
-    Bumps the generation first, so that batches of an earlier (killed) run can
-    no longer commit; then restores every partition as of ``start_epoch - 1``,
+    Bumps the generation and claims every partition for it first, so that
+    batches of an earlier (killed) run can no longer commit; then restores every partition as of ``start_epoch - 1``,
     which discards anything committed after it, and drops stale jobs and notices.
 
     Returns:
@@ -116,6 +116,10 @@ def start_run(
         r.hdel(keys.meta, "output", "output_length")
     else:
         r.hset(keys.meta, "output", output)
+    pipe = r.pipeline(transaction=False)
+    for p in range(partitions):
+        claim_partition(pipe, keys, p, generation)
+    pipe.execute()
     for p in range(partitions):
         restore_partition(r, keys, p, start_epoch - 1)
     queues = [

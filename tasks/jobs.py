@@ -14,10 +14,11 @@ from tasks.errors import OutOfOrder
 from tasks.flow import load_flow, make_router
 from tasks.keys import Keys, partition_of
 from tasks.lease import partition_lease
-from tasks.scripts import CommitOutcome
-from tasks.store import CommitTarget, commit, load
+from tasks.store import CommitOutcome, CommitTarget, outcome_of, partition_transaction
 
 logger = logging.getLogger(__name__)
+
+COMMIT_ATTEMPTS = 3
 
 
 def process_batch(namespace: str, partition: int, batch_key: str) -> dict[str, Any]:
@@ -71,25 +72,34 @@ def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
     """
     keys = Keys(batch.namespace)
     events = batch_events(batch)
-    loaded = load(r, keys, batch.partition, list(dict.fromkeys(key for _, key, _ in events)))
-    if loaded.generation != batch.generation:
-        return _result(batch, CommitOutcome.STALE)
-    if loaded.applied >= batch.last_epoch:
-        return _result(batch, CommitOutcome.DUPLICATE)
-    if loaded.applied != batch.after_epoch:
-        raise _out_of_order(batch, loaded.applied)
-    flow = load_flow(batch.flow)
-    applied = apply_events(flow, events, loaded.states, batch.last_epoch, batch.on_error)
-    notice = CommitNotice.encode_outputs(
-        batch.partition, applied.applied_through, applied.outputs, applied.rejected, applied.failed
-    )
     target = CommitTarget(
         keys, batch.generation, batch.partition, batch.after_epoch, batch.last_epoch
     )
-    outcome = commit(r, target, applied, notice)
-    if outcome is CommitOutcome.OUT_OF_ORDER:
-        raise _out_of_order(batch, None)
-    return _result(batch, outcome)
+    wanted = list(dict.fromkeys(key for _, key, _ in events))
+    flow = load_flow(batch.flow)
+    # A commit fails only when the partition's progress changed after the load; the
+    # new progress then says why. Should it say nothing (it changed and came back),
+    # the batch is loaded and applied again.
+    for _ in range(COMMIT_ATTEMPTS):
+        with partition_transaction(r, keys, batch.partition) as txn:
+            loaded = txn.load(wanted)
+            refused = outcome_of(target, loaded.generation, loaded.applied)
+            if refused is CommitOutcome.OUT_OF_ORDER:
+                raise _out_of_order(batch, loaded.applied)
+            if refused is not None:
+                return _result(batch, refused)
+            applied = apply_events(flow, events, loaded.states, batch.last_epoch, batch.on_error)
+            notice = CommitNotice.encode_outputs(
+                batch.partition,
+                applied.applied_through,
+                applied.outputs,
+                applied.rejected,
+                applied.failed,
+            )
+            outcome = txn.commit(target, applied, notice)
+        if outcome is not CommitOutcome.OUT_OF_ORDER:
+            return _result(batch, outcome)
+    raise _out_of_order(batch, None)
 
 
 def _out_of_order(batch: Batch, applied: int | None) -> OutOfOrder:

@@ -9,12 +9,15 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 import tasks.jobs
+import tasks.store
 from tasks.batch import Batch, CommitNotice
 from tasks.cartjoin import FLOW_PATH
 from tasks.errors import OutOfOrder
 from tasks.jobs import run_batch
 from tasks.keys import PROCESS_BATCH
-from tasks.store import applied_epochs, restore_partition
+from tasks.apply import apply_events
+from tasks.flow import load_flow
+from tasks.store import CommitOutcome, applied_epochs, claim_partition, restore_partition
 
 from reference import reference_run
 
@@ -30,7 +33,9 @@ SEED_LINES = [
 
 
 def start(r, keys, generation=1):
+    """What a run does first: own the namespace, then claim its partition."""
     r.hset(keys.meta, mapping={"generation": generation, "partitions": 1})
+    claim_partition(r, keys, 0, generation)
 
 
 def batch(keys, lines, after, last, first_epoch=None, generation=1, on_error="fail"):
@@ -107,6 +112,40 @@ def test_a_batch_before_its_predecessor_is_refused_and_writes_nothing(r, keys):
     assert snapshot(r, keys) == before
 
 
+def apply_under_watch(r, keys, b):
+    """Load and apply a batch as a worker does, stopping just before its commit."""
+    txn_context = tasks.store.partition_transaction(r, keys, b.partition)
+    txn = txn_context.__enter__()
+    events = tasks.jobs.batch_events(b)
+    loaded = txn.load(list(dict.fromkeys(key for _, key, _ in events)))
+    applied = apply_events(load_flow(b.flow), events, loaded.states, b.last_epoch, b.on_error)
+    target = tasks.store.CommitTarget(keys, b.generation, b.partition, b.after_epoch, b.last_epoch)
+    return txn_context, txn, target, applied
+
+
+def test_a_copy_that_loses_the_race_to_commit_writes_nothing(r, keys):
+    start(r, keys)
+    b = batch(keys, SEED_LINES[:4], -1, 3)
+    context, slow_copy, target, applied = apply_under_watch(r, keys, b)
+    # Another worker runs the same batch (a re-sent job) and commits first.
+    assert run_batch(r, b)["outcome"] == "committed"
+    after_first = snapshot(r, keys)
+    assert slow_copy.commit(target, applied, b"notice") is CommitOutcome.DUPLICATE
+    context.__exit__(None, None, None)
+    assert snapshot(r, keys) == after_first
+    assert len(notices(r, keys)) == 1
+
+
+def test_a_new_run_claiming_the_partition_fences_a_batch_about_to_commit(r, keys):
+    start(r, keys)
+    context, old_run, target, applied = apply_under_watch(r, keys, batch(keys, SEED_LINES[:2], -1, 1))
+    start(r, keys, generation=2)
+    before = snapshot(r, keys)
+    assert old_run.commit(target, applied, b"notice") is CommitOutcome.STALE
+    context.__exit__(None, None, None)
+    assert snapshot(r, keys) == before
+
+
 def test_a_job_that_dies_before_its_commit_leaves_no_trace(r, keys, monkeypatch):
     start(r, keys)
     run_batch(r, batch(keys, SEED_LINES[:2], -1, 1))
@@ -115,7 +154,7 @@ def test_a_job_that_dies_before_its_commit_leaves_no_trace(r, keys, monkeypatch)
     def die(*args, **kwargs):
         raise ConnectionError("killed before the commit")
 
-    monkeypatch.setattr(tasks.jobs, "commit", die)
+    monkeypatch.setattr(tasks.store.PartitionTransaction, "commit", die)
     with pytest.raises(ConnectionError):
         run_batch(r, batch(keys, SEED_LINES[2:5], 1, 4))
     assert snapshot(r, keys) == before
@@ -137,7 +176,7 @@ def test_restore_gives_the_state_as_of_any_epoch(r, keys, restore_to):
     assert states(r, keys) == expected
     assert applied_epochs(r, keys, 1) == [restore_to]
     # Processing again from there gives the same end state as a run that never stopped.
-    r.hset(keys.meta, "generation", 2)
+    start(r, keys, generation=2)
     run_batch(r, batch(keys, SEED_LINES[restore_to + 1 :], restore_to, 6, generation=2))
     assert states(r, keys) == reference_run(SEED_LINES)[1]
 
