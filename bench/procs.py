@@ -61,7 +61,8 @@ class TreeSampler:
                 continue
             stats = self.stats.get(proc.pid)
             if stats is None:
-                stats = self.stats[proc.pid] = ProcessStats(proc.pid, _role(cmdline))
+                role = _role(cmdline, is_root=proc.pid == self.root)
+                stats = self.stats[proc.pid] = ProcessStats(proc.pid, role)
             stats.peak_rss = max(stats.peak_rss, rss)
             stats.cpu_seconds = max(stats.cpu_seconds, cpu.user + cpu.system)
 
@@ -73,17 +74,16 @@ class TreeSampler:
         return groups
 
 
-def _role(cmdline: list[str]) -> str:
+def _role(cmdline: list[str], *, is_root: bool) -> str:
     text = " ".join(cmdline)
-    if "redis-server" in text:
-        return "redis"
     if "redis-aof-rewrite" in text or "redis-rdb" in text:
         return "redis-rewrite"
-    if " worker" in text:
-        return "worker"
+    if "redis-server" in text:
+        return "redis"
     if "bench.plain" in text:
         return "python"
-    return "driver"
+    # The command's own worker processes are forked from it (same command line).
+    return "driver" if is_root else "worker"
 
 
 def run_sampled(args: list[str], **kwargs: object) -> tuple[float, TreeSampler, int]:

@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit when the queues are empty",
     )  # fmt: skip
     _flow_option(worker)
+    # Set on the workers a driver command starts itself: they wait for its first
+    # ingest without saying so (the driver is about to set the partitions).
+    worker.add_argument("--started-by-driver", action="store_true", help=argparse.SUPPRESS)
     dead = sub.add_parser(
         "dead-letters",
         parents=[conn],
@@ -295,7 +298,8 @@ def configure_logging(verbose: bool, *, worker: bool = False) -> None:
         fmt, level = "%(asctime)s " + who + " %(name)s %(levelname)s %(message)s", logging.DEBUG
     else:
         fmt, level = who + ": %(message)s", logging.WARNING
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    # force: a worker forked from a driver replaces the driver's configuration
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
 
 
 def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
@@ -312,7 +316,7 @@ def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
         print_state(queries.key_state(settings, args.key, args.at_epoch), as_json=args.json)
         return ExitStatus.OK
     if args.command == "worker":
-        commands.worker(settings, burst=args.burst)
+        commands.worker(settings, burst=args.burst, announce_wait=not args.started_by_driver)
         return ExitStatus.OK
     if args.command == "dead-letters":
         return dead_letters(settings, args.action, as_json=args.json)

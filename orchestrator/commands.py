@@ -146,13 +146,15 @@ def run_pipeline(
     keys = Keys(settings.namespace)
     if settings.flow is not None:
         load_flow(settings.flow)  # a flow that cannot load is refused before anything starts
-    with open_input(path) as f, connect(settings) as conn, DriverLock(conn.client, keys):
-        # The worker processes start now: they import while the driver plans the run
-        # (a resume's fixed cost is mostly start-up time).
+    with open_input(path) as f, connect(settings) as conn:
+        # The worker processes start first: forked before the driver lock starts its
+        # thread, they begin with everything imported (a resume's fixed cost is mostly
+        # start-up time). Refused by the lock, the run stops them again.
         pool = WorkerPool(settings.worker_count, conn.url, keys.namespace, verbose=settings.verbose)
         pool.start()
         try:
-            return _drive(settings, mode, path, from_epoch, f, conn.client, conn.embedded, pool)
+            with DriverLock(conn.client, keys):
+                return _drive(settings, mode, path, from_epoch, f, conn.client, conn.embedded, pool)
         finally:
             pool.stop()
 
@@ -245,12 +247,17 @@ def reset_namespace(settings: Settings) -> int:
         return reset(conn.client, keys)
 
 
-def worker(settings: Settings, *, burst: bool = False) -> None:
+def worker(settings: Settings, *, burst: bool = False, announce_wait: bool = True) -> None:
     """Run an RQ worker on every partition queue of the namespace."""
     keys = Keys(settings.namespace)
     if settings.flow is not None:
         load_flow(settings.flow)  # fail now, not on the first batch
     with connect(settings, join_only=True) as conn:
         run_worker(
-            conn.client, keys, burst=burst, verbose=settings.verbose, owner_pid=conn.owner_pid
+            conn.client,
+            keys,
+            burst=burst,
+            verbose=settings.verbose,
+            owner_pid=conn.owner_pid,
+            announce_wait=announce_wait,
         )

@@ -97,12 +97,16 @@ def test_a_killed_driver_is_resumed_at_once_and_the_result_is_exact(
     ns = new_namespace()
     args = ["--redis-url", redis_url, "--namespace", ns, "--workers", "2"]
     with open(tmp_path / "first.out", "w") as out:
+        # Small batches: the committed epoch advances step by step, and the driver is
+        # killed with most of the input still to do.
         driver = popen_cli(
-            "ingest", str(path), *args, "--partitions", "3", "--flow", SLOW_FLOW, stdout=out
-        )
+            "ingest", str(path), *args, "--partitions", "3", "--flow", SLOW_FLOW,
+            "--batch-events", "300", stdout=out,
+        )  # fmt: skip
         wait_for(lambda: int(real.hget(Keys(ns).meta, "committed") or -1) >= 1000, timeout=60)
         driver.send_signal(signal.SIGKILL)
         driver.communicate(timeout=30)
+    assert int(real.hget(Keys(ns).meta, "committed")) < len(lines) - 1  # killed mid-run
     first = (tmp_path / "first.out").read_text()
     started = time.monotonic()
     # No waiting for the dead driver's lock to expire: its process is gone, so it is taken over.

@@ -36,13 +36,14 @@ def test_redis_killed_and_restarted_mid_run(own_redis, tmp_path):
     with open(tmp_path / "first.out", "w") as out:
         driver = subprocess.Popen(
             [sys.executable, "-m", "orchestrator", "ingest", str(path), *args,
-             "--partitions", "3", "--flow", "tests.flows.slow_cart:flow"],
+             "--partitions", "3", "--flow", "tests.flows.slow_cart:flow", "--batch-events", "300"],
             cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while (before := committed(own_redis.url, ns)) < 1_500:
             assert time.monotonic() < deadline and driver.poll() is None
             time.sleep(0.02)
+        assert before < len(lines) - 1  # the restart comes mid-run
         own_redis.kill()  # SIGKILL: only what the append-only file holds survives
         time.sleep(1.5)
         own_redis.start()
