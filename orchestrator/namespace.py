@@ -104,8 +104,9 @@ def start_run(
     """Take over the namespace for a run that processes input from ``start_epoch`` on.
 
     Bumps the generation and claims every partition for it first, so that
-    batches of an earlier (killed) run can no longer commit; then restores every partition as of ``start_epoch - 1``,
-    which discards anything committed after it, and drops stale jobs and notices.
+    batches of an earlier (killed) run can no longer commit; then restores every
+    partition as of ``start_epoch - 1``, which discards anything committed after
+    it, and drops stale jobs and notices.
 
     Returns:
         The run's generation.

@@ -16,6 +16,7 @@ from orchestrator.workers import listening_workers
 from tasks.errors import NamespaceError
 from tasks.keys import Keys, partition_of
 from tasks.store import NOTHING, applied_epochs
+from tasks.undo import decode_undo
 
 
 def rq_worker_command(url: str, keys: Keys, partitions: int) -> str:
@@ -122,9 +123,9 @@ def _state_at(r: Redis, keys: Keys, p: int, key: str, epoch: int) -> Any:
     pipe.zrangebyscore(keys.undo(p), f"({epoch}", "+inf")
     current, records = pipe.execute()
     for record in records:  # in epoch order
-        for e, k, before in orjson.loads(record):
+        for e, k, before in decode_undo(record):
             if e > epoch and k == key:
-                return before
+                return None if before is None else orjson.loads(before)
     return None if current is None else orjson.loads(current)
 
 

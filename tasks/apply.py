@@ -17,10 +17,8 @@ import orjson
 
 from tasks.batch import OnError, Rejection
 from tasks.errors import InvalidEvent
-from tasks.flow import Dataflow, StatefulMapStep, make_emitter
-
-# A stored state as JSON bytes, or None when the key has no state.
-Raw = bytes | None
+from tasks.flow import Dataflow, StatefulMapStep, make_emitter, single_emitter
+from tasks.undo import Raw, encode_undo
 
 
 @dataclass
@@ -30,15 +28,32 @@ class AppliedBatch:
     applied_through: int
     # key -> final state (None deletes the key's state)
     writes: dict[str, Raw] = field(default_factory=dict)
-    # (epoch, key, state before the event as JSON, or None): restoring epoch N-1 sets
-    # each key to the before-image of its first event at epoch >= N
-    undo: list[tuple[int, str, Raw]] = field(default_factory=list)
-    # (epoch, rendered output) in epoch order
-    outputs: list[tuple[int, Any]] = field(default_factory=list)
+    # Each applied event's epoch, key and state before it (the undo record): restoring
+    # epoch N-1 sets each key to the before-image of its first event at epoch >= N.
+    undo_epochs: list[int] = field(default_factory=list)
+    undo_keys: list[str] = field(default_factory=list)
+    undo_befores: list[Raw] = field(default_factory=list)
+    # The epoch of each rendered output, and the outputs, in epoch order
+    out_epochs: list[int] = field(default_factory=list)
+    out_items: list[Any] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     failed: Rejection | None = None
     # the exception behind `failed`, for callers in the same process (run_main)
     failed_exception: BaseException | None = None
+
+    @property
+    def outputs(self) -> list[tuple[int, Any]]:
+        """``(epoch, rendered output)`` pairs in epoch order."""
+        return list(zip(self.out_epochs, self.out_items, strict=True))
+
+    @property
+    def undo(self) -> list[tuple[int, str, Raw]]:
+        """``(epoch, key, state before)`` of each applied event."""
+        return list(zip(self.undo_epochs, self.undo_keys, self.undo_befores, strict=True))
+
+    def encode_undo(self) -> bytes:
+        """The batch's undo record (see ``tasks/undo.py``)."""
+        return encode_undo(self.undo_epochs, self.undo_keys, self.undo_befores)
 
 
 def describe_exception(e: BaseException) -> str:
@@ -98,12 +113,15 @@ def apply_events(
         before that event, whatever the mapper did to it in place.
     """
     _, stateful, after = flow.split()
-    mapper, builder, emit = stateful.mapper, stateful.builder, make_emitter(after)
+    mapper, builder = stateful.mapper, stateful.builder
+    emit, emit_one = make_emitter(after), single_emitter(after)
     dumps, loads = orjson.dumps, orjson.loads
     raw: dict[str, Raw] = dict(loaded)  # last good serialized state per key
     live: dict[str, Any] = {}  # decoded states, valid while equal to raw
     result = AppliedBatch(applied_through=last_epoch)
-    undo, writes, outputs = result.undo, result.writes, result.outputs
+    writes = result.writes
+    undo_epochs, undo_keys, undo_befores = result.undo_epochs, result.undo_keys, result.undo_befores
+    out_epochs, out_items = result.out_epochs, result.out_items
     # The hot loop of a worker: local names only, one mapper call, one encode per event.
     for epoch, key, value in events:
         before = raw.get(key)
@@ -115,7 +133,10 @@ def apply_events(
                 new_state, emitted = mapper(state, value)
             except (TypeError, ValueError) as e:
                 raise _bad_return(stateful, mapper, state, value, e) from None
-            rendered = [render(epoch, item) for item in emit((key, emitted))]
+            if emit_one is not None:  # the steps after the mapper are plain maps
+                rendered = render(epoch, emit_one((key, emitted)))
+            else:
+                rendered_all = [render(epoch, item) for item in emit((key, emitted))]
             new_raw = None if new_state is None else dumps(new_state)
         except Exception as e:  # the flow's code rejected this event
             live.pop(key, None)  # the mapper may have mutated it in place
@@ -126,14 +147,20 @@ def apply_events(
                 break
             result.rejected.append(rejection)
             continue
-        undo.append((epoch, key, before))
+        undo_epochs.append(epoch)
+        undo_keys.append(key)
+        undo_befores.append(before)
         raw[key] = writes[key] = new_raw
         if new_state is None:
             live.pop(key, None)
         else:
             live[key] = new_state
-        for out in rendered:
-            outputs.append((epoch, out))
+        if emit_one is not None:
+            out_epochs.append(epoch)
+            out_items.append(rendered)
+        else:
+            out_epochs += [epoch] * len(rendered_all)
+            out_items += rendered_all
     return result
 
 
@@ -153,15 +180,3 @@ def _bad_return(
         return error  # raised inside the mapper, not by unpacking what it returned
     msg = f"stateful_map {stateful.step_id!r}: the mapper must return (state, emitted)"
     return TypeError(msg)
-
-
-def encode_undo(undo: list[tuple[int, str, Raw]]) -> bytes:
-    """An undo record: ``[[epoch, key, state before], ...]`` with the states embedded as JSON."""
-    dumps = orjson.dumps
-    return (
-        b"["
-        + b",".join(
-            [b"[%d,%b,%b]" % (e, dumps(k), b"null" if b is None else b) for e, k, b in undo]
-        )
-        + b"]"
-    )

@@ -100,20 +100,20 @@ class CommitNotice:
     def encode_outputs(
         partition: int,
         applied_through: int,
-        outputs: list[tuple[int, str]],
+        epochs: list[int],
+        lines: list[str],
         rejected: list[Rejection],
         failed: Rejection | None,
     ) -> bytes:
-        """Encode a notice from a batch's ``(epoch, line)`` outputs (one join, one encode)."""
+        """Encode a notice from a batch's output lines and their epochs (one join, one encode)."""
         header = {
             "p": partition,
             "through": applied_through,
-            "epochs": [e for e, _ in outputs],
+            "epochs": epochs,
             "rejected": [[r.epoch, r.key, r.reason] for r in rejected],
             "failed": None if failed is None else [failed.epoch, failed.key, failed.reason],
         }
-        body = "\n".join([line for _, line in outputs]).encode()
-        return orjson.dumps(header) + b"\n" + body
+        return orjson.dumps(header) + b"\n" + "\n".join(lines).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> CommitNotice:

@@ -175,21 +175,28 @@ def make_router(
 
 
 def make_emitter(steps: list[Step]) -> Callable[[Any], list[Any]]:
-    """A function from the stateful step's ``(key, emitted)`` to the flow's output items.
-
-    Plain maps are composed without the general path's lists (runs once per event).
-    """
-    if not all(isinstance(s, MapStep) for s in steps):
+    """A function from the stateful step's ``(key, emitted)`` to the flow's output items."""
+    one = single_emitter(steps)
+    if one is None:
         return lambda item: run_steps(steps, item)
-    fns = [s.fn for s in steps]
-    if len(fns) == 1:
-        fn = fns[0]
-        return lambda item: [fn(item)]
+    return lambda item: [one(item)]
 
-    def emit(item: Any) -> list[Any]:
+
+def single_emitter(steps: list[Step]) -> Callable[[Any], Any] | None:
+    """For steps that are all plain maps, the composed function giving the one output item
+    (no lists: it runs once per event); None if a step can give more or fewer items."""
+    if not all(isinstance(s, MapStep) for s in steps):
+        return None
+    fns = [s.fn for s in steps]
+    if not fns:
+        return lambda item: item
+    if len(fns) == 1:
+        return fns[0]
+
+    def emit(item: Any) -> Any:
         for fn in fns:
             item = fn(item)
-        return [item]
+        return item
 
     return emit
 

@@ -92,7 +92,8 @@ def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
             notice = CommitNotice.encode_outputs(
                 batch.partition,
                 applied.applied_through,
-                applied.outputs,
+                applied.out_epochs,
+                applied.out_items,
                 applied.rejected,
                 applied.failed,
             )

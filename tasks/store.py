@@ -21,12 +21,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from redis import Redis, WatchError
 from redis.client import Pipeline
 
-from tasks.apply import AppliedBatch, Raw, encode_undo
+from tasks.apply import AppliedBatch
 from tasks.keys import Keys
+from tasks.undo import Raw, decode_undo, encode_undo
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,9 @@ class PartitionTransaction:
         )
         states = {}
         if wanted:
-            states = dict(zip(wanted, self.pipe.hmget(self.keys.state(self.partition), wanted)))
+            states = dict(
+                zip(wanted, self.pipe.hmget(self.keys.state(self.partition), wanted), strict=True)
+            )
         return Loaded(
             None if generation is None else int(generation),
             NOTHING if applied is None else int(applied),
@@ -123,8 +125,8 @@ class PartitionTransaction:
             pipe.hset(keys.state(p), items=sets)
         if deletes:
             pipe.hdel(keys.state(p), *deletes)
-        if applied.undo:
-            pipe.zadd(keys.undo(p), {encode_undo(applied.undo): applied.applied_through})
+        if applied.undo_epochs:
+            pipe.zadd(keys.undo(p), {applied.encode_undo(): applied.applied_through})
         pipe.hset(keys.progress(p), "applied", applied.applied_through)
         pipe.delete(keys.batch(target.generation, p, target.last_epoch))
         if notice:
@@ -183,22 +185,17 @@ def restore_partition(r: Redis, keys: Keys, partition: int, epoch: int) -> int:
     applied = r.hget(keys.progress(partition), "applied")
     if applied is None or int(applied) <= epoch:
         return 0
-    records = r.zrangebyscore(keys.undo(partition), f"({epoch}", "+inf", withscores=True)
-    restore: dict[str, Any] = {}  # key -> its state (a JSON value) or None
+    records = r.zrangebyscore(keys.undo(partition), f"({epoch}", "+inf")
+    restore: dict[str, bytes | None] = {}  # key -> the JSON of its state, or None
     # Walk backwards so that the earliest event after `epoch` wins for each key.
-    for member, _score in reversed(records):
-        for e, key, before in reversed(orjson.loads(member)):
+    for record in reversed(records):
+        for e, key, before in reversed(list(decode_undo(record))):
             if e > epoch:
                 restore[key] = before
     # Only the oldest record can straddle `epoch`: keep its part up to `epoch`.
-    kept = [entry for entry in orjson.loads(records[0][0]) if entry[0] <= epoch] if records else []
+    kept = [entry for entry in decode_undo(records[0]) if entry[0] <= epoch] if records else []
     pipe = r.pipeline(transaction=True)
-    sets = [
-        x
-        for key, before in restore.items()
-        if before is not None
-        for x in (key, orjson.dumps(before))
-    ]
+    sets = [x for key, before in restore.items() if before is not None for x in (key, before)]
     deletes = [key for key, before in restore.items() if before is None]
     for i in range(0, len(sets), 2000):
         pipe.hset(keys.state(partition), items=sets[i : i + 2000])
@@ -206,7 +203,8 @@ def restore_partition(r: Redis, keys: Keys, partition: int, epoch: int) -> int:
         pipe.hdel(keys.state(partition), *deletes[i : i + 1000])
     pipe.zremrangebyscore(keys.undo(partition), f"({epoch}", "+inf")
     if kept:
-        pipe.zadd(keys.undo(partition), {orjson.dumps(kept): epoch})
+        epochs, names, befores = (list(column) for column in zip(*kept, strict=True))
+        pipe.zadd(keys.undo(partition), {encode_undo(epochs, names, befores): epoch})
     pipe.hset(keys.progress(partition), "applied", epoch)
     pipe.execute()
     logger.info(

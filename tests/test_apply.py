@@ -5,10 +5,11 @@ import json
 import orjson
 import pytest
 
-from tasks.apply import apply_events, encode_undo, format_line
+from tasks.apply import apply_events, format_line
 from tasks.cartjoin import flow, validate_event
 from tasks.errors import InvalidEvent
 from tasks.flow import Dataflow
+from tasks.undo import decode_undo, encode_undo
 
 
 def order(user, oid):
@@ -51,10 +52,16 @@ def test_undo_holds_each_events_before_image():
         (0, "a", None),
         (1, "a", b'{"unpaid_order_ids":[1],"paid_order_ids":[]}'),
     ]
-    assert orjson.loads(encode_undo(result.undo)) == [
-        [0, "a", None],
-        [1, "a", {"unpaid_order_ids": [1], "paid_order_ids": []}],
-    ]
+    assert list(decode_undo(result.encode_undo())) == result.undo
+
+
+def test_an_undo_record_keeps_the_stored_bytes_of_each_state():
+    befores = [None, b'{"x":"a\\nb"}', b"[]", b'"s"', None]
+    record = encode_undo([3, 4, 5, 6, 7], ["k", "l", "k", "m:n", "o\np"], befores)
+    assert list(decode_undo(record)) == list(
+        zip([3, 4, 5, 6, 7], ["k", "l", "k", "m:n", "o\np"], befores, strict=True)
+    )
+    assert list(decode_undo(encode_undo([], [], []))) == []
 
 
 def picky_flow():

@@ -10,13 +10,13 @@ from rq.serializers import JSONSerializer
 
 import tasks.jobs
 import tasks.store
+from tasks.apply import apply_events
 from tasks.batch import Batch, CommitNotice
 from tasks.cartjoin import FLOW_PATH
 from tasks.errors import OutOfOrder
+from tasks.flow import load_flow
 from tasks.jobs import run_batch
 from tasks.keys import PROCESS_BATCH
-from tasks.apply import apply_events
-from tasks.flow import load_flow
 from tasks.store import CommitOutcome, applied_epochs, claim_partition, restore_partition
 
 from reference import reference_run
@@ -138,7 +138,9 @@ def test_a_copy_that_loses_the_race_to_commit_writes_nothing(r, keys):
 
 def test_a_new_run_claiming_the_partition_fences_a_batch_about_to_commit(r, keys):
     start(r, keys)
-    context, old_run, target, applied = apply_under_watch(r, keys, batch(keys, SEED_LINES[:2], -1, 1))
+    context, old_run, target, applied = apply_under_watch(
+        r, keys, batch(keys, SEED_LINES[:2], -1, 1)
+    )
     start(r, keys, generation=2)
     before = snapshot(r, keys)
     assert old_run.commit(target, applied, b"notice") is CommitOutcome.STALE
