@@ -61,8 +61,9 @@ class TreeSampler:
                 continue
             stats = self.stats.get(proc.pid)
             if stats is None:
-                role = _role(cmdline, is_root=proc.pid == self.root)
-                stats = self.stats[proc.pid] = ProcessStats(proc.pid, role)
+                stats = self.stats[proc.pid] = ProcessStats(proc.pid, "")
+            # (a child caught between its fork and its exec looks like its parent)
+            stats.role = _role(cmdline, is_root=proc.pid == self.root)
             stats.peak_rss = max(stats.peak_rss, rss)
             stats.cpu_seconds = max(stats.cpu_seconds, cpu.user + cpu.system)
 

@@ -177,9 +177,9 @@ def _run_options() -> argparse.ArgumentParser:
     )  # fmt: skip
     _option(
         group, "--batch-events", env="ORCHESTRATOR_BATCH_EVENTS", type=_positive,
-        default=5_000, metavar="N",
+        default=Settings.batch_events, metavar="N",
         help="at most N events per batch job; batches grow to it while workers are busy "
-        "(default 5000)",
+        f"(default {Settings.batch_events})",
     )  # fmt: skip
     _option(
         group, "--max-line-bytes", env="ORCHESTRATOR_MAX_LINE_BYTES", type=_positive,
@@ -285,7 +285,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         flow=getattr(args, "flow", None),
         retain_epochs=getattr(args, "retain_epochs", 100_000),
         max_line_bytes=getattr(args, "max_line_bytes", 1 << 20),
-        batch_events=getattr(args, "batch_events", 5_000),
+        batch_events=getattr(args, "batch_events", Settings.batch_events),
         verbose=args.verbose,
         quiet=getattr(args, "quiet", False),
     )

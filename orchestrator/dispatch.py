@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from redis import Redis
 from rq import Queue
@@ -86,10 +87,53 @@ class Dispatcher:
                 timeout=JOB_TIMEOUT,
                 result_ttl=0,
                 failure_ttl=FAILED_JOB_TTL,
-                description=f"partition {b.partition} epochs {b.after_epoch + 1}..{b.last_epoch}",
+                description=_describe(b),
                 at_front=at_front,
             )
             self.queues[b.partition].enqueue_many([job], pipeline=pipe)
+        pipe.execute()
+
+    def stage(self, flight: InFlight) -> None:
+        """Store a partition's next batch and its RQ job, without queueing the job yet.
+
+        The job's id waits in the partition's successor list; the commit of the
+        batch running before it moves the id into the RQ queue (so that the next
+        batch starts at once, and never before its predecessor committed), and
+        ``promote`` does it in case that commit came first.
+        """
+        b = flight.batch
+        queue = self.queues[b.partition]
+        batch_key = self.keys.batch(self.generation, b.partition, b.last_epoch)
+        job = queue.create_job(
+            PROCESS_BATCH,
+            args=(self.keys.namespace, b.partition, batch_key),
+            job_id=flight.job_id,
+            timeout=JOB_TIMEOUT,
+            result_ttl=0,
+            ttl=BATCH_TTL,  # a staged job that is never queued (its run was killed) expires
+            failure_ttl=FAILED_JOB_TTL,
+            description=_describe(b),
+        )
+        job.enqueued_at = datetime.now(UTC)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(batch_key, b.encode(), ex=BATCH_TTL)
+        job.save(pipeline=pipe)
+        pipe.rpush(self.keys.successor(self.generation, b.partition), flight.job_id)
+        pipe.execute()
+
+    def promote(self, flight: InFlight) -> None:
+        """Make sure a staged batch whose predecessor committed is in its RQ queue."""
+        p = flight.batch.partition
+        self.r.lmove(self.keys.successor(self.generation, p), self.keys.queue_key(p))
+        flight.sent_at = time.monotonic()
+
+    def discard(self, flight: InFlight) -> None:
+        """Forget a staged batch that will not run (its predecessor stopped the run)."""
+        b = flight.batch
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(self.keys.successor(self.generation, b.partition))
+        pipe.delete(self.keys.batch(self.generation, b.partition, b.last_epoch))
+        pipe.delete(f"rq:job:{flight.job_id}")
         pipe.execute()
 
     def new_flight(self, batch: Batch, offsets: list[int], events: int, size: int) -> InFlight:
@@ -150,3 +194,7 @@ class Dispatcher:
         detail = (latest.exc_string or "").strip().splitlines() if latest else []
         reason = detail[-1] if detail else "no details"
         return f"a worker failed on job {job.id} ({job.description}): {reason}"
+
+
+def _describe(batch: Batch) -> str:
+    return f"partition {batch.partition} epochs {batch.after_epoch + 1}..{batch.last_epoch}"

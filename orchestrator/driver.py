@@ -1,10 +1,12 @@
 """The driver: read epochs, route keyed events to partition queues, collect commits, emit output.
 
-One batch per partition is in flight at a time: while it runs, the partition's
-next events accumulate, and they leave as one batch when it commits (once they
-are MIN_BATCH_LINES, or have waited LINGER). Batches therefore grow with the
-workers' latency, and a partition's batches can never be applied out of order
-or concurrently (the commit also refuses both).
+A partition has at most two batches in flight: one sent to its RQ queue, and
+the next one staged behind it (once MIN_BATCH_LINES lines, or LINGER seconds,
+have accumulated), which the first one's commit moves into the queue. So a
+worker finds the partition's next batch queued the moment the previous one
+commits, without waiting for the driver; batches grow with the workers'
+latency; and a partition's batches are never applied out of order or
+concurrently (the commit also refuses both).
 
 The namespace's committed epoch advances when every epoch up to it is
 committed by its partition; the driver then writes those epochs' lines, and
@@ -42,15 +44,15 @@ from tasks.store import applied_epochs
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_EVENTS = 5_000  # bounds a job's payload and the time its commit blocks Redis
 # Read no further while this many events, or bytes of input, wait for the workers: this
-# bounds the driver's memory (measured: ~1 KB of RSS per buffered event; 50,000 -> 118 MB).
-MAX_BUFFERED_EVENTS = 50_000
+# bounds the driver's memory (room for two 10,000-event batches per partition in flight
+# and more buffered; measured on 1M cart events: peak RSS of the driver ~60-70 MB).
+MAX_BUFFERED_EVENTS = 100_000
 MAX_BUFFERED_BYTES = 32 << 20
 READ_CHUNK = 2_000  # lines read between two looks at the commit notices
 BLOCK_MS = 200  # how long to wait for a notice when there is nothing else to do
 RECORD_EVERY = 0.1  # seconds between two records of the committed epoch
-MIN_BATCH_LINES = 2_000  # a batch waits for this many lines...
+MIN_BATCH_LINES = 5_000  # a batch waits for this many lines...
 LINGER = 0.2  # ...or this many seconds since its first line
 WAITING_NOTE_AFTER = 2.0  # seconds a batch may wait before the driver says it needs workers
 
@@ -127,7 +129,7 @@ class Driver:
         workers: WorkerPool,
         progress: Progress,
         on_commit: OnCommit,
-        batch_events: int = DEFAULT_BATCH_EVENTS,
+        batch_events: int,
         output_is_file: bool = False,
     ) -> None:
         self.r = r
@@ -152,7 +154,8 @@ class Driver:
         self.dispatcher = Dispatcher(r, keys, generation, partitions)
         self.notices = NoticeReader(r, keys.notices(generation))
         self.pending: dict[int, deque[Pending]] = {}
-        self.in_flight: dict[int, InFlight] = {}
+        self.in_flight: dict[int, InFlight] = {}  # the batch in each partition's queue
+        self.staged: dict[int, InFlight] = {}  # the batch behind it
         self.after: list[int] = applied_epochs(r, keys, partitions)
         self.merger = OutputMerger()
         self.buffered = 0  # events read and not yet committed
@@ -183,9 +186,14 @@ class Driver:
             self.dispatcher.watch(self.in_flight)
             self._note_missing_workers()
             self._advance(result, read_through, read_offset)
-            self.progress.update(result.events, result.committed, read_through, len(self.in_flight))
+            self.progress.update(
+                result.events,
+                result.committed,
+                read_through,
+                len(self.in_flight) + len(self.staged),
+            )
             done = exhausted or result.failure is not None
-            if done and not self.in_flight and not self.pending:
+            if done and not self.in_flight and not self.staged and not self.pending:
                 # Nothing may stay counted as buffered, or a long run would stop reading.
                 assert self.buffered == 0 and self.buffered_bytes == 0, (
                     self.buffered,
@@ -264,7 +272,8 @@ class Driver:
         backlog: dict[int, int] = {}
         for p, queue in self.pending.items():
             backlog[p] = sum(x.events for x in queue)
-        for p, flight in self.in_flight.items():
+        for flight in [*self.in_flight.values(), *self.staged.values()]:
+            p = flight.batch.partition
             backlog[p] = backlog.get(p, 0) + flight.events
         return {
             "read_epoch": self.read_through,
@@ -309,25 +318,28 @@ class Driver:
     # ------------------------------------------------------------ dispatching
 
     def _dispatch(self, read_through: int, failure: BadLine | None, *, flush: bool) -> None:
-        """Send a batch to every partition that has events and no batch in flight.
+        """Send a batch to every partition that has events and a free place in flight.
 
-        A batch waits to fill up (MIN_BATCH_LINES, or LINGER seconds since its first
-        line) unless ``flush``: every job has a fixed cost (measured: about 5 ms of CPU
-        over the worker, the driver and Redis), so small batches cost more per event.
+        A partition's first batch goes to its queue, the next one is staged behind
+        it. A batch waits to fill up (MIN_BATCH_LINES, or LINGER seconds since its
+        first line) unless ``flush``: every job has a fixed cost (measured: about
+        5 ms of CPU over the worker, the driver and Redis), so small batches cost
+        more per event.
         """
         last_allowed = read_through if failure is None else min(read_through, failure.epoch - 1)
-        flights = []
+        sent = []
         now = time.monotonic()
         for p in sorted(self.pending):
-            if p in self.in_flight:
+            head = self.in_flight.get(p)
+            if head is not None and p in self.staged:
                 continue
             queue = self.pending[p]
-            head = queue[0]
+            first = queue[0]
             if (
                 not flush
                 and len(queue) == 1
-                and len(head.epochs) < min(MIN_BATCH_LINES, self.batch_events)
-                and now - head.since < LINGER
+                and len(first.epochs) < min(MIN_BATCH_LINES, self.batch_events)
+                and now - first.since < LINGER
             ):
                 continue
             pending = queue.popleft()
@@ -336,12 +348,13 @@ class Driver:
             else:
                 del self.pending[p]
                 last_epoch = last_allowed
+            after = self.after[p] if head is None else head.batch.last_epoch
             batch = Batch(
                 self.keys.namespace,
                 self.generation,
                 p,
                 self.partitions,
-                self.after[p],
+                after,
                 last_epoch,
                 self.flow_path,
                 self.on_error,
@@ -351,9 +364,13 @@ class Driver:
             flight = self.dispatcher.new_flight(
                 batch, pending.offsets, pending.events, pending.size
             )
-            self.in_flight[p] = flight
-            flights.append(flight)
-        self.dispatcher.send(flights)
+            if head is None:
+                self.in_flight[p] = flight
+                sent.append(flight)
+            else:
+                self.staged[p] = flight
+                self.dispatcher.stage(flight)
+        self.dispatcher.send(sent)
 
     # ------------------------------------------------------------- collecting
 
@@ -363,6 +380,14 @@ class Driver:
         self.buffered -= flight.events
         self.buffered_bytes -= flight.size
         self.after[p] = notice.applied_through
+        successor = self.staged.pop(p, None)
+        if successor is not None and notice.failed is None:
+            self.in_flight[p] = successor
+            self.dispatcher.promote(successor)
+        elif successor is not None:  # the run stops in this batch: the next one never runs
+            self.buffered -= successor.events
+            self.buffered_bytes -= successor.size
+            self.dispatcher.discard(successor)
         self.merger.add(p, list(zip(notice.epochs, notice.lines, strict=True)))
         for rejection in [*notice.rejected, *([notice.failed] if notice.failed else [])]:
             self._reject(_bad(rejection, flight), result)
@@ -385,7 +410,7 @@ class Driver:
     def _advance(self, result: RunResult, read_through: int, read_offset: int) -> None:
         """Emit every line up to the namespace-wide committed epoch, then record it."""
         next_epoch, next_offset = read_through + 1, read_offset
-        for flight in self.in_flight.values():
+        for flight in [*self.in_flight.values(), *self.staged.values()]:
             if flight.first_epoch < next_epoch:
                 next_epoch, next_offset = flight.first_epoch, flight.offsets[0]
         for queue in self.pending.values():

@@ -133,6 +133,7 @@ def start_run(
     r.sadd(Queue.redis_queues_keys, *[queue.key for queue in queues])
     stale = [k for k in r.scan_iter(match=keys.notices_pattern, count=1000)]
     stale += [k for k in r.scan_iter(match=keys.batches_pattern, count=1000)]
+    stale += [k for k in r.scan_iter(match=keys.successors_pattern, count=1000)]
     pipe = r.pipeline(transaction=True)
     if stale:
         pipe.delete(*stale)

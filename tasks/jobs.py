@@ -73,7 +73,12 @@ def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
     keys = Keys(batch.namespace)
     events = batch_events(batch)
     target = CommitTarget(
-        keys, batch.generation, batch.partition, batch.after_epoch, batch.last_epoch
+        keys,
+        batch.generation,
+        batch.partition,
+        batch.after_epoch,
+        batch.last_epoch,
+        job=True,
     )
     wanted = list(dict.fromkeys(key for _, key, _ in events))
     flow = load_flow(batch.flow)

@@ -79,6 +79,19 @@ class Keys:
         """String with a short TTL: the job id a live worker is running for the partition."""
         return f"{self.namespace}:p{partition}:lease"
 
+    def successor(self, generation: int, partition: int) -> str:
+        """List: the job id of the partition's next batch, staged while the one before it runs.
+
+        The commit of the batch before it moves the id into the partition's RQ
+        queue (``queue_key``), so the next batch starts without waiting for the driver.
+        """
+        return f"{self.namespace}:next:g{generation}-p{partition}"
+
+    @property
+    def successors_pattern(self) -> str:
+        """SCAN pattern matching the staged successors of every generation."""
+        return f"{self.namespace}:next:*"
+
     @property
     def notices_pattern(self) -> str:
         """SCAN pattern matching the notice lists of every generation."""
@@ -104,6 +117,10 @@ class Keys:
     def queue_name(self, partition: int) -> str:
         """The RQ queue of a partition."""
         return f"{self.namespace}-p{partition}"
+
+    def queue_key(self, partition: int) -> str:
+        """The Redis list of the partition's RQ queue (RQ names it ``rq:queue:<queue name>``)."""
+        return f"rq:queue:{self.queue_name(partition)}"
 
     def queue_names(self, partitions: int) -> list[str]:
         """The RQ queues of all partitions, in partition order."""

@@ -38,4 +38,7 @@ def partition_lease(r: Redis, key: str, job_id: str) -> Iterator[None]:
         stop.set()
         thread.join()
         with contextlib.suppress(redis.RedisError):
-            r.delete(key)
+            # A commit released the lease already; after a job that did not commit, it
+            # is released here, unless the partition's next job holds it by now.
+            if r.get(key) == job_id.encode():
+                r.delete(key)

@@ -60,6 +60,9 @@ class CommitTarget:
     partition: int
     after_epoch: int  # the partition must have applied exactly this far
     last_epoch: int  # names the stored batch (deleted by the commit)
+    # The batch runs as an RQ job of a pipeline run: its commit also releases the
+    # partition's lease and moves the staged next batch into the RQ queue.
+    job: bool = False
 
 
 def claim_partition(r: Redis | Pipeline, keys: Keys, partition: int, generation: int) -> None:
@@ -129,6 +132,11 @@ class PartitionTransaction:
             pipe.zadd(keys.undo(p), {applied.encode_undo(): applied.applied_through})
         pipe.hset(keys.progress(p), "applied", applied.applied_through)
         pipe.delete(keys.batch(target.generation, p, target.last_epoch))
+        if target.job:
+            # No other job can hold the lease yet: the successor starts after this EXEC.
+            pipe.delete(keys.lease(p))
+            if applied.failed is None:  # a batch stopped by a failure ends the run there
+                pipe.lmove(keys.successor(target.generation, p), keys.queue_key(p), "LEFT", "RIGHT")
         if notice:
             pipe.xadd(keys.notices(target.generation), {"n": notice})
         try:
