@@ -57,13 +57,15 @@ class TreeSampler:
                     rss = proc.memory_info().rss
                     cpu = proc.cpu_times()
                     cmdline = proc.cmdline()
+                    parent = proc.ppid()
             except psutil.Error:
                 continue
             stats = self.stats.get(proc.pid)
             if stats is None:
                 stats = self.stats[proc.pid] = ProcessStats(proc.pid, "")
             # (a child caught between its fork and its exec looks like its parent)
-            stats.role = _role(cmdline, is_root=proc.pid == self.root)
+            parent_role = self.stats[parent].role if parent in self.stats else ""
+            stats.role = _role(cmdline, is_root=proc.pid == self.root, parent_role=parent_role)
             stats.peak_rss = max(stats.peak_rss, rss)
             stats.cpu_seconds = max(stats.cpu_seconds, cpu.user + cpu.system)
 
@@ -75,9 +77,10 @@ class TreeSampler:
         return groups
 
 
-def _role(cmdline: list[str], *, is_root: bool) -> str:
+def _role(cmdline: list[str], *, is_root: bool, parent_role: str) -> str:
     text = " ".join(cmdline)
-    if "redis-aof-rewrite" in text or "redis-rdb" in text:
+    # Redis forks a child to rewrite its append-only file; its title varies.
+    if parent_role in ("redis", "redis-rewrite") or "redis-aof-rewrite" in text:
         return "redis-rewrite"
     if "redis-server" in text:
         return "redis"

@@ -21,6 +21,7 @@ from orchestrator.dispatch import WorkerFailed
 from orchestrator.driver import RunResult
 from orchestrator.exitcodes import ExitStatus
 from orchestrator.lock import DriverLocked
+from orchestrator.memory import tune_allocator
 from orchestrator.reader import InputError
 from orchestrator.settings import (
     DEFAULT_DATA_DIR,
@@ -446,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # with the default thresholds, the cyclic GC keeps re-scanning those buffers.
         gc.freeze()
         gc.set_threshold(100_000, 50, 100)
+        tune_allocator()
     if args.command != "worker":  # RQ's worker handles SIGTERM itself (finish the job, exit)
         # SIGTERM stops like Ctrl-C: workers stopped, server stopped, namespace released.
         signal.signal(signal.SIGTERM, _interrupt)

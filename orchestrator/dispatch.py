@@ -130,6 +130,7 @@ class Dispatcher:
     def discard(self, flight: InFlight) -> None:
         """Forget a staged batch that will not run (its predecessor stopped the run)."""
         b = flight.batch
+        logger.info("dropped the staged batch of partition %d (%s)", b.partition, _describe(b))
         pipe = self.r.pipeline(transaction=False)
         pipe.delete(self.keys.successor(self.generation, b.partition))
         pipe.delete(self.keys.batch(self.generation, b.partition, b.last_epoch))

@@ -30,6 +30,7 @@ import orjson
 from redis import Redis
 
 from orchestrator.dispatch import Dispatcher, InFlight
+from orchestrator.memory import trim_now_and_then
 from orchestrator.notices import NoticeReader
 from orchestrator.output import OutputMerger, write_lines
 from orchestrator.progress import Progress
@@ -183,6 +184,7 @@ class Driver:
             for notice in self.notices.read(BLOCK_MS if idle and self.in_flight else None):
                 self._on_notice(notice, result)
             self.workers.supervise()
+            trim_now_and_then()
             self.dispatcher.watch(self.in_flight)
             self._note_missing_workers()
             self._advance(result, read_through, read_offset)

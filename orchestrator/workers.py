@@ -17,6 +17,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
+from orchestrator.memory import trim_now_and_then
 from orchestrator.server import AnnouncedRetry, die_with_parent
 from tasks.errors import PipelineError
 from tasks.keys import Keys
@@ -92,6 +93,10 @@ class PipelineWorker(SimpleWorker):
             super().heartbeat(timeout, pipeline=pipe)
             pipe.execute()
         self._heartbeat_sent_at = now
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        super().execute_job(job, queue)
+        trim_now_and_then()
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """RQ's set_state, without writing a state the worker is in already (one fsync each)."""
