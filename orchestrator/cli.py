@@ -453,10 +453,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         settings = settings_from(args)
-        return int(program(args, settings))
+        status = int(program(args, settings))
+        sys.stdout.flush()  # here, where a reader that left is handled
+        return status
     except KeyboardInterrupt:
         commands.say("interrupted; committed epochs are kept: run 'resume' to continue")
         return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError:
+        # Nothing to say to a reader that left; stdout goes to /dev/null so that
+        # the interpreter's last flush does not fail again on exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(ExitStatus.OUTPUT_CLOSED)
     except redis.ConnectionError as e:
         commands.say(f"lost the connection to Redis: {e}")
         return int(ExitStatus.REDIS_UNAVAILABLE)

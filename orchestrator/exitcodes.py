@@ -16,3 +16,4 @@ class ExitStatus(enum.IntEnum):
     NO_INPUT = 66  # the input file cannot be read, or no longer matches the committed position
     LOCKED = 75  # another driver runs on the namespace (sysexits' EX_TEMPFAIL): try later
     INTERRUPTED = 130  # Ctrl-C; committed state is intact, resume continues
+    OUTPUT_CLOSED = 141  # the reader of stdout went away (`| head`), as SIGPIPE in a shell

@@ -1,6 +1,7 @@
 """Every refusal is one clear line on stderr with an exit status a script can act on."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -164,3 +165,22 @@ def test_options_come_from_the_environment(redis_url, tmp_path):
     assert (report["namespace"], report["partitions"], report["committed_epoch"]) == (ns, 2, 7)
     bad = run_cli("status", cwd=tmp_path, env={**env, "ORCHESTRATOR_NAMESPACE": "a:b"})
     assert bad.returncode == 2 and "invalid namespace" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["status"], ["ingest", "in.json", "--workers", "1", "--on-error", "skip"]]
+)
+def test_a_reader_that_goes_away_ends_the_command_quietly(command, redis_url, tmp_path):
+    (tmp_path / "in.json").write_text(SEED_INPUT.read_text())
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has exited: every write fails
+    args = [*command, "--redis-url", redis_url, "--namespace", new_namespace()]
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args], cwd=tmp_path, env=cli_env(),
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert run.returncode == ExitStatus.OUTPUT_CLOSED, run.stderr
+    assert "Traceback" not in run.stderr
