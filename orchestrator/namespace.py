@@ -306,6 +306,10 @@ def reset(r: Redis, keys: Keys) -> int:
         f"rq:results:{keys.job_id_prefix}*",
         f"rq:executions:{keys.job_id_prefix}*",
     ]
+    # RQ's set of all queues is shared: only this namespace's queues leave it.
+    queues = list(r.sscan_iter(Queue.redis_queues_keys, match=f"rq:queue:{keys.namespace}-p*"))
+    if queues:
+        r.srem(Queue.redis_queues_keys, *queues)
     deleted = 0
     for pattern in patterns:
         batch: list[bytes] = []

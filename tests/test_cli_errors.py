@@ -86,8 +86,9 @@ def test_a_truncated_input_is_refused_on_resume(ingested):
     assert "shorter" in message and "epoch 5" in message
 
 
-def test_status_json_and_reset(ingested):
+def test_status_json_and_reset(ingested, real):
     cwd, args = ingested
+    ns = args[args.index("--namespace") + 1]
 
     status = run_cli("status", "--json", *args, cwd=cwd)
     report = json.loads(status.stdout)
@@ -99,6 +100,9 @@ def test_status_json_and_reset(ingested):
     assert reset.returncode == 0
     after = json.loads(run_cli("status", "--json", *args, cwd=cwd).stdout)
     assert after["partitions"] is None and after["committed_epoch"] is None
+    # Nothing of the namespace is left, in its keys or in RQ's registry of queues.
+    assert not list(real.scan_iter(match=f"{ns}:*"))
+    assert not [q for q in real.smembers("rq:queues") if q.startswith(f"rq:queue:{ns}-".encode())]
 
 
 def test_a_second_driver_on_the_namespace_is_refused(redis_url, real, tmp_path):
