@@ -32,7 +32,7 @@ from rq import Worker
 
 from bench.generate import generate
 from bench.plain import run_plain
-from orchestrator.server import redis_server_binary
+from orchestrator.embedded import redis_server_binary
 from tasks.keys import Keys
 
 

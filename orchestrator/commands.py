@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from redis import Redis
 
 from orchestrator.driver import BadLine, Driver, RunResult
 from orchestrator.lock import DriverLock, driver_running
+from orchestrator.messages import say
 from orchestrator.namespace import (
     Checkpoint,
     Committer,
@@ -33,11 +33,6 @@ from tasks.errors import NamespaceError
 from tasks.flow import load_flow
 from tasks.keys import Keys
 from tasks.store import NOTHING
-
-
-def say(message: str) -> None:
-    """A one-line message on stderr."""
-    print(f"orchestrator: {message}", file=sys.stderr)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ no-ops where glibc is not the allocator.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import time
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc's malloc.h)
@@ -22,7 +21,8 @@ TRIM_EVERY = 5.0  # seconds
 
 def _glibc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # (by its soname: ctypes.util.find_library runs ldconfig, ~50 ms at every start)
+        libc = ctypes.CDLL("libc.so.6")
         libc.mallopt  # noqa: B018 - present on glibc only
         libc.malloc_trim  # noqa: B018
     except (OSError, AttributeError):

