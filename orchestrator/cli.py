@@ -323,19 +323,19 @@ def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
     if args.command == "dead-letters":
         return dead_letters(settings, args.action, as_json=args.json)
     if not args.yes:
-        commands.say("reset deletes every key of the namespace: add --yes to do it")
+        say("reset deletes every key of the namespace: add --yes to do it")
         return ExitStatus.USAGE
     deleted = commands.reset_namespace(settings)
-    commands.say(f"namespace {settings.namespace!r} reset ({deleted} keys deleted)")
+    say(f"namespace {settings.namespace!r} reset ({deleted} keys deleted)")
     return ExitStatus.OK
 
 
 def dead_letters(settings: Settings, action: str, *, as_json: bool) -> ExitStatus:
     """List or clear the namespace's dead letters."""
-    from orchestrator import commands, queries
+    from orchestrator import queries
 
     if action == "clear":
-        commands.say(f"cleared {queries.clear_dead_letters(settings)} dead letter(s)")
+        say(f"cleared {queries.clear_dead_letters(settings)} dead letter(s)")
         return ExitStatus.OK
     letters = queries.list_dead_letters(settings)
     for letter in letters:
@@ -347,7 +347,7 @@ def dead_letters(settings: Settings, action: str, *, as_json: bool) -> ExitStatu
             )
             print(f"    {letter['raw']}")
     if not as_json and not letters:
-        commands.say("no dead letters")
+        say("no dead letters")
     return ExitStatus.OK
 
 
@@ -359,14 +359,14 @@ def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
         first = commands.describe_bad(path, result.skipped[0])
         more = f" (first: {first})" if len(result.skipped) > 1 else f": {first}"
         if settings.on_error == "dead-letter":
-            commands.say(
+            say(
                 f"dead-lettered {len(result.skipped)} bad line(s){more}; "
                 "list them with 'orchestrator dead-letters'"
             )
         else:
-            commands.say(f"skipped {len(result.skipped)} bad line(s){more}")
+            say(f"skipped {len(result.skipped)} bad line(s){more}")
     if result.failure is not None:
-        commands.say(
+        say(
             f"{commands.describe_bad(path, result.failure)}; committed through epoch "
             f"{result.committed}; fix the input and run '{commands.resume_hint(settings, path)}' "
             f"(or add --on-error skip)"
@@ -376,9 +376,7 @@ def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
         reruns = (
             f", {result.reruns} batch(es) re-run after losing a worker" if result.reruns else ""
         )
-        commands.say(
-            f"done: {result.events} events, committed through epoch {result.committed}{reruns}"
-        )
+        say(f"done: {result.events} events, committed through epoch {result.committed}{reruns}")
     return ExitStatus.OK
 
 

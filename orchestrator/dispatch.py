@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from redis import Redis
 from rq import Queue
@@ -80,16 +81,7 @@ class Dispatcher:
             batch_key = self.keys.batch(self.generation, b.partition, b.last_epoch)
             if flight.attempt == 1:
                 pipe.set(batch_key, b.encode(), ex=BATCH_TTL)
-            job = Queue.prepare_data(
-                PROCESS_BATCH,
-                args=(self.keys.namespace, b.partition, batch_key),
-                job_id=flight.job_id,
-                timeout=JOB_TIMEOUT,
-                result_ttl=0,
-                failure_ttl=FAILED_JOB_TTL,
-                description=_describe(b),
-                at_front=at_front,
-            )
+            job = Queue.prepare_data(PROCESS_BATCH, **self._job_options(flight), at_front=at_front)
             self.queues[b.partition].enqueue_many([job], pipeline=pipe)
         pipe.execute()
 
@@ -102,17 +94,11 @@ class Dispatcher:
         ``promote`` does it in case that commit came first.
         """
         b = flight.batch
-        queue = self.queues[b.partition]
         batch_key = self.keys.batch(self.generation, b.partition, b.last_epoch)
-        job = queue.create_job(
+        job = self.queues[b.partition].create_job(
             PROCESS_BATCH,
-            args=(self.keys.namespace, b.partition, batch_key),
-            job_id=flight.job_id,
-            timeout=JOB_TIMEOUT,
-            result_ttl=0,
+            **self._job_options(flight),
             ttl=BATCH_TTL,  # a staged job that is never queued (its run was killed) expires
-            failure_ttl=FAILED_JOB_TTL,
-            description=_describe(b),
         )
         job.enqueued_at = datetime.now(UTC)
         pipe = self.r.pipeline(transaction=False)
@@ -120,6 +106,19 @@ class Dispatcher:
         job.save(pipeline=pipe)
         pipe.rpush(self.keys.successor(self.generation, b.partition), flight.job_id)
         pipe.execute()
+
+    def _job_options(self, flight: InFlight) -> dict[str, Any]:
+        """What every batch job is: its arguments, id, timeouts and description."""
+        b = flight.batch
+        batch_key = self.keys.batch(self.generation, b.partition, b.last_epoch)
+        return {
+            "args": (self.keys.namespace, b.partition, batch_key),
+            "job_id": flight.job_id,
+            "timeout": JOB_TIMEOUT,
+            "result_ttl": 0,
+            "failure_ttl": FAILED_JOB_TTL,
+            "description": _describe(b),
+        }
 
     def promote(self, flight: InFlight) -> None:
         """Make sure a staged batch whose predecessor committed is in its RQ queue."""

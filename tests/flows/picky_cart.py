@@ -1,7 +1,6 @@
 """The cart join, with a joiner that rejects one order id: a rejection only a worker can find."""
 
-from tasks.cartjoin import build_state, format_output, joiner, key_off_user_id, validate_event
-from tasks.flow import Dataflow
+from tasks.cartjoin import cart_flow, joiner
 
 CURSED_ORDER = 10**9  # beyond any generated order id
 
@@ -12,11 +11,4 @@ def picky_joiner(state, event):
     return joiner(state, event)
 
 
-flow = (
-    Dataflow()
-    .map(validate_event)
-    .map(key_off_user_id)
-    .stateful_map("joiner", build_state, picky_joiner)
-    .map(format_output)
-    .capture()
-)
+flow = cart_flow(picky_joiner)

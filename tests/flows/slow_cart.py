@@ -2,8 +2,7 @@
 
 import time
 
-from tasks.cartjoin import build_state, format_output, joiner, key_off_user_id, validate_event
-from tasks.flow import Dataflow
+from tasks.cartjoin import cart_flow, joiner
 
 
 def slow_joiner(state, event):
@@ -11,11 +10,4 @@ def slow_joiner(state, event):
     return joiner(state, event)
 
 
-flow = (
-    Dataflow()
-    .map(validate_event)
-    .map(key_off_user_id)
-    .stateful_map("joiner", build_state, slow_joiner)
-    .map(format_output)
-    .capture()
-)
+flow = cart_flow(slow_joiner)
