@@ -4,8 +4,11 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 from conftest import REPO, SEED_INPUT, cli_env, run_cli
+from orchestrator.embedded import JEMALLOC_SONAME, server_allocator
+from orchestrator.server import EmbeddedServer, client_for
 
 
 def test_the_cli_module_imports_neither_redis_nor_rq():
@@ -41,3 +44,25 @@ def test_a_missing_input_leaves_no_data_directory(tmp_path):
     run = run_cli("ingest", "missing.json", cwd=tmp_path, env=cli_env())
     assert run.returncode == 66
     assert not (tmp_path / ".orchestrator").exists()
+
+
+def server_libraries(data_dir):
+    (pid,) = servers_in(data_dir.resolve())
+    with open(f"/proc/{pid}/maps") as maps:
+        return maps.read()
+
+
+@pytest.mark.skipif(server_allocator() is None, reason="no jemalloc on this machine")
+def test_the_embedded_server_runs_with_jemalloc_when_the_system_has_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("ORCHESTRATOR_SERVER_JEMALLOC", raising=False)
+    with EmbeddedServer(tmp_path / "data", persistent=False):
+        assert JEMALLOC_SONAME in server_libraries(tmp_path / "data")
+
+
+def test_the_embedded_server_keeps_libc_malloc_when_told_to(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATOR_SERVER_JEMALLOC", "0")
+    with EmbeddedServer(tmp_path / "data", persistent=False) as url:
+        assert "jemalloc" not in server_libraries(tmp_path / "data")
+        client = client_for(url)
+        assert client.ping()
+        client.close()
