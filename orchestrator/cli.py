@@ -178,7 +178,8 @@ def _run_options() -> argparse.ArgumentParser:
     _option(
         group, "--batch-events", env="ORCHESTRATOR_BATCH_EVENTS", type=_positive,
         default=Settings.batch_events, metavar="N",
-        help="at most N events per batch job; batches grow to it while workers are busy "
+        help="at most N events per batch job; a batch waits for N/2 lines (or 0.2 s) "
+        "and grows to N while workers are busy "
         f"(default {Settings.batch_events})",
     )  # fmt: skip
     _option(

@@ -1,7 +1,7 @@
 """The driver: read epochs, route keyed events to partition queues, collect commits, emit output.
 
 A partition has at most two batches in flight: one sent to its RQ queue, and
-the next one staged behind it (once MIN_BATCH_LINES lines, or LINGER seconds,
+the next one staged behind it (once half of --batch-events lines, or LINGER seconds,
 have accumulated), which the first one's commit moves into the queue. So a
 worker finds the partition's next batch queued the moment the previous one
 commits, without waiting for the driver; batches grow with the workers'
@@ -46,15 +46,15 @@ from tasks.store import applied_epochs
 logger = logging.getLogger(__name__)
 
 # Read no further while this many events, or bytes of input, wait for the workers: this
-# bounds the driver's memory (room for two 10,000-event batches per partition in flight
-# and more buffered; measured on 1M cart events: peak RSS of the driver ~60-70 MB).
+# bounds the driver's memory (measured on 1M cart events with 20,000-event batches: peak
+# RSS of the driver ~75-80 MB). It is raised to leave room for two half-full batches per
+# partition when there are many partitions.
 MAX_BUFFERED_EVENTS = 100_000
 MAX_BUFFERED_BYTES = 32 << 20
 READ_CHUNK = 2_000  # lines read between two looks at the commit notices
 BLOCK_MS = 200  # how long to wait for a notice when there is nothing else to do
 RECORD_EVERY = 0.1  # seconds between two records of the committed epoch
-MIN_BATCH_LINES = 5_000  # a batch waits for this many lines...
-LINGER = 0.2  # ...or this many seconds since its first line
+LINGER = 0.2  # a batch waits for half of --batch-events lines or this many seconds
 WAITING_NOTE_AFTER = 2.0  # seconds a batch may wait before the driver says it needs workers
 
 
@@ -135,10 +135,11 @@ class Driver:
     ) -> None:
         self.r = r
         self.batch_events = batch_events
+        self.min_batch_lines = max(1, batch_events // 2)
         # Room for every partition to have a batch in flight and the next one filling up,
         # however many partitions there are.
         self.max_buffered = max(
-            MAX_BUFFERED_EVENTS, 2 * partitions * min(batch_events, MIN_BATCH_LINES)
+            MAX_BUFFERED_EVENTS, 2 * partitions * self.min_batch_lines
         )
         self.output_is_file = output_is_file
         self.keys = keys
@@ -323,7 +324,7 @@ class Driver:
         """Send a batch to every partition that has events and a free place in flight.
 
         A partition's first batch goes to its queue, the next one is staged behind
-        it. A batch waits to fill up (MIN_BATCH_LINES, or LINGER seconds since its
+        it. A batch waits to fill up (half of ``batch_events`` lines, or LINGER seconds since its
         first line) unless ``flush``: every job has a fixed cost (measured: about
         5 ms of CPU over the worker, the driver and Redis), so small batches cost
         more per event.
@@ -340,7 +341,7 @@ class Driver:
             if (
                 not flush
                 and len(queue) == 1
-                and len(first.epochs) < min(MIN_BATCH_LINES, self.batch_events)
+                and len(first.epochs) < self.min_batch_lines
                 and now - first.since < LINGER
             ):
                 continue

@@ -154,6 +154,10 @@ def launch(data_dir: Path, lock_file: IO[Any], *, persistent: bool) -> StartedSe
         # writes the whole dataset, which on 2 cores competes with the pipeline.
         "--auto-aof-rewrite-min-size", "1gb",
         "--save", "",
+        # The server notices the end of a rewrite (and of a shutdown's fsync) at its
+        # cron ticks: 10 per second by default, which made the end-of-run compaction
+        # wait ~0.1 s for nothing; 50 ticks cost nothing measurable.
+        "--hz", "50",
         "--maxmemory-policy", "noeviction",
         "--logfile", "redis.log",
         "--daemonize", "no",

@@ -36,7 +36,7 @@ class Settings:
     quiet: bool = False
     retain_epochs: int = 100_000
     max_line_bytes: int = 1 << 20
-    batch_events: int = 10_000
+    batch_events: int = 20_000
 
     @property
     def worker_count(self) -> int:
