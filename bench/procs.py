@@ -25,7 +25,10 @@ class TreeSampler:
     """Samples a process and its descendants every ``interval`` seconds until stopped."""
 
     root: int
-    interval: float = 0.05
+    # Peak RSS is the kernel's high-water mark, exact at any interval; CPU times are
+    # cumulative. A slow pace keeps the sampler's own CPU (it scans /proc) from taking
+    # a share of the two cores the pipeline runs on: ~4% of a core at 50 ms.
+    interval: float = 0.25
     stats: dict[int, ProcessStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,11 +57,11 @@ class TreeSampler:
         for proc in procs:
             try:
                 with proc.oneshot():
-                    rss = proc.memory_info().rss
                     cpu = proc.cpu_times()
                     cmdline = proc.cmdline()
                     parent = proc.ppid()
-            except psutil.Error:
+                rss = _peak_rss(proc.pid)
+            except (psutil.Error, OSError):
                 continue
             stats = self.stats.get(proc.pid)
             if stats is None:
@@ -75,6 +78,15 @@ class TreeSampler:
         for s in self.stats.values():
             groups.setdefault(s.role, []).append(s)
         return groups
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident set size so far (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _role(cmdline: list[str], *, is_root: bool, parent_role: str) -> str:
