@@ -158,6 +158,10 @@ def launch(data_dir: Path, lock_file: IO[Any], *, persistent: bool) -> StartedSe
         # cron ticks: 10 per second by default, which made the end-of-run compaction
         # wait ~0.1 s for nothing; 50 ticks cost nothing measurable.
         "--hz", "50",
+        # The end-of-run rewrite writes the data as an RDB preamble: uncompressed it
+        # took ~0.12 s instead of ~0.15 s for a 1M-event run (file 21 MB, not 13 MB),
+        # and loads no slower at the next start.
+        "--rdbcompression", "no",
         "--maxmemory-policy", "noeviction",
         "--logfile", "redis.log",
         "--daemonize", "no",
