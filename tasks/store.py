@@ -92,15 +92,19 @@ class PartitionTransaction:
         self.r, self.pipe, self.keys, self.partition = r, pipe, keys, partition
 
     def load(self, wanted: list[str]) -> Loaded:
-        """Read the partition's owner, progress and the states of ``wanted`` (under the WATCH)."""
-        generation, applied = self.pipe.hmget(
-            self.keys.progress(self.partition), ["generation", "applied"]
-        )
-        states = {}
-        if wanted:
-            states = dict(
-                zip(wanted, self.pipe.hmget(self.keys.state(self.partition), wanted), strict=True)
-            )
+        """Read the partition's owner, progress and the states of ``wanted`` (under the WATCH).
+
+        One round trip on another connection: the WATCH is in place before the
+        reads, so a change of the progress after it fails the EXEC, whichever
+        connection read it.
+        """
+        with self.r.pipeline(transaction=False) as reads:
+            reads.hmget(self.keys.progress(self.partition), ["generation", "applied"])
+            if wanted:
+                reads.hmget(self.keys.state(self.partition), wanted)
+            replies = reads.execute()
+        generation, applied = replies[0]
+        states = dict(zip(wanted, replies[1], strict=True)) if wanted else {}
         return Loaded(
             None if generation is None else int(generation),
             NOTHING if applied is None else int(applied),
