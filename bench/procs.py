@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-
-import psutil
 
 
 @dataclass
@@ -22,13 +21,18 @@ class ProcessStats:
 
 @dataclass
 class TreeSampler:
-    """Samples a process and its descendants every ``interval`` seconds until stopped."""
+    """Samples a process and its descendants every ``interval`` seconds until stopped.
+
+    It reads /proc directly: the tree by each process's ``children`` lists, the
+    peak RSS from the kernel's high-water mark (VmHWM, exact whatever the pace),
+    CPU time from ``stat``. That costs ~0.1 ms a sample, so the pace can be fast
+    enough to see the worker processes of a 0.3 s resume without taking a share
+    of the two cores the pipeline runs on (a psutil scan of every process on the
+    machine cost ~4% of a core at 50 ms).
+    """
 
     root: int
-    # Peak RSS is the kernel's high-water mark, exact at any interval; CPU times are
-    # cumulative. A slow pace keeps the sampler's own CPU (it scans /proc) from taking
-    # a share of the two cores the pipeline runs on: ~4% of a core at 50 ms.
-    interval: float = 0.25
+    interval: float = 0.04
     stats: dict[int, ProcessStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -49,28 +53,31 @@ class TreeSampler:
             self._stop.wait(self.interval)
 
     def sample(self) -> None:
-        try:
-            root = psutil.Process(self.root)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return
-        for proc in procs:
+        parents = {self.root: 0}
+        todo = [self.root]
+        while todo:
+            pid = todo.pop()
+            for child in _children(pid):
+                if child not in parents:
+                    parents[child] = pid
+                    todo.append(child)
+        for pid, parent in parents.items():
             try:
-                with proc.oneshot():
-                    cpu = proc.cpu_times()
-                    cmdline = proc.cmdline()
-                    parent = proc.ppid()
-                rss = _peak_rss(proc.pid)
-            except (psutil.Error, OSError):
+                cmdline = _read(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace")
+                if not cmdline:  # a zombie: its figures were taken while it ran
+                    continue
+                cpu = _cpu_seconds(_read(pid, "stat"))
+                rss = _peak_rss(_read(pid, "status"))
+            except OSError:
                 continue
-            stats = self.stats.get(proc.pid)
+            stats = self.stats.get(pid)
             if stats is None:
-                stats = self.stats[proc.pid] = ProcessStats(proc.pid, "")
+                stats = self.stats[pid] = ProcessStats(pid, "")
             # (a child caught between its fork and its exec looks like its parent)
             parent_role = self.stats[parent].role if parent in self.stats else ""
-            stats.role = _role(cmdline, is_root=proc.pid == self.root, parent_role=parent_role)
+            stats.role = _role(cmdline, is_root=pid == self.root, parent_role=parent_role)
             stats.peak_rss = max(stats.peak_rss, rss)
-            stats.cpu_seconds = max(stats.cpu_seconds, cpu.user + cpu.system)
+            stats.cpu_seconds = max(stats.cpu_seconds, cpu)
 
     def by_role(self) -> dict[str, list[ProcessStats]]:
         """The sampled processes grouped by what they are."""
@@ -80,17 +87,41 @@ class TreeSampler:
         return groups
 
 
-def _peak_rss(pid: int) -> int:
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _read(pid: int, name: str) -> bytes:
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+        return f.read()
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of a process (each thread lists the ones it started)."""
+    found: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def _cpu_seconds(stat: bytes) -> float:
+    """User + system CPU seconds from /proc/<pid>/stat (fields after the command name)."""
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _peak_rss(status: bytes) -> int:
     """The process's peak resident set size so far (VmHWM), in bytes."""
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"VmHWM:"):
-                return int(line.split()[1]) * 1024
+    for line in status.splitlines():
+        if line.startswith(b"VmHWM:"):
+            return int(line.split()[1]) * 1024
     return 0
 
 
-def _role(cmdline: list[str], *, is_root: bool, parent_role: str) -> str:
-    text = " ".join(cmdline)
+def _role(text: str, *, is_root: bool, parent_role: str) -> str:
     # Redis forks a child to rewrite its append-only file; its title varies.
     if parent_role in ("redis", "redis-rewrite") or "redis-aof-rewrite" in text:
         return "redis-rewrite"

@@ -138,9 +138,7 @@ class Driver:
         self.min_batch_lines = max(1, batch_events // 2)
         # Room for every partition to have a batch in flight and the next one filling up,
         # however many partitions there are.
-        self.max_buffered = max(
-            MAX_BUFFERED_EVENTS, 2 * partitions * self.min_batch_lines
-        )
+        self.max_buffered = max(MAX_BUFFERED_EVENTS, 2 * partitions * self.min_batch_lines)
         self.output_is_file = output_is_file
         self.keys = keys
         self.generation = generation

@@ -6,9 +6,10 @@ import sys
 import psutil
 import pytest
 
-from conftest import REPO, SEED_INPUT, cli_env, run_cli
 from orchestrator.embedded import JEMALLOC_SONAME, server_allocator
 from orchestrator.server import EmbeddedServer, client_for
+
+from conftest import REPO, SEED_INPUT, cli_env, run_cli
 
 
 def test_the_cli_module_imports_neither_redis_nor_rq():
