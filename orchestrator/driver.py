@@ -1,8 +1,8 @@
 """The driver: read epochs, route keyed events to partition queues, collect commits, emit output.
 
 A partition has at most two batches in flight: one sent to its RQ queue, and
-the next one staged behind it (once half of --batch-events lines, or LINGER seconds,
-have accumulated), which the first one's commit moves into the queue. So a
+the next one staged behind it (once half of --batch-events lines, or LINGER
+seconds, have accumulated), which the first one's commit moves into the queue. So a
 worker finds the partition's next batch queued the moment the previous one
 commits, without waiting for the driver; batches grow with the workers'
 latency; and a partition's batches are never applied out of order or
@@ -322,10 +322,10 @@ class Driver:
         """Send a batch to every partition that has events and a free place in flight.
 
         A partition's first batch goes to its queue, the next one is staged behind
-        it. A batch waits to fill up (half of ``batch_events`` lines, or LINGER seconds since its
-        first line) unless ``flush``: every job has a fixed cost (measured: about
-        5 ms of CPU over the worker, the driver and Redis), so small batches cost
-        more per event.
+        it. A batch waits to fill up (half of ``batch_events`` lines, or LINGER
+        seconds since its first line) unless ``flush``: every job has a fixed cost
+        (measured: about 5 ms of CPU over the worker, the driver and Redis), so
+        small batches cost more per event.
         """
         last_allowed = read_through if failure is None else min(read_through, failure.epoch - 1)
         sent = []

@@ -64,7 +64,7 @@ def server_allocator() -> str | None:
     Where the system has jemalloc (Debian's redis-server package depends on it)
     the server runs with it: a 1M-event ingest ran 7.4-7.5 s instead of
     8.1-8.3 s. ``ORCHESTRATOR_SERVER_JEMALLOC=0`` keeps libc malloc;
-    ``=PATH`` names the library.
+    ``=PATH`` names the library (a path that does not exist keeps libc malloc too).
     """
     choice = os.environ.get("ORCHESTRATOR_SERVER_JEMALLOC", "")
     if choice in ("0", "no", "off"):
@@ -154,9 +154,9 @@ def launch(data_dir: Path, lock_file: IO[Any], *, persistent: bool) -> StartedSe
         # writes the whole dataset, which on 2 cores competes with the pipeline.
         "--auto-aof-rewrite-min-size", "1gb",
         "--save", "",
-        # The server notices the end of a rewrite (and of a shutdown's fsync) at its
-        # cron ticks: 10 per second by default, which made the end-of-run compaction
-        # wait ~0.1 s for nothing; 50 ticks cost nothing measurable.
+        # The server notices that a rewrite has ended at its cron ticks: 10 per second
+        # by default, which made the end-of-run compaction wait up to 0.1 s for
+        # nothing; 50 ticks a second cost nothing measurable.
         "--hz", "50",
         # The end-of-run rewrite writes the data as an RDB preamble: uncompressed it
         # took ~0.12 s instead of ~0.15 s for a 1M-event run (file 21 MB, not 13 MB),
