@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.generate import generate
@@ -33,20 +34,33 @@ def orchestrator(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator", *args]
 
 
-def redis_figures(data_dir: Path, namespace: str) -> tuple[int, int, int]:
-    """(used_memory, JSON bytes of all final states, number of keys) of a finished run."""
+@dataclass
+class RedisFigures:
+    """What a finished run leaves in Redis."""
+
+    used_memory: int
+    state_json_bytes: int  # the JSON of every key's final state
+    state_keys: int
+    state_memory: int  # Redis's memory for the state hashes (MEMORY USAGE)
+    history_memory: int  # ... and for the undo records of the retained epochs
+
+
+def redis_figures(data_dir: Path, namespace: str) -> RedisFigures:
+    """Memory and state sizes of a finished run."""
     with EmbeddedServer(data_dir) as url:
         client = client_for(url)
         used = int(client.info("memory")["used_memory"])
         keys = Keys(namespace)
         partitions = int(client.hget(keys.meta, "partitions"))
-        state_bytes = count = 0
+        state_bytes = count = state_memory = history_memory = 0
         for p in range(partitions):
             for _, value in client.hscan_iter(keys.state(p), count=5000):
                 state_bytes += len(value)
                 count += 1
+            state_memory += client.memory_usage(keys.state(p), samples=0) or 0
+            history_memory += client.memory_usage(keys.undo(p), samples=0) or 0
         client.close()
-    return used, state_bytes, count
+    return RedisFigures(used, state_bytes, count, state_memory, history_memory)
 
 
 def rss_summary(sampler: TreeSampler) -> str:
@@ -107,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         ))  # fmt: skip
         assert code == 0, "orchestrator ingest failed"
         identical = filecmp.cmp(work / "plain.out", work / "pipe.out", shallow=False)
-        used, state_bytes, keys = redis_figures(data, "cart-join")
+        figures = redis_figures(data, "cart-join")
 
         # (3) resume with 1% of the input left: a run over 99% of it, then the rest appended
         partial = work / "partial.json"
@@ -150,8 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resume / full run, wall:         {resume_wall / pipe_wall:.1%}")
         print(f"output (1) == (2), byte for byte: {identical}")
         print(f"output after resume == (1):       {resumed_identical}")
-        print(f"Redis used_memory at the end:    {used / MB:.1f} MB")
-        print(f"final states, JSON:              {state_bytes / MB:.1f} MB in {keys:,} keys")
+        print(
+            f"Redis used_memory at the end:    {figures.used_memory / MB:.1f} MB "
+            f"(state hashes {figures.state_memory / MB:.1f}, "
+            f"replay history {figures.history_memory / MB:.1f})"
+        )
+        print(
+            f"final states, JSON:              {figures.state_json_bytes / MB:.1f} MB "
+            f"in {figures.state_keys:,} keys"
+        )
         return 0 if identical and resumed_identical else 1
     finally:
         if args.keep:

@@ -21,3 +21,7 @@ def test_bench_runs_small_and_its_outputs_match():
     assert "output after resume == (1):       True" in run.stdout
     for figure in ("ratio (2)/(1)", "resume / full run", "Redis used_memory", "final states, JSON"):
         assert figure in run.stdout
+    # Peak RSS is reported for every process of both runs, short-lived workers included.
+    for line in run.stdout.splitlines():
+        if line.startswith(("(2)", "(3)")):
+            assert "worker" in line and " 0/" not in line and "/0 " not in line, line
