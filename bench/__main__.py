@@ -1,14 +1,22 @@
 """The throughput benchmark: the plain loop vs the recoverable pipeline, on one generated file.
 
     python -m bench [--events 1000000] [--users 100000] [--workers 2] [--partitions 4]
+                    [--repeat 3]
 
 In one invocation and on the same file it times (1) the seed's code as a plain
 single-process loop (``bench/plain.py``), (2) ``orchestrator ingest`` with the
 embedded server and N workers, and (3) ``orchestrator resume`` of a run that
-stopped with 1% of the input left; it checks that (1) and (2) wrote identical
-bytes, and prints one table: events/s, the ratio (2)/(1), resume time as a share
-of the full run, peak RSS of every process, Redis ``used_memory`` at the end and
-the JSON size of all final states. The figures are measurements, not a test.
+stopped with 1% of the input left; it checks that (1), (2) and (3) wrote
+identical bytes, and prints one table: events/s, the ratio (2)/(1), resume time
+as a share of the full run, peak RSS of every process, Redis ``used_memory`` at
+the end and the JSON size of all final states. The figures are measurements,
+not a test.
+
+Both sides first run once, untimed, on the first 1% of the file (page cache
+warm, as for every run but the first after a boot). Then (1) and (2) run
+``--repeat`` times, alternating, and (3) as often, each from a fresh copy of
+the 99% run's data; the table shows the median run with the range, and the
+ratio of each pair: on a shared 2-core machine one run moves by up to ±15%.
 """
 
 from __future__ import annotations
@@ -63,21 +71,64 @@ def redis_figures(data_dir: Path, namespace: str) -> RedisFigures:
     return RedisFigures(used, state_bytes, count, state_memory, history_memory)
 
 
-def rss_summary(sampler: TreeSampler) -> str:
-    parts = []
-    for role, procs in sorted(sampler.by_role().items()):
-        peaks = sorted((p.peak_rss for p in procs), reverse=True)
-        shown = "/".join(f"{x // MB}" for x in peaks[:4])
-        parts.append(f"{role} {shown}")
-    return ", ".join(parts) + " MB"
-
-
 def cpu_summary(sampler: TreeSampler) -> str:
     """CPU seconds (user + system) of each role, summed over its processes."""
     parts = []
     for role, procs in sorted(sampler.by_role().items()):
         parts.append(f"{role} {sum(p.cpu_seconds for p in procs):.1f}")
     return ", ".join(parts) + " s"
+
+
+@dataclass
+class Timed:
+    """One timed run of a command: its wall time and its sampled process tree."""
+
+    wall: float
+    tree: TreeSampler
+
+
+def timed(args: list[str], what: str, **kwargs: object) -> Timed:
+    """Run a command to its end from a clean page-cache state; it must succeed."""
+    # Each timed run starts with no dirty pages left to write back: the embedded
+    # server fsyncs every commit, and an fsync also waits for other files' writeback.
+    os.sync()
+    wall, tree, code = run_sampled(args, **kwargs)
+    assert code == 0, f"{what} failed (exit status {code})"
+    return Timed(wall, tree)
+
+
+def median(runs: list[Timed]) -> Timed:
+    """The run with the median wall time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda t: t.wall)[(len(runs) - 1) // 2]
+
+
+def walls(runs: list[Timed]) -> str:
+    """The median wall time, and the range when there were several runs."""
+    middle = f"{median(runs).wall:.2f}"
+    if len(runs) == 1:
+        return middle
+    return f"{middle} ({min(t.wall for t in runs):.2f}-{max(t.wall for t in runs):.2f})"
+
+
+def peak_rss_summary(runs: list[Timed]) -> str:
+    """Peak RSS of each process role over all runs (MB)."""
+    peaks: dict[str, list[int]] = {}
+    for run in runs:
+        for role, procs in run.tree.by_role().items():
+            mine = sorted((p.peak_rss for p in procs), reverse=True)
+            old = peaks.get(role, [])
+            width = max(len(old), len(mine))
+            old, mine = old + [0] * (width - len(old)), mine + [0] * (width - len(mine))
+            peaks[role] = [max(a, b) for a, b in zip(old, mine, strict=True)]
+    parts = [f"{role} {'/'.join(f'{x // MB}' for x in peaks[role][:4])}" for role in sorted(peaks)]
+    return ", ".join(parts) + " MB"
+
+
+def write_prefix(source: Path, target: Path, lines: int) -> list[bytes]:
+    """Write the first ``lines`` lines of ``source`` to ``target``; return all its lines."""
+    every = source.read_bytes().splitlines(keepends=True)
+    target.write_bytes(b"".join(every[:lines]))
+    return every
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,8 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="time each of (1), (2), (3) this many times, (1) and (2) alternating, "
+        "and report the median run (default 3)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     work = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
     try:
@@ -98,70 +158,93 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(line + "\n")
         print(
             f"{args.events:,} events, {args.users:,} users, {args.workers} workers, "
-            f"{args.partitions} partitions; input {events.stat().st_size / MB:.1f} MB",
+            f"{args.partitions} partitions; input {events.stat().st_size / MB:.1f} MB; "
+            f"median of {args.repeat} run(s) each",
             flush=True,
         )
-
-        # Each timed run starts with no dirty pages left to write back: the embedded
-        # server fsyncs every commit, and an fsync also waits for other files' writeback.
-        os.sync()
-        # (1) the plain loop
-        with open(work / "plain.out", "wb") as out:
-            plain_wall, plain_tree, code = run_sampled(
-                [sys.executable, "-m", "bench.plain", str(events)], stdout=out
-            )
-        assert code == 0, "the plain loop failed"
-
-        # (2) the pipeline: ingest with the embedded server
-        os.sync()
         run = ["--workers", str(args.workers), "--partitions", str(args.partitions), "-q"]
-        data = work / "data"
-        pipe_wall, pipe_tree, code = run_sampled(orchestrator(
-            "ingest", str(events), "--data-dir", str(data), "--output", str(work / "pipe.out"), *run
-        ))  # fmt: skip
-        assert code == 0, "orchestrator ingest failed"
-        identical = filecmp.cmp(work / "plain.out", work / "pipe.out", shallow=False)
-        figures = redis_figures(data, "cart-join")
 
-        # (3) resume with 1% of the input left: a run over 99% of it, then the rest appended
+        def plain(source: Path, out: Path) -> Timed:
+            with open(out, "wb") as f:
+                return timed([sys.executable, "-m", "bench.plain", str(source)], "the plain loop",
+                             stdout=f)  # fmt: skip
+
+        def ingest(source: Path, data: Path, out: Path) -> Timed:
+            return timed(orchestrator(
+                "ingest", str(source), "--data-dir", str(data), "--output", str(out), *run
+            ), "orchestrator ingest")  # fmt: skip
+
+        # Untimed warm-up of both sides on the first 1% (at most 20,000 lines): the
+        # timed runs then start with the interpreter, redis-server and the modules
+        # in the page cache, as every run but the first after a boot does.
+        warm = work / "warm.json"
+        write_prefix(events, warm, min(20_000, max(1, args.events // 100)))
+        plain(warm, work / "warm-plain.out")
+        ingest(warm, work / "warm-data", work / "warm-pipe.out")
+        shutil.rmtree(work / "warm-data")
+
+        # (1) the plain loop and (2) the pipeline, alternating
+        plain_runs: list[Timed] = []
+        pipe_runs: list[Timed] = []
+        identical = True
+        for i in range(args.repeat):
+            plain_runs.append(plain(events, work / f"plain{i}.out"))
+            if i:
+                identical &= filecmp.cmp(work / "plain0.out", work / f"plain{i}.out", shallow=False)
+            data = work / f"data{i}"
+            pipe_runs.append(ingest(events, data, work / f"pipe{i}.out"))
+            identical &= filecmp.cmp(work / "plain0.out", work / f"pipe{i}.out", shallow=False)
+            if i < args.repeat - 1:
+                shutil.rmtree(data)
+        figures = redis_figures(work / f"data{args.repeat - 1}", "cart-join")
+
+        # (3) resume with 1% of the input left: a run over 99% of it, then the rest
+        # appended; each timed resume starts from a fresh copy of what that run left
+        # (its data directory and its output file, under their own names).
         partial = work / "partial.json"
-        lines = events.read_bytes().splitlines(keepends=True)
-        cut = len(lines) * 99 // 100
-        partial.write_bytes(b"".join(lines[:cut]))
-        data99 = work / "data99"
-        _, _, code = run_sampled(orchestrator(
-            "ingest", str(partial), "--data-dir", str(data99), "--output", str(work / "r.out"), *run
-        ))  # fmt: skip
-        assert code == 0, "the 99% ingest failed"
+        cut = args.events * 99 // 100
+        lines = write_prefix(events, partial, cut)
+        data99, out99 = work / "data99", work / "r.out"
+        ingest(partial, data99, out99)
         with open(partial, "ab") as f:
             f.write(b"".join(lines[cut:]))
-        os.sync()
-        resume_wall, resume_tree, code = run_sampled(orchestrator(
-            "resume", str(partial), "--data-dir", str(data99), "--output", str(work / "r.out"), *run
-        ))  # fmt: skip
-        assert code == 0, "resume failed"
-        resumed_identical = filecmp.cmp(work / "plain.out", work / "r.out", shallow=False)
+        shutil.copytree(data99, work / "data99.saved")
+        shutil.copyfile(out99, work / "r.out.saved")
+        resume_runs: list[Timed] = []
+        resumed_identical = True
+        for i in range(args.repeat):
+            if i:
+                shutil.rmtree(data99)
+                shutil.copytree(work / "data99.saved", data99)
+                shutil.copyfile(work / "r.out.saved", out99)
+            resume_runs.append(timed(orchestrator(
+                "resume", str(partial), "--data-dir", str(data99), "--output", str(out99), *run
+            ), "resume"))  # fmt: skip
+            resumed_identical &= filecmp.cmp(work / "plain0.out", out99, shallow=False)
 
         n = args.events
+        plain_run, pipe_run, resume_run = median(plain_runs), median(pipe_runs), median(resume_runs)
         print()
-        print(f"{'run':<34}{'wall s':>9}{'events/s':>12}   peak RSS")
-        print(
-            f"{'(1) plain loop (json module)':<34}{plain_wall:>9.2f}{n / plain_wall:>12,.0f}   "
-            f"{rss_summary(plain_tree)}"
-        )
-        print(
-            f"{'(2) orchestrator ingest':<34}{pipe_wall:>9.2f}{n / pipe_wall:>12,.0f}   "
-            f"{rss_summary(pipe_tree)}"
-        )
-        resumed_rate = (n - cut) / resume_wall
-        print(
-            f"{'(3) resume, last 1% left':<34}{resume_wall:>9.2f}{resumed_rate:>12,.0f}   "
-            f"{rss_summary(resume_tree)}"
-        )
+        print(f"{'run':<30}{'wall s':>19}{'events/s':>10}   peak RSS")
+        for name, runs, count in (
+            ("(1) plain loop (json module)", plain_runs, n),
+            ("(2) orchestrator ingest", pipe_runs, n),
+            ("(3) resume, last 1% left", resume_runs, n - cut),
+        ):
+            print(
+                f"{name:<30}{walls(runs):>19}{count / median(runs).wall:>10,.0f}   "
+                f"{peak_rss_summary(runs)}"
+            )
         print()
-        print(f"CPU (2): {cpu_summary(pipe_tree)}; (1): {cpu_summary(plain_tree)}")
-        print(f"ratio (2)/(1), events/s:         {plain_wall / pipe_wall:.2f}")
-        print(f"resume / full run, wall:         {resume_wall / pipe_wall:.1%}")
+        print(
+            f"CPU of the median runs: (2) {cpu_summary(pipe_run.tree)}; "
+            f"(1) {cpu_summary(plain_run.tree)}"
+        )
+        print(f"ratio (2)/(1), events/s:         {plain_run.wall / pipe_run.wall:.2f}")
+        if args.repeat > 1:
+            pairs = [f"{a.wall / b.wall:.2f}" for a, b in zip(plain_runs, pipe_runs, strict=True)]
+            print(f"  ... of each pair of runs:      {', '.join(pairs)}")
+        print(f"resume / full run, wall:         {resume_run.wall / pipe_run.wall:.1%}")
         print(f"output (1) == (2), byte for byte: {identical}")
         print(f"output after resume == (1):       {resumed_identical}")
         print(
