@@ -1,12 +1,15 @@
-"""Keeping the memory of long runs flat: glibc's allocator, tuned and trimmed.
+"""Keeping the memory of long runs flat and its big buffers cheap: glibc's allocator, tuned.
 
-A run passes large buffers through its heap (a batch of lines, a notice with
-thousands of output lines: up to megabytes each). glibc serves big blocks with
-mmap, but after the first free it raises that threshold (up to 32 MiB) and
-serves them from the heap, where they fragment it: measured on 3,000,000 cart
-events, the driver's RSS crept from 73 to 90 MB. A fixed threshold keeps big
-blocks out of the heap; a periodic trim hands freed heap pages back. Both are
-no-ops where glibc is not the allocator.
+A run passes large buffers through its heap: a batch of lines, a notice with
+thousands of output lines, a commit's arguments (up to megabytes each, several
+per batch). Served by mmap, each one is fresh memory: every page of it faults
+on first touch (measured on 1M cart events: ~550,000 minor faults over the
+driver and the workers, ~1.4 s of system CPU). glibc's default raises its mmap
+threshold after the first free, but only up to the size of that block, and its
+trim threshold with it. Fixed thresholds well above any buffer keep them all in
+the heap, where freed blocks are reused: ~180,000 faults, driver and workers
+0.7 s of CPU less. A trim every few seconds hands freed heap pages back, so the
+heap does not hold on to a peak. No-ops where glibc is not the allocator.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import ctypes
 import time
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc's malloc.h)
-MMAP_THRESHOLD = 256 << 10
+M_TRIM_THRESHOLD = -1  # mallopt parameters (glibc's malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 64 << 20  # larger blocks than any buffer of a run
+TRIM_THRESHOLD = 128 << 20
 TRIM_EVERY = 5.0  # seconds
 
 
@@ -35,9 +40,10 @@ _trimmed_at = 0.0
 
 
 def tune_allocator() -> None:
-    """Serve blocks of 256 KiB and more with mmap always (a fixed threshold)."""
+    """Serve blocks below 64 MiB from the heap, and shrink it only at the trims."""
     if _LIBC is not None:
         _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def trim_now_and_then() -> None:
