@@ -12,8 +12,9 @@ as a share of the full run, peak RSS of every process, Redis ``used_memory`` at
 the end and the JSON size of all final states. The figures are measurements,
 not a test.
 
-Both sides first run once, untimed, on the first 1% of the file (page cache
-warm, as for every run but the first after a boot). Then (1) and (2) run
+The project's modules are byte-compiled first, as ``pip install`` does. Both
+sides then run once, untimed, on the first 1% of the file (page cache warm, as
+for every run but the first after a boot). Then (1) and (2) run
 ``--repeat`` times, alternating, and (3) as often, each from a fresh copy of
 the 99% run's data; the table shows the median run with the range, and the
 ratio of each pair: on a shared 2-core machine one run moves by up to ±15%.
@@ -22,7 +23,9 @@ ratio of each pair: on a shared 2-core machine one run moves by up to ±15%.
 from __future__ import annotations
 
 import argparse
+import compileall
 import filecmp
+import importlib
 import os
 import shutil
 import sys
@@ -131,6 +134,18 @@ def write_prefix(source: Path, target: Path, lines: int) -> list[bytes]:
     return every
 
 
+def byte_compile_project() -> None:
+    """Write the bytecode of the project's modules, as ``pip install`` does.
+
+    An editable install compiles them at first import, unless the environment
+    says not to (``PYTHONDONTWRITEBYTECODE``, set on this project's machines):
+    then every command compiles them again at start, ~30 ms of a 0.35 s resume.
+    """
+    for name in ("orchestrator", "tasks", "bench"):
+        package = importlib.import_module(name)
+        compileall.compile_dir(Path(package.__file__ or "").parent, quiet=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -174,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ingest", str(source), "--data-dir", str(data), "--output", str(out), *run
             ), "orchestrator ingest")  # fmt: skip
 
+        byte_compile_project()
         # Untimed warm-up of both sides on the first 1% (at most 20,000 lines): the
         # timed runs then start with the interpreter, redis-server and the modules
         # in the page cache, as every run but the first after a boot does.
