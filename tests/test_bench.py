@@ -35,3 +35,21 @@ def test_bench_runs_small_and_its_outputs_match():
             peaks = line.split("   ")[-1]  # "driver 43, redis 14, worker 42/41 MB"
             assert "worker" in peaks and "driver" in peaks and "redis" in peaks, line
             assert all(int(mb) > 0 for mb in re.findall(r"\d+", peaks)), line
+
+
+def test_the_worker_profile_runs_small_and_names_every_phase():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.worker", "--events", "4000", "--users", "500", "--batch", "1000"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    phases = re.findall(r"^(.+?)\s+(\d+\.\d+) us/event$", run.stdout, re.MULTILINE)
+    names = [name.strip() for name, _ in phases]
+    assert names[:3] == [
+        "decode the stored batch",
+        "parse and route its lines",
+        "apply the flow (output lines too)",
+    ]
+    assert names[-1] == "total"
+    assert float(phases[-1][1]) > 0

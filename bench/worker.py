@@ -1,0 +1,110 @@
+"""Where a worker's CPU goes on one batch, without Redis: per-event costs of each phase.
+
+    python -m bench.worker [--events 400000] [--users 100000] [--batch 40000]
+
+It generates cart events, applies all but the last ``--batch`` epochs of
+partition 0 to build its states, then times (best of 5) each phase a worker
+runs for a batch of the last ``--batch`` epochs: decoding the stored batch,
+parsing and routing its lines, applying the flow, encoding the undo record and
+the notice, and packing the HMGET/HSET arguments with redis-py. Figures are
+microseconds per event of the batch; they are measurements, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from redis.connection import HiredisRespSerializer
+
+from bench.generate import generate
+from tasks.apply import apply_events
+from tasks.batch import Batch, CommitNotice
+from tasks.cartjoin import FLOW_PATH
+from tasks.flow import load_flow
+from tasks.jobs import batch_events
+from tasks.keys import partition_of
+
+PARTITIONS = 4
+
+
+def best_of(runs: int, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """The shortest of ``runs`` timings of ``fn()`` (seconds), and its last result."""
+    best, result = float("inf"), None
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - started)
+    return best, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=400_000)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=40_000, help="epochs in the timed batch")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 0 < args.batch < args.events:
+        parser.error("--batch must be between 1 and --events - 1")
+
+    flow = load_flow(FLOW_PATH)
+    split = args.events - args.batch
+    earlier: tuple[list[int], list[bytes]] = ([], [])
+    later: tuple[list[int], list[bytes]] = ([], [])
+    for epoch, text in enumerate(generate(args.events, args.users, args.seed)):
+        line = text.encode()
+        if partition_of(orjson.loads(line)["user_id"], PARTITIONS) == 0:
+            part = earlier if epoch < split else later
+            part[0].append(epoch)
+            part[1].append(line)
+
+    def batch_of(after: int, last: int, part: tuple[list[int], list[bytes]]) -> Batch:
+        return Batch("bench", 1, 0, PARTITIONS, after, last, FLOW_PATH, "fail", *part)
+
+    history = batch_of(-1, split - 1, earlier)
+    states = apply_events(flow, batch_events(history), {}, split - 1, "fail").writes
+    batch = batch_of(split - 1, args.events - 1, later)
+    stored = batch.encode()
+
+    n = len(batch.lines)
+    print(f"partition 0 of {PARTITIONS}: a batch of {n:,} events after {len(history.lines):,}")
+    rows: list[tuple[str, float]] = []
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        seconds, result = best_of(5, fn)
+        rows.append((name, seconds))
+        return result
+
+    decoded = timed("decode the stored batch", lambda: Batch.decode(stored))
+    events = timed("parse and route its lines", lambda: batch_events(decoded))
+    wanted = list(dict.fromkeys(key for _, key, _ in events))
+    loaded = {key: states.get(key) for key in wanted}
+    applied = timed(
+        "apply the flow (output lines too)",
+        lambda: apply_events(flow, events, loaded, args.events - 1, "fail"),
+    )
+    timed("encode the undo record", applied.encode_undo)
+    timed(
+        "encode the notice",
+        lambda: CommitNotice.encode_outputs(
+            0, applied.applied_through, applied.out_epochs, applied.out_items, [], None
+        ),
+    )
+    sets = [x for key, raw in applied.writes.items() for x in (key, raw)]
+    hiredis_pack = HiredisRespSerializer().pack
+    timed("pack HMGET (redis-py)", lambda: hiredis_pack("HMGET", "state", *wanted))
+    timed("pack HSET (redis-py)", lambda: hiredis_pack("HSET", "state", *sets))
+
+    width = max(len(name) for name, _ in rows)
+    for name, seconds in rows:
+        print(f"{name:<{width}}  {seconds / n * 1e6:6.2f} us/event")
+    print(f"{'total':<{width}}  {sum(s for _, s in rows) / n * 1e6:6.2f} us/event")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
