@@ -3,13 +3,13 @@
 A run passes large buffers through its heap: a batch of lines, a notice with
 thousands of output lines, a commit's arguments (up to megabytes each, several
 per batch). Served by mmap, each one is fresh memory: every page of it faults
-on first touch (measured on 1M cart events: ~550,000 minor faults over the
-driver and the workers, ~1.4 s of system CPU). glibc's default raises its mmap
+on first touch (measured on 1M cart events: ~490,000 minor faults in the driver
+and the two workers, 1.4 s of system CPU). glibc's default raises its mmap
 threshold after the first free, but only up to the size of that block, and its
 trim threshold with it. Fixed thresholds well above any buffer keep them all in
-the heap, where freed blocks are reused: ~180,000 faults, driver and workers
-0.7 s of CPU less. A trim every few seconds hands freed heap pages back, so the
-heap does not hold on to a peak. No-ops where glibc is not the allocator.
+the heap, where freed blocks are reused: ~125,000 faults, 0.7 s of system CPU.
+A trim every few seconds hands freed heap pages back, so the heap does not hold
+on to a peak. No-ops where glibc is not the allocator.
 """
 
 from __future__ import annotations
