@@ -26,6 +26,7 @@ import argparse
 import compileall
 import filecmp
 import importlib
+import itertools
 import os
 import shutil
 import sys
@@ -127,11 +128,10 @@ def peak_rss_summary(runs: list[Timed]) -> str:
     return ", ".join(parts) + " MB"
 
 
-def write_prefix(source: Path, target: Path, lines: int) -> list[bytes]:
-    """Write the first ``lines`` lines of ``source`` to ``target``; return all its lines."""
-    every = source.read_bytes().splitlines(keepends=True)
-    target.write_bytes(b"".join(every[:lines]))
-    return every
+def copy_lines(source: Path, target: Path, start: int, stop: int | None, mode: str = "wb") -> None:
+    """Write lines ``start`` to ``stop`` of ``source`` (None: to its end) to ``target``."""
+    with open(source, "rb") as src, open(target, mode) as dst:
+        dst.writelines(itertools.islice(src, start, stop))
 
 
 def byte_compile_project() -> None:
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         # timed runs then start with the interpreter, redis-server and the modules
         # in the page cache, as every run but the first after a boot does.
         warm = work / "warm.json"
-        write_prefix(events, warm, min(20_000, max(1, args.events // 100)))
+        copy_lines(events, warm, 0, min(20_000, max(1, args.events // 100)))
         plain(warm, work / "warm-plain.out")
         ingest(warm, work / "warm-data", work / "warm-pipe.out")
         shutil.rmtree(work / "warm-data")
@@ -207,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             plain_runs.append(plain(events, work / f"plain{i}.out"))
             if i:
                 identical &= filecmp.cmp(work / "plain0.out", work / f"plain{i}.out", shallow=False)
+                os.remove(work / f"plain{i}.out")
             data = work / f"data{i}"
             pipe_runs.append(ingest(events, data, work / f"pipe{i}.out"))
             identical &= filecmp.cmp(work / "plain0.out", work / f"pipe{i}.out", shallow=False)
+            os.remove(work / f"pipe{i}.out")
             if i < args.repeat - 1:
                 shutil.rmtree(data)
         figures = redis_figures(work / f"data{args.repeat - 1}", "cart-join")
@@ -219,11 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         # (its data directory and its output file, under their own names).
         partial = work / "partial.json"
         cut = args.events * 99 // 100
-        lines = write_prefix(events, partial, cut)
+        copy_lines(events, partial, 0, cut)
         data99, out99 = work / "data99", work / "r.out"
         ingest(partial, data99, out99)
-        with open(partial, "ab") as f:
-            f.write(b"".join(lines[cut:]))
+        copy_lines(events, partial, cut, None, mode="ab")
         shutil.copytree(data99, work / "data99.saved")
         shutil.copyfile(out99, work / "r.out.saved")
         resume_runs: list[Timed] = []
