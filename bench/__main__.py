@@ -1,7 +1,7 @@
 """The throughput benchmark: the plain loop vs the recoverable pipeline, on one generated file.
 
     python -m bench [--events 1000000] [--users 100000] [--workers 2] [--partitions 4]
-                    [--repeat 3]
+                    [--repeat 3] [--growth-to EVENTS]
 
 In one invocation and on the same file it times (1) the seed's code as a plain
 single-process loop (``bench/plain.py``), (2) ``orchestrator ingest`` with the
@@ -18,6 +18,8 @@ for every run but the first after a boot). Then (1) and (2) run
 ``--repeat`` times, alternating, and (3) as often, each from a fresh copy of
 the 99% run's data; the table shows the median run with the range, and the
 ratio of each pair: on a shared 2-core machine one run moves by up to ±15%.
+With ``--growth-to`` it also ingests that many events of the same users and
+prints how Redis memory grew, beside the growth of the states' JSON.
 """
 
 from __future__ import annotations
@@ -146,7 +148,33 @@ def byte_compile_project() -> None:
         compileall.compile_dir(Path(package.__file__ or "").parent, quiet=1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def print_growth(
+    work: Path, args: argparse.Namespace, run: list[str], before: RedisFigures
+) -> None:
+    """Ingest ``--growth-to`` events of the same users; print how Redis memory grew."""
+    more = work / "more.json"
+    with open(more, "w", encoding="utf-8") as f:
+        for line in generate(args.growth_to, args.users, args.seed):
+            f.write(line + "\n")
+    data = work / "data-more"
+    timed(orchestrator(
+        "ingest", str(more), "--data-dir", str(data), "--output", str(work / "more.out"), *run
+    ), "orchestrator ingest")  # fmt: skip
+    after = redis_figures(data, "cart-join")
+
+    def grew(field: str) -> str:
+        return f"{(getattr(after, field) - getattr(before, field)) / MB:+.1f} MB"
+
+    print()
+    print(f"from {args.events:,} to {args.growth_to:,} events of the same users:")
+    print(
+        f"  Redis used_memory               {grew('used_memory')} "
+        f"(state hashes {grew('state_memory')}, replay history {grew('history_memory')})"
+    )
+    print(f"  final states, JSON              {grew('state_json_bytes')}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=100_000)
@@ -160,10 +188,24 @@ def main(argv: list[str] | None = None) -> int:
         help="time each of (1), (2), (3) this many times, (1) and (2) alternating, "
         "and report the median run (default 3)",
     )
+    parser.add_argument(
+        "--growth-to",
+        type=int,
+        metavar="EVENTS",
+        help="also ingest this many events of the same users (untimed) and print how Redis "
+        "memory grew from --events to it, beside the growth of the states' JSON",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.growth_to is not None and args.growth_to <= args.events:
+        parser.error("--growth-to must be more than --events")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
     try:
@@ -273,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             f"final states, JSON:              {figures.state_json_bytes / MB:.1f} MB "
             f"in {figures.state_keys:,} keys"
         )
+        if args.growth_to is not None:
+            print_growth(work, args, run, figures)
         return 0 if identical and resumed_identical else 1
     finally:
         if args.keep:

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.integration
 
 def test_bench_runs_small_and_its_outputs_match():
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--events", "20000", "--users", "2000", "--repeat", "2"],
+        [sys.executable, "-m", "bench", "--events", "20000", "--users", "2000", "--repeat", "2",
+         "--growth-to", "30000"],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     print(run.stdout)
@@ -28,6 +29,9 @@ def test_bench_runs_small_and_its_outputs_match():
         "final states, JSON",
     ):
         assert figure in run.stdout
+    growth = run.stdout.split("from 20,000 to 30,000 events of the same users:")[1]
+    assert re.search(r"used_memory +[+-]\d+\.\d MB \(state hashes [+-]\d+\.\d MB, replay", growth)
+    assert re.search(r"final states, JSON +[+-]\d+\.\d MB", growth)
     # Peak RSS is reported for every process of both runs, short-lived workers included
     # (a process the sampler never saw would show 0).
     for line in run.stdout.splitlines():
