@@ -94,7 +94,7 @@ class Timed:
 
 
 def timed(args: list[str], what: str, **kwargs: object) -> Timed:
-    """Run a command to its end from a clean page-cache state; it must succeed."""
+    """Run a command to its end, with no dirty pages left to write back; it must succeed."""
     # Each timed run starts with no dirty pages left to write back: the embedded
     # server fsyncs every commit, and an fsync also waits for other files' writeback.
     os.sync()
