@@ -117,17 +117,22 @@ def walls(runs: list[Timed]) -> str:
 
 
 def peak_rss_summary(runs: list[Timed]) -> str:
-    """Peak RSS of each process role over all runs (MB)."""
+    """Peak RSS of each process role over all runs (MB): the i-th largest of each role."""
     peaks: dict[str, list[int]] = {}
     for run in runs:
         for role, procs in run.tree.by_role().items():
             mine = sorted((p.peak_rss for p in procs), reverse=True)
-            old = peaks.get(role, [])
-            width = max(len(old), len(mine))
-            old, mine = old + [0] * (width - len(old)), mine + [0] * (width - len(mine))
-            peaks[role] = [max(a, b) for a, b in zip(old, mine, strict=True)]
+            both = itertools.zip_longest(peaks.get(role, []), mine, fillvalue=0)
+            peaks[role] = [max(pair) for pair in both]
     parts = [f"{role} {'/'.join(f'{x // MB}' for x in peaks[role][:4])}" for role in sorted(peaks)]
     return ", ".join(parts) + " MB"
+
+
+def write_events(path: Path, events: int, users: int, seed: int) -> None:
+    """Write ``events`` generated cart events, a JSON line each."""
+    with open(path, "w", encoding="utf-8") as f:
+        for line in generate(events, users, seed):
+            f.write(line + "\n")
 
 
 def copy_lines(source: Path, target: Path, start: int, stop: int | None, mode: str = "wb") -> None:
@@ -153,9 +158,7 @@ def print_growth(
 ) -> None:
     """Ingest ``--growth-to`` events of the same users; print how Redis memory grew."""
     more = work / "more.json"
-    with open(more, "w", encoding="utf-8") as f:
-        for line in generate(args.growth_to, args.users, args.seed):
-            f.write(line + "\n")
+    write_events(more, args.growth_to, args.users, args.seed)
     data = work / "data-more"
     timed(orchestrator(
         "ingest", str(more), "--data-dir", str(data), "--output", str(work / "more.out"), *run
@@ -210,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
     try:
         events = work / "events.json"
-        with open(events, "w", encoding="utf-8") as f:
-            for line in generate(args.events, args.users, args.seed):
-                f.write(line + "\n")
+        write_events(events, args.events, args.users, args.seed)
         print(
             f"{args.events:,} events, {args.users:,} users, {args.workers} workers, "
             f"{args.partitions} partitions; input {events.stat().st_size / MB:.1f} MB; "

@@ -168,7 +168,7 @@ def test_the_seeds_code_prints_the_seeds_outputs(tmp_path, monkeypatch):
 
 def test_the_blocks_are_the_seeds_own_code():
     if not SEED_FILE.exists():
-        pytest.skip(f"the seed is not beside this checkout (CI has it at {SEED_FILE})")
+        pytest.skip(f"the seed is not beside this checkout (looked for {SEED_FILE})")
     text = SEED_FILE.read_text()
     seed_blocks = re.findall(r"```python[^\n]*\n(.*?)```", text, flags=re.S)
     for old, new in REPLACEMENTS:
