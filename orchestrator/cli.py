@@ -117,8 +117,11 @@ def _connection_options() -> argparse.ArgumentParser:
     group = parent.add_argument_group("where the pipeline lives")
     _option(
         group, "--redis-url", env="REDIS_URL|RQ_REDIS_URL", metavar="URL",
-        help="Redis to use: a redis://, rediss:// or unix:// URL; default: start an embedded "
-        "redis-server in --data-dir",
+        help="Redis to use: a redis://, rediss:// or unix:// URL, or "
+        "redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[?db=N"
+        "&sentinel_password=...] for the primary that Redis Sentinel names (followed across "
+        "failovers); a password is never printed, and reaches the worker processes through "
+        "their environment; default: start an embedded redis-server in --data-dir",
     )  # fmt: skip
     _option(
         group, "--namespace", env="ORCHESTRATOR_NAMESPACE", type=_namespace,
@@ -430,10 +433,12 @@ def _exit_status(e: PipelineError) -> ExitStatus:
     from orchestrator.dispatch import WorkerFailed
     from orchestrator.lock import DriverLocked
     from orchestrator.reader import InputError
+    from orchestrator.server import RedisUrlError
     from orchestrator.workers import WorkerDied
 
     statuses: list[tuple[type[BaseException], ExitStatus]] = [
         (NamespaceError, ExitStatus.USAGE),
+        (RedisUrlError, ExitStatus.USAGE),
         (FlowError, ExitStatus.USAGE),
         (InputError, ExitStatus.NO_INPUT),
         (DriverLocked, ExitStatus.LOCKED),
@@ -450,7 +455,9 @@ def _report_error(e: Exception, verbose: bool) -> int:
     import redis
 
     if isinstance(e, redis.ConnectionError):
-        say(f"lost the connection to Redis: {e}")
+        from orchestrator.server import outage_note
+
+        say(f"lost the connection to Redis{outage_note()}: {e}")
         return int(ExitStatus.REDIS_UNAVAILABLE)
     if isinstance(e, redis.RedisError):
         if verbose:

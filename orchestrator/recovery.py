@@ -9,7 +9,7 @@ from pathlib import Path
 from orchestrator.settings import Settings
 from tasks.keys import Keys
 
-URL_SCHEMES = ("redis://", "rediss://", "unix://")
+URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,8 @@ class RedisRecoveryConfig:
     """Keep a flow's state and progress in Redis, so that a later run can resume it.
 
     Args:
-        location: a ``redis://``, ``rediss://`` or ``unix://`` URL, or a directory
+        location: a ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` URL
+            (see ``orchestrator.sentinel``), or a directory
             for the embedded redis-server (created if missing; the data persists there).
         namespace: the namespace of the flow's keys in that Redis.
     """

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,8 +35,9 @@ from orchestrator.embedded import (
     launch,
     lock_data_dir,
 )
-from orchestrator.settings import Settings, redact_url
-from tasks.errors import RedisUnavailable
+from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
+from orchestrator.settings import Settings, redact_text, redact_url
+from tasks.errors import PipelineError, RedisUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -54,63 +56,161 @@ class Connection:
 
 
 RECONNECT_FOR = 30.0  # seconds of retrying before a lost Redis is an error
+# Every attempt is bounded, so that the deadline above holds (measured exits: ~31 s): a
+# connect that hangs (a host that drops packets) gives up after CONNECT_TIMEOUT, a reply
+# that does not come after SOCKET_TIMEOUT. No command of ours blocks longer on the server:
+# the driver's XREAD blocks for milliseconds, a worker's BLPOP for DEQUEUE_TIMEOUT.
+CONNECT_TIMEOUT = 2.0
+SOCKET_TIMEOUT = 5.0
+DEQUEUE_TIMEOUT = 3  # seconds a worker's BLPOP waits (RQ's 405 s would exceed the read timeout)
+
+# During an outage every retrying call fails at least every few seconds (backoff + one
+# bounded attempt); a failure after a longer quiet time starts a new outage.
+OUTAGE_GAP = 2 * SOCKET_TIMEOUT
+_nesting = threading.local()
 
 
 class AnnouncedRetry(Retry):
-    """redis-py's retry with exponential backoff, saying on stderr when Redis is lost and back."""
+    """Retry a lost Redis until RECONNECT_FOR seconds after the first failure, saying so on stderr.
+
+    A deadline, not a count: each attempt also waits for its connect or read
+    timeout, and redis-py nests retries (a command's retry reconnects through the
+    connection's own retry), so a count of attempts says little about the time.
+    The outage is one per process, shared by every client and thread: it starts
+    at the first failure and ends with the first success, whoever sees them.
+    """
 
     lost = False  # shared by every client of the process: one message per outage
     give_up = False  # set when the process is stopping: fail at once instead of retrying
+    outage_since: float | None = None  # monotonic time of the outage's first failure
+    last_failure = 0.0  # monotonic time of the latest failure
+    # called (instead of raising) when the deadline passes: workers exit there (exit 3)
+    on_deadline: Any = None
+    _lock = threading.Lock()
 
-    def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
-        def announce_failure(error: Exception, *rest: Any) -> None:
-            if AnnouncedRetry.give_up:
-                raise error
-            if not AnnouncedRetry.lost:
-                AnnouncedRetry.lost = True
+    def __init__(self) -> None:
+        super().__init__(ExponentialBackoff(cap=1.0, base=0.1), retries=-1)
+
+    def call_with_retry(
+        self,
+        do: Any,
+        fail: Any,
+        is_retryable: Any = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        # redis-py nests retries (a command's reconnect goes through the connection's own
+        # retry): only the outermost call ends an outage, so that a connect that succeeds
+        # while commands still fail (a server loading its data) does not flap.
+        depth = getattr(_nesting, "depth", 0)
+        _nesting.depth = depth + 1
+        try:
+            result, failures = self._call(do, fail, is_retryable, with_failure_count)
+        finally:
+            _nesting.depth = depth
+        if depth == 0 and AnnouncedRetry.outage_since is not None:
+            self._note_success(retried=failures > 0)
+        return result
+
+    def _call(
+        self, do: Any, fail: Any, is_retryable: Any, with_failure_count: bool
+    ) -> tuple[Any, int]:
+        self._backoff.reset()
+        failures = 0
+        while True:
+            try:
+                return do(), failures
+            except self._supported_errors as error:
+                if is_retryable is not None and not is_retryable(error):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    fail(error, failures)
+                else:
+                    fail(error)
+                left = self._note_failure(error)
+                if left <= 0 or AnnouncedRetry.give_up:
+                    if left <= 0 and AnnouncedRetry.on_deadline is not None:
+                        AnnouncedRetry.on_deadline(error)
+                    raise
+                time.sleep(min(self._backoff.compute(failures), left))
+
+    @classmethod
+    def _note_failure(cls, error: Exception) -> float:
+        """Record a failure; return the seconds left before the outage is an error."""
+        with cls._lock:
+            now = time.monotonic()
+            if cls.outage_since is None or now - cls.last_failure > OUTAGE_GAP:
+                cls.outage_since = now
+            cls.last_failure = now
+            if not cls.lost and not cls.give_up:
+                cls.lost = True
                 logger.warning(
                     "lost the connection to Redis (%s); retrying for up to %.0fs",
                     error,
                     RECONNECT_FOR,
                 )
-            fail(error, *rest)
+            return cls.outage_since + RECONNECT_FOR - now
 
-        result = super().call_with_retry(do, announce_failure, *args, **kwargs)
-        if AnnouncedRetry.lost:
-            AnnouncedRetry.lost = False
-            logger.warning("reconnected to Redis")
-        return result
+    @classmethod
+    def _note_success(cls, *, retried: bool) -> None:
+        """The outage ends with a call that failed and then got through (a real reconnect).
+
+        A call that got through at once proves less: a pooled connection's
+        ``connect()`` returns at once on a socket nobody has found dead yet. It
+        ends the outage only when no failure was seen for a while.
+        """
+        with cls._lock:
+            if cls.outage_since is None:
+                return
+            if not retried and time.monotonic() - cls.last_failure <= OUTAGE_GAP:
+                return
+            cls.outage_since = None
+            if cls.lost:
+                cls.lost = False
+                logger.warning("reconnected to Redis")
+
+
+def outage_note() -> str:
+    """`` for more than 30s`` when the process gave up on Redis at its deadline, for messages."""
+    since = AnnouncedRetry.outage_since
+    if since is not None and time.monotonic() - since >= RECONNECT_FOR:
+        return f" for more than {RECONNECT_FOR:.0f}s"
+    return ""
+
+
+class RedisUrlError(PipelineError):
+    """Raised when a Redis URL cannot be used (bad scheme, address or option)."""
 
 
 def client_for(url: str, *, retry: bool = True) -> Redis:
-    """A client for a URL that rides out a Redis restart of up to RECONNECT_FOR seconds.
+    """A client for a URL that rides out a Redis restart (or failover) of up to RECONNECT_FOR s.
 
     Everything the pipeline sends is safe to send twice (the commit is
     idempotent, notices are read by id), so retrying after a reconnect is
-    correct. RQ needs bytes responses.
+    correct. RQ needs bytes responses. A ``redis+sentinel://`` URL gives a client
+    of the primary that the sentinels name: it asks them again at every
+    reconnect, so after a failover the retries land on the promoted replica.
+
+    Raises:
+        RedisUrlError: the URL is not one this function understands.
     """
-    if not retry:  # for probes, which must fail fast
-        return redis.Redis.from_url(
-            url, decode_responses=False, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
-        )
-    return redis.Redis.from_url(
-        url,
-        decode_responses=False,
-        socket_connect_timeout=5,
-        retry=AnnouncedRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
-
-
-def _retries_within(seconds: float) -> int:
-    backoff, n, total = ExponentialBackoff(cap=2.0, base=0.1), 0, 0.0
-    while total < seconds:
-        n += 1
-        total += backoff.compute(n)
-    return n
-
-
-RECONNECT_RETRIES = _retries_within(RECONNECT_FOR)
+    kwargs: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": SOCKET_TIMEOUT,
+    }
+    if retry:
+        kwargs["retry"] = AnnouncedRetry()
+        kwargs["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
+    else:  # for probes, which must fail fast
+        kwargs["retry"] = Retry(NoBackoff(), 0)
+    try:
+        if is_sentinel_url(url):
+            return sentinel_client(parse_sentinel_url(url), **kwargs)
+        return redis.Redis.from_url(url, **kwargs)
+    except ValueError as e:
+        msg = f"cannot use the Redis URL {redact_url(url)}: {redact_text(str(e), url)}"
+        raise RedisUrlError(msg) from None
 
 
 @contextlib.contextmanager

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus
 
 from tasks.batch import OnError
 
@@ -46,13 +47,42 @@ class Settings:
         return 0 if self.redis_url else DEFAULT_EMBEDDED_WORKERS
 
 
+SECRET_PARAMETER = re.compile(r"(^|[?&;])([^=&;]*password[^=&;]*)=([^&;#]*)", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL without its passwords (userinfo, ``?password=``, ``?sentinel_password=``...).
+
+    Works on the text, not on a parsed URL: a sentinel URL's netloc
+    (``host:port,host:port``) is not one that ``urlsplit`` can give a port of,
+    and a password with a ``/`` in it must not end the userinfo early.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    return urlunsplit(parts._replace(netloc=user + host))
+    head, question, query = rest.partition("?")
+    userinfo, at, after = head.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    if question:
+        query = SECRET_PARAMETER.sub(lambda m: f"{m[1]}{m[2]}=***", query)
+    return f"{scheme}://{userinfo}{at}{after}{question}{query}"
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords a URL holds, as written in it and percent-decoded, longest first."""
+    found: list[str] = []
+    head, _, query = url.partition("://")[2].partition("?")
+    userinfo, at, _ = head.rpartition("@")
+    if at and ":" in userinfo:
+        found.append(userinfo.split(":", 1)[1])
+    found += [m[3] for m in SECRET_PARAMETER.finditer(query)]
+    secrets = {s for raw in found for s in (raw, unquote(raw), unquote_plus(raw)) if s}
+    return sorted(secrets, key=len, reverse=True)
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` with every password of ``url`` replaced by ``***`` (for error messages)."""
+    for secret in url_secrets(url):
+        text = text.replace(secret, "***")
+    return text

@@ -18,8 +18,10 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from orchestrator.embedded import die_with_parent
+from orchestrator.exitcodes import ExitStatus
 from orchestrator.memory import trim_now_and_then
-from orchestrator.server import AnnouncedRetry
+from orchestrator.server import DEQUEUE_TIMEOUT, RECONNECT_FOR, SOCKET_TIMEOUT, AnnouncedRetry
+from orchestrator.settings import url_secrets
 from tasks.errors import PipelineError
 from tasks.keys import Keys
 
@@ -88,6 +90,22 @@ class PipelineWorker(SimpleWorker):
             return False
         return bool(super().should_run_maintenance_tasks)
 
+    @property
+    def dequeue_timeout(self) -> int:
+        """How long a BLPOP waits: shorter than the client's read timeout (RQ's 405 s is not).
+
+        RQ raises the read timeout of connections made after it starts to fit its
+        BLPOP, but not of those made before; and a long read timeout would let a
+        silent server hold a worker past the reconnect deadline. An idle worker
+        asks again every few seconds instead (one BLPOP and at most one heartbeat).
+        """
+        return DEQUEUE_TIMEOUT
+
+    @property
+    def connection_timeout(self) -> int:
+        # what RQ wants the read timeout to be at least; ours fits the BLPOP already
+        return int(SOCKET_TIMEOUT)
+
     def request_stop(self, signum: Any, frame: Any) -> None:
         if self.get_state() != WorkerStatus.BUSY:
             AnnouncedRetry.give_up = True
@@ -143,6 +161,7 @@ def run_worker(
     With ``owner_pid`` (a worker that joined another command's embedded server)
     the worker also stops when that command ends, since its server ends with it.
     """
+    AnnouncedRetry.on_deadline = _exit_unreachable
     partitions = wait_for_partitions(r, keys, announce=announce_wait)
     queues = [
         Queue(name, connection=r, serializer=JSONSerializer)
@@ -152,6 +171,22 @@ def run_worker(
         _stop_when_gone(owner_pid)
     worker = PipelineWorker(queues, connection=r, serializer=JSONSerializer)
     worker.work(burst=burst, logging_level="INFO" if verbose else "WARNING")
+
+
+def _exit_unreachable(error: Exception) -> None:
+    """A worker whose Redis stays lost past the deadline exits 3 with one line, at once.
+
+    Whatever it was doing needs Redis (its batch is not committed, and the
+    driver sends it again); RQ would log a traceback and try to write its
+    bookkeeping, each write waiting for Redis again.
+    """
+    print(
+        f"orchestrator worker {os.getpid()}: Redis unreachable for more than "
+        f"{RECONNECT_FOR:.0f}s ({error}); exiting",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    os._exit(int(ExitStatus.REDIS_UNAVAILABLE))
 
 
 def _stop_when_gone(pid: int) -> None:
@@ -207,6 +242,19 @@ class ForkedProcess:
 WorkerProcess = subprocess.Popen[bytes] | ForkedProcess
 
 
+def _argv_holds_secret(url: str) -> bool:
+    """Whether this process's command line holds a password of ``url``."""
+    secrets = url_secrets(url)
+    if not secrets:
+        return False
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+    except OSError:
+        cmdline = " ".join(sys.argv)
+    return any(secret in cmdline for secret in secrets)
+
+
 class WorkerPool:
     """Worker processes started and stopped by a command (``--workers N``)."""
 
@@ -230,7 +278,9 @@ class WorkerPool:
         # A forked worker has every module imported already (a spawned one spends ~0.3 s
         # of CPU on imports: a large share of a short resume). Forking is safe only while
         # this process runs no other thread, so restarts during a run are spawned.
-        if threading.active_count() == 1:
+        # A forked child also shows the driver's command line (/proc/PID/cmdline), which
+        # must not show a password typed there: then the workers are spawned too.
+        if threading.active_count() == 1 and not _argv_holds_secret(self.url):
             return self._fork()
         return self._spawn()
 

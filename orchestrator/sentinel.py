@@ -1,0 +1,131 @@
+"""Redis Sentinel: the ``redis+sentinel://`` URL, and a client of the primary it names.
+
+``redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[?OPTIONS]``
+
+- ``HOST:PORT`` are sentinels (port 26379 if left out), asked in turn;
+- ``SERVICE`` is the name the sentinels monitor the primary under;
+- the userinfo (or ``?password=``/``?username=``) authenticates with the primary;
+- ``?db=N`` selects the database, ``?sentinel_password=`` (and
+  ``?sentinel_username=``) authenticate with the sentinels.
+
+The client is redis-py's ``Sentinel(...).master_for(SERVICE)``: its connections
+ask the sentinels for the primary's address every time they connect, and a
+primary demoted to a replica (``READONLY``) is treated as a lost connection.
+With the retry of ``orchestrator.server`` (which reconnects until its deadline),
+every client of the driver and the workers follows a failover to the promoted
+replica.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+SCHEME = "redis+sentinel"
+DEFAULT_PORT = 26379
+OPTIONS = ("db", "username", "password", "sentinel_username", "sentinel_password")
+
+
+def is_sentinel_url(url: str) -> bool:
+    """Whether ``url`` names a primary through sentinels."""
+    return url.lower().startswith(SCHEME + "://")
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    """What a ``redis+sentinel://`` URL says."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelAddress:
+    """Parse a ``redis+sentinel://`` URL (format in the module's docstring).
+
+    Raises:
+        ValueError: a missing service name or sentinel, a bad port or db, an unknown option
+            (the message never holds a password).
+    """
+    rest = url.split("://", 1)[1]
+    rest, _, query = rest.partition("?")
+    userinfo, at, rest = rest.rpartition("@")
+    hosts, _, service = rest.partition("/")
+    service = unquote(service.strip("/"))
+    if not service or "/" in service:
+        msg = "a sentinel URL names one service: redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE"
+        raise ValueError(msg)
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        msg = f"unknown option(s) {', '.join(unknown)} (known: {', '.join(OPTIONS)})"
+        raise ValueError(msg)
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    try:
+        db = int(options.get("db", "0"))
+    except ValueError:
+        raise ValueError(f"db must be a whole number: {options['db']!r}") from None
+    return SentinelAddress(
+        sentinels=tuple(_host_port(h) for h in hosts.split(",")),
+        service=service,
+        db=db,
+        username=options.get("username") or username,
+        password=options.get("password") or password,
+        sentinel_username=options.get("sentinel_username") or None,
+        sentinel_password=options.get("sentinel_password") or None,
+    )
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    if not text:
+        raise ValueError("a sentinel URL needs at least one HOST[:PORT]")
+    if text.startswith("["):  # [IPv6]:port
+        host, _, port = text[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    try:
+        number = int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"bad sentinel port in {text!r}") from None
+    if not host or not 0 < number < 65536:
+        raise ValueError(f"bad sentinel address {text!r}")
+    return host, number
+
+
+def sentinel_client(address: SentinelAddress, **kwargs: Any) -> Redis:
+    """A client of the service's primary; ``kwargs`` are the primary's connection options.
+
+    The sentinels themselves are asked without retries and with the same
+    timeouts: ``discover_master`` goes on to the next sentinel when one does
+    not answer, and the primary's retry asks them all again.
+    """
+    sentinel_kwargs: dict[str, Any] = {
+        k: v for k, v in kwargs.items() if k.startswith("socket_") or k == "decode_responses"
+    }
+    sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
+    if address.sentinel_password is not None:
+        sentinel_kwargs["password"] = address.sentinel_password
+        sentinel_kwargs["username"] = address.sentinel_username
+    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(
+        address.service,
+        db=address.db,
+        username=address.username,
+        password=address.password,
+        **kwargs,
+    )
