@@ -12,8 +12,9 @@ The client is redis-py's ``Sentinel(...).master_for(SERVICE)``: its connections
 ask the sentinels for the primary's address every time they connect, and a
 primary demoted to a replica (``READONLY``) is treated as a lost connection.
 With the retry of ``orchestrator.server`` (which reconnects until its deadline),
-every client of the driver and the workers follows a failover to the promoted
-replica.
+and ``FollowingConnection`` (which asks the sentinels at every reconnect, also
+in the middle of a command), every client of the driver and the workers
+follows a failover to the promoted replica.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from urllib.parse import parse_qsl, unquote
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
+from redis.utils import SENTINEL
 
 SCHEME = "redis+sentinel"
 DEFAULT_PORT = 26379
@@ -107,6 +109,47 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, number
 
 
+class FollowingConnection(SentinelManagedConnection):
+    """A connection to the primary that asks the sentinels where it is at every socket it opens.
+
+    redis-py (8.1) asks them only in ``connect()``, which a connection pool
+    calls when it hands a connection out; a connection that drops during a
+    command reconnects through ``connect_check_health`` instead (from
+    ``send_packed_command``), to the host it had, so the retries of a running
+    command would knock on the dead primary until they give up. (Measured: a
+    run whose primary was killed exited 3 after 30 s with every retry on the old
+    address, while the sentinel had promoted the replica within ~2 s.)
+    """
+
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()
+
+    def read_response(
+        self,
+        disable_decoding: bool = False,
+        *,
+        timeout: Any = SENTINEL,
+        disconnect_on_error: bool | None = True,
+        push_request: bool | None = False,
+    ) -> Any:
+        """Read a reply; a read cut short drops the connection, as for a plain connection.
+
+        redis-py's sentinel connection defaults to keeping it, so an RQ worker
+        stopped by SIGTERM in its BLPOP (RQ raises from the signal handler) went
+        back to the pool with the BLPOP's reply still to come, and the worker's
+        last transaction read it as its own ("Wrong number of response items
+        from pipeline execution", at the end of every run with a sentinel URL).
+        """
+        return super().read_response(
+            disable_decoding,
+            timeout=timeout,
+            disconnect_on_error=disconnect_on_error,
+            push_request=push_request,
+        )
+
+
 def sentinel_client(address: SentinelAddress, **kwargs: Any) -> Redis:
     """A client of the service's primary; ``kwargs`` are the primary's connection options.
 
@@ -127,5 +170,6 @@ def sentinel_client(address: SentinelAddress, **kwargs: Any) -> Redis:
         db=address.db,
         username=address.username,
         password=address.password,
+        connection_class=FollowingConnection,
         **kwargs,
     )
