@@ -6,10 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.server import URL_SCHEMES
 from orchestrator.settings import Settings
 from tasks.keys import Keys
-
-URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 
 
 @dataclass(frozen=True)

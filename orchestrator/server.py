@@ -178,6 +178,9 @@ def outage_note() -> str:
     return ""
 
 
+URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+
+
 class RedisUrlError(PipelineError):
     """Raised when a Redis URL cannot be used (bad scheme, address or option)."""
 
@@ -204,6 +207,12 @@ def client_for(url: str, *, retry: bool = True) -> Redis:
         kwargs["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
     else:  # for probes, which must fail fast
         kwargs["retry"] = Retry(NoBackoff(), 0)
+    if not url.lower().startswith(URL_SCHEMES):
+        msg = (
+            f"cannot use the Redis URL {redact_url(url)}: it must start with "
+            f"{', '.join(URL_SCHEMES)}"
+        )
+        raise RedisUrlError(msg)
     try:
         if is_sentinel_url(url):
             return sentinel_client(parse_sentinel_url(url), **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -242,6 +243,25 @@ class ForkedProcess:
 WorkerProcess = subprocess.Popen[bytes] | ForkedProcess
 
 
+def _overwrite_cmdline(args: list[str]) -> None:
+    """Write ``args`` over this process's command line (the memory /proc/PID/cmdline reads).
+
+    The kernel reads it from the process's own memory between ``arg_start`` and
+    ``arg_end`` (fields 48 and 49 of /proc/PID/stat); CPython copied argv at its
+    start and does not read that memory again. Best effort: nothing on failure.
+    """
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # fields 48, 49 (field 3 is index 0)
+        if not 0 < start < end:
+            return
+        text = "\0".join(args).encode()[: end - start - 1]
+        ctypes.memmove(start, text.ljust(end - start, b"\0"), end - start)
+    except (OSError, ValueError, IndexError):
+        pass
+
+
 def _argv_holds_secret(url: str) -> bool:
     """Whether this process's command line holds a password of ``url``."""
     secrets = url_secrets(url)
@@ -278,9 +298,7 @@ class WorkerPool:
         # A forked worker has every module imported already (a spawned one spends ~0.3 s
         # of CPU on imports: a large share of a short resume). Forking is safe only while
         # this process runs no other thread, so restarts during a run are spawned.
-        # A forked child also shows the driver's command line (/proc/PID/cmdline), which
-        # must not show a password typed there: then the workers are spawned too.
-        if threading.active_count() == 1 and not _argv_holds_secret(self.url):
+        if threading.active_count() == 1:
             return self._fork()
         return self._spawn()
 
@@ -303,6 +321,7 @@ class WorkerPool:
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     os.environ["REDIS_URL"] = self.url
                     os.environ.pop("RQ_REDIS_URL", None)
+                    self._hide_driver_argv()
                     status = cli.main(self._worker_args())
             except BaseException:  # noqa: BLE001 - the child must reach os._exit
                 traceback.print_exc()
@@ -311,6 +330,21 @@ class WorkerPool:
                 os._exit(status)
         self._started[pid] = time.monotonic()
         return ForkedProcess(pid)
+
+    def _hide_driver_argv(self) -> None:
+        """In a forked worker: show its own command line, not the driver's, if that has a password.
+
+        A forked child's /proc/PID/cmdline (what ``ps`` shows every user) is the
+        driver's, so a password typed in ``--redis-url`` would show in every worker.
+        The child writes its own command line over it (as setproctitle does); where
+        that fails it execs a fresh worker instead (~0.3 s of imports).
+        """
+        if not _argv_holds_secret(self.url):
+            return
+        args = [sys.executable, "-m", "orchestrator", *self._worker_args()]
+        _overwrite_cmdline(args)
+        if _argv_holds_secret(self.url):
+            os.execv(sys.executable, args)
 
     def _spawn(self) -> WorkerProcess:
         env = {**os.environ, "REDIS_URL": self.url}
