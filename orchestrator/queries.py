@@ -10,6 +10,7 @@ from redis import Redis
 
 from orchestrator.lock import driver_running
 from orchestrator.namespace import NamespaceInfo, read_info, require_committed
+from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url
 from orchestrator.server import connect
 from orchestrator.settings import Settings, redact_url
 from orchestrator.workers import listening_workers
@@ -21,8 +22,20 @@ from tasks.undo import decode_undo
 
 def rq_worker_command(url: str, keys: Keys, partitions: int) -> str:
     """The plain ``rq worker`` command line that works on this namespace's queues."""
-    shown = url if redact_url(url) == url else "$REDIS_URL"  # never print a password
     queues = " ".join(keys.queue_names(partitions))
+    if is_sentinel_url(url):  # rq's --url has no sentinel form: its settings module does
+        address = parse_sentinel_url(url)
+        settings = {
+            "INSTANCES": list(address.sentinels),
+            "MASTER_NAME": address.service,
+            "DB": address.db,
+        }
+        auth = ", plus PASSWORD" if address.password else ""
+        return (
+            f"rq worker -c SETTINGS --serializer json {queues}  "
+            f"(SETTINGS: a module with SENTINEL = {settings!r}{auth})"
+        )
+    shown = url if redact_url(url) == url else "$REDIS_URL"  # never print a password
     return f"rq worker --url {shlex.quote(shown)} --serializer json {queues}"
 
 

@@ -8,6 +8,7 @@ non-zero with one clear line, and then a ``resume`` on the same URL is exact.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -21,7 +22,9 @@ import pytest
 import redis
 
 from bench.generate import generate
+from orchestrator import Dataflow, run_main
 from orchestrator.embedded import redis_server_binary
+from orchestrator.recovery import RedisRecoveryConfig
 from orchestrator.sentinel import parse_sentinel_url
 from orchestrator.server import RedisUrlError, client_for
 from tasks.keys import Keys
@@ -208,3 +211,26 @@ def test_run_follows_a_sentinel_failover(sentinel_setup, tmp_path):
     print(f"lines {len(merged.splitlines())}/{len(lines)}, {wrong} wrong; {wrong_keys} wrong keys")
     assert merged == expected_out
     assert states == expected_states
+
+    # the query commands and run_main take the sentinel URL too, and reach the new primary
+    status = run_cli("status", "--json", *args[:4], cwd=REPO)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["committed_epoch"] == len(lines) - 1
+    assert "SENTINEL" in report["rq_worker_command"]
+    user = json.loads(lines[-1])["user_id"]
+    state = run_cli("state", user, "--json", *args[:4], cwd=REPO)
+    assert state.returncode == 0, state.stderr
+    assert json.loads(state.stdout)["state"] == expected_states[user]
+    assert run_cli("dead-letters", *args[:4], cwd=REPO).returncode == 0
+    flow = Dataflow()
+    flow.stateful_map("sum", lambda key: 0, lambda total, x: (total + x, total + x))
+    flow.capture()
+    seen = []
+    run_main(
+        flow,
+        lambda i, n: [(0, ("k", 2)), (1, ("k", 3))],
+        lambda i, n: seen.append,
+        recovery_config=RedisRecoveryConfig(sentinel_setup.url, namespace=new_namespace()),
+    )
+    assert seen == [(0, ("k", 2)), (1, ("k", 5))]
