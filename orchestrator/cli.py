@@ -118,10 +118,11 @@ def _connection_options() -> argparse.ArgumentParser:
     _option(
         group, "--redis-url", env="REDIS_URL|RQ_REDIS_URL", metavar="URL",
         help="Redis to use: a redis://, rediss:// or unix:// URL, or "
-        "redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[?db=N"
-        "&sentinel_password=...] for the primary that Redis Sentinel names (followed across "
-        "failovers); a password is never printed, and reaches the worker processes through "
-        "their environment; default: start an embedded redis-server in --data-dir",
+        "redis+sentinel://[:PASSWORD@]HOST:PORT[,...]/SERVICE "
+        "(options ?db=N&sentinel_password=...) for the primary that Redis Sentinel names, "
+        "followed across failovers; a password is never printed, and reaches the worker "
+        "processes through their environment; default: start an embedded redis-server in "
+        "--data-dir",
     )  # fmt: skip
     _option(
         group, "--namespace", env="ORCHESTRATOR_NAMESPACE", type=_namespace,
