@@ -19,6 +19,7 @@ follows a failover to the promoted replica.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -26,7 +27,7 @@ from urllib.parse import parse_qsl, unquote
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelManagedConnection
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 from redis.utils import SENTINEL
 
 SCHEME = "redis+sentinel"
@@ -109,6 +110,32 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, number
 
 
+class ConciseSentinel(Sentinel):
+    """redis-py's Sentinel, whose "no primary" error fits on one line.
+
+    redis-py's message holds the full repr of every sentinel client (hundreds
+    of characters each); this one names the sentinels and why each failed.
+    """
+
+    def discover_master(self, service_name: str) -> Any:
+        try:
+            return super().discover_master(service_name)
+        except MasterNotFoundError as e:
+            reasons = sorted(set(re.findall(r" - (\w+:\w+)", str(e))))
+            why = (
+                f"sentinel errors: {', '.join(reasons)}"
+                if reasons
+                else "the sentinels know no live primary"
+            )
+            where = ",".join(
+                f"{c.connection_pool.connection_kwargs.get('host')}:"
+                f"{c.connection_pool.connection_kwargs.get('port')}"
+                for c in self.sentinels
+            )
+            msg = f"no sentinel at {where} names a primary for {service_name!r} ({why})"
+            raise MasterNotFoundError(msg) from None
+
+
 class FollowingConnection(SentinelManagedConnection):
     """A connection to the primary that asks the sentinels where it is at every socket it opens.
 
@@ -164,7 +191,7 @@ def sentinel_client(address: SentinelAddress, **kwargs: Any) -> Redis:
     if address.sentinel_password is not None:
         sentinel_kwargs["password"] = address.sentinel_password
         sentinel_kwargs["username"] = address.sentinel_username
-    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs)
+    sentinel = ConciseSentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs)
     return sentinel.master_for(
         address.service,
         db=address.db,

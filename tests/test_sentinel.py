@@ -49,8 +49,8 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def answers(port: int) -> bool:
-    client = redis.Redis(port=port, socket_timeout=1)
+def answers(port: int, password: str | None = None) -> bool:
+    client = redis.Redis(port=port, password=password, socket_timeout=1)
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -62,11 +62,16 @@ def answers(port: int) -> bool:
 class SentinelSetup:
     """A primary, its replica and one sentinel monitoring them (quorum 1, fast failover)."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(
+        self, directory: str, *, password: str | None = None, sentinel_password: str | None = None
+    ) -> None:
         self.directory = directory
         self.primary, self.replica, self.sentinel = free_port(), free_port(), free_port()
         self.procs: dict[str, subprocess.Popen] = {}
-        self.url = f"redis+sentinel://127.0.0.1:{self.sentinel}/{SERVICE}"
+        self.password, self.sentinel_password = password, sentinel_password
+        auth = f":{password}@" if password else ""
+        query = f"?sentinel_password={sentinel_password}" if sentinel_password else ""
+        self.url = f"redis+sentinel://{auth}127.0.0.1:{self.sentinel}/{SERVICE}{query}"
 
     def _start(self, name: str, args: list[str]) -> None:
         os.makedirs(os.path.join(self.directory, name), exist_ok=True)
@@ -79,6 +84,8 @@ class SentinelSetup:
     def start(self) -> SentinelSetup:
         node = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
                 "--appendfsync", "always"]  # fmt: skip
+        if self.password:
+            node += ["--requirepass", self.password, "--masterauth", self.password]
         self._start("primary", ["--port", str(self.primary), *node])
         self._start(
             "replica",
@@ -92,10 +99,20 @@ class SentinelSetup:
                 f"sentinel down-after-milliseconds {SERVICE} 500\n"
                 f"sentinel failover-timeout {SERVICE} 3000\n"
             )
+            if self.password:
+                f.write(f"sentinel auth-pass {SERVICE} {self.password}\n")
+            if self.sentinel_password:
+                f.write(f"requirepass {self.sentinel_password}\n")
         self._start("sentinel", [conf, "--sentinel"])
-        for port in (self.primary, self.replica, self.sentinel):
-            wait_until(lambda p=port: answers(p), 15, f"redis on port {port}")
-        sentinel = redis.Redis(port=self.sentinel, decode_responses=True)
+        for port, password in [
+            (self.primary, self.password),
+            (self.replica, self.password),
+            (self.sentinel, self.sentinel_password),
+        ]:
+            wait_until(lambda p=port, w=password: answers(p, w), 15, f"redis on port {port}")
+        sentinel = redis.Redis(
+            port=self.sentinel, password=self.sentinel_password, decode_responses=True
+        )
         # the sentinel must know the replica before it can promote it
         wait_until(
             lambda: any(
@@ -128,6 +145,35 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
     finally:
         setup.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_sentinel_and_primary_passwords(tmp_path):
+    """Both passwords are used, and neither is printed, even when one is wrong."""
+    setup = SentinelSetup(str(tmp_path), password="prim-PW", sentinel_password="sent-PW")
+    try:
+        setup.start()
+        ok = run_cli("status", "--redis-url", setup.url, cwd=REPO)
+        wrong_sentinel = run_cli(
+            "status", "--redis-url", setup.url.replace("sent-PW", "sent-PWx"), cwd=REPO
+        )
+        wrong_primary = run_cli(
+            "status", "--redis-url", setup.url.replace("prim-PW", "prim-PWx"), cwd=REPO
+        )
+    finally:
+        setup.stop()
+    assert ok.returncode == 0, ok.stderr
+    assert "redis+sentinel://:***@127.0.0.1:" in ok.stdout
+    assert "sentinel_password=***" in ok.stdout
+    for run in (wrong_sentinel, wrong_primary):
+        assert run.returncode == 3, run.stderr
+        assert run.stderr.startswith("orchestrator: cannot reach Redis at redis+sentinel://:***@")
+        assert len(run.stderr.splitlines()) == 1
+        assert len(run.stderr) < 300
+    assert "no sentinel at 127.0.0.1:" in wrong_sentinel.stderr
+    assert "AuthenticationError" in wrong_sentinel.stderr
+    for run in (ok, wrong_sentinel, wrong_primary):
+        assert "PW" not in run.stdout + run.stderr
 
 
 def test_sentinel_urls_parse():
