@@ -455,7 +455,7 @@ def _report_error(e: Exception, verbose: bool) -> int:
     """The one-line message and exit status of an expected error; others propagate."""
     import redis
 
-    if isinstance(e, redis.ConnectionError):
+    if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
         from orchestrator.server import outage_note
 
         say(f"lost the connection to Redis{outage_note()}: {e}")

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -84,6 +85,7 @@ class AnnouncedRetry(Retry):
     give_up = False  # set when the process is stopping: fail at once instead of retrying
     outage_since: float | None = None  # monotonic time of the outage's first failure
     last_failure = 0.0  # monotonic time of the latest failure
+    last_error = ""  # and what it was
     # called (instead of raising) when the deadline passes: workers exit there (exit 3)
     on_deadline: Any = None
     _lock = threading.Lock()
@@ -116,7 +118,9 @@ class AnnouncedRetry(Retry):
     ) -> tuple[Any, int]:
         self._backoff.reset()
         failures = 0
+        self._refuse_past_deadline()
         while True:
+            attempt_started = time.monotonic()
             try:
                 return do(), failures
             except self._supported_errors as error:
@@ -127,7 +131,7 @@ class AnnouncedRetry(Retry):
                     fail(error, failures)
                 else:
                     fail(error)
-                left = self._note_failure(error)
+                left = self._note_failure(error, attempt_started)
                 if left <= 0 or AnnouncedRetry.give_up:
                     if left <= 0 and AnnouncedRetry.on_deadline is not None:
                         AnnouncedRetry.on_deadline(error)
@@ -135,13 +139,40 @@ class AnnouncedRetry(Retry):
                 time.sleep(min(self._backoff.compute(failures), left))
 
     @classmethod
-    def _note_failure(cls, error: Exception) -> float:
-        """Record a failure; return the seconds left before the outage is an error."""
+    def _refuse_past_deadline(cls) -> None:
+        """Fail at once while the process's outage is past its deadline.
+
+        What runs then is the way out (releasing the lock, RQ's bookkeeping):
+        against a server that stopped answering, each of those calls would
+        otherwise wait for its read timeout. A call made after a quiet while
+        (no failure for OUTAGE_GAP) tries again.
+        """
+        since = cls.outage_since
+        if since is None:
+            return
+        now = time.monotonic()
+        if now - since >= RECONNECT_FOR and now - cls.last_failure <= OUTAGE_GAP:
+            error = redis.ConnectionError(cls.last_error)
+            if cls.on_deadline is not None:
+                cls.on_deadline(error)
+            raise error
+
+    @classmethod
+    def _note_failure(cls, error: Exception, attempt_started: float) -> float:
+        """Record a failure; return the seconds left before the outage is an error.
+
+        A refused or closed connection starts the outage now. A timeout starts
+        it when the failed attempt did: a server that stopped answering is found
+        out only at the read timeout, and the last attempt (started before the
+        deadline) may take as long again; counting from the attempt keeps the
+        exit within RECONNECT_FOR + SOCKET_TIMEOUT of the server's silence.
+        """
         with cls._lock:
             now = time.monotonic()
             if cls.outage_since is None or now - cls.last_failure > OUTAGE_GAP:
-                cls.outage_since = now
-            cls.last_failure = now
+                timed_out = isinstance(error, (redis.TimeoutError, socket.timeout))
+                cls.outage_since = attempt_started if timed_out else now
+            cls.last_failure, cls.last_error = now, str(error)
             if not cls.lost and not cls.give_up:
                 cls.lost = True
                 logger.warning(

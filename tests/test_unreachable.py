@@ -131,6 +131,11 @@ def test_the_deadline_counts_from_the_first_failure(monkeypatch):
     took = time.monotonic() - started
     assert 0.6 <= took < 0.9
     assert len(attempts) >= 3
+    # past the deadline, the way out (more calls) fails at once, without an attempt
+    tried = []
+    with pytest.raises(redis.ConnectionError, match="down"):
+        outer.call_with_retry(lambda: tried.append(1), lambda e: None)
+    assert tried == []
     # after the outage, a call that fails and then succeeds ends it
     results = iter([redis.ConnectionError("blip"), "ok"])
 
