@@ -63,7 +63,8 @@ def redact_url(url: str) -> str:
     head, question, query = rest.partition("?")
     userinfo, at, after = head.rpartition("@")
     if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
+        user = userinfo.split(":", 1)[0]
+        userinfo = f"{user}:***" if user else "***"
     if question:
         query = SECRET_PARAMETER.sub(lambda m: f"{m[1]}{m[2]}=***", query)
     return f"{scheme}://{userinfo}{at}{after}{question}{query}"

@@ -38,12 +38,12 @@ def locked_redis(tmp_path) -> PasswordServer:
 
 def test_redact_url_hides_every_password():
     cases = {
-        "redis://:pw@h:6379/0": "redis://:***@h:6379/0",
+        "redis://:pw@h:6379/0": "redis://***@h:6379/0",
         "redis://user:pw@h/0?password=pw2&db=1": "redis://user:***@h/0?password=***&db=1",
         "rediss://h:1/0?db=1&Password=x": "rediss://h:1/0?db=1&Password=***",
-        "unix://:a/b@/tmp/r.sock?db=0": "unix://:***@/tmp/r.sock?db=0",
+        "unix://:a/b@/tmp/r.sock?db=0": "unix://***@/tmp/r.sock?db=0",
         "redis+sentinel://:pw@h1:1,h2:2/svc?db=2&sentinel_password=sp":
-            "redis+sentinel://:***@h1:1,h2:2/svc?db=2&sentinel_password=***",
+            "redis+sentinel://***@h1:1,h2:2/svc?db=2&sentinel_password=***",
         "redis://user@h:1": "redis://user@h:1",
         "unix:///tmp/r.sock": "unix:///tmp/r.sock",
     }  # fmt: skip

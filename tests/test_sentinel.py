@@ -163,11 +163,11 @@ def test_sentinel_and_primary_passwords(tmp_path):
     finally:
         setup.stop()
     assert ok.returncode == 0, ok.stderr
-    assert "redis+sentinel://:***@127.0.0.1:" in ok.stdout
+    assert "redis+sentinel://***@127.0.0.1:" in ok.stdout
     assert "sentinel_password=***" in ok.stdout
     for run in (wrong_sentinel, wrong_primary):
         assert run.returncode == 3, run.stderr
-        assert run.stderr.startswith("orchestrator: cannot reach Redis at redis+sentinel://:***@")
+        assert run.stderr.startswith("orchestrator: cannot reach Redis at redis+sentinel://***@")
         assert len(run.stderr.splitlines()) == 1
         assert len(run.stderr) < 300
     assert "no sentinel at 127.0.0.1:" in wrong_sentinel.stderr
