@@ -26,7 +26,7 @@ from orchestrator.settings import (
     DEFAULT_NAMESPACE,
     Settings,
 )
-from tasks.errors import FlowError, NamespaceError, PipelineError, RedisUnavailable
+from tasks.errors import FlowError, NamespaceError, PipelineError, RedisUnavailable, Superseded
 from tasks.keys import Keys
 
 if TYPE_CHECKING:
@@ -188,6 +188,11 @@ def _run_options() -> argparse.ArgumentParser:
         default=1 << 20, metavar="B", help="a longer input line is a bad line (default 1 MiB)",
     )  # fmt: skip
     _option(
+        group, "--allow-eviction", env="ORCHESTRATOR_ALLOW_EVICTION", action="store_true",
+        help="run even if the server's maxmemory-policy may evict keys (refused by default: "
+        "an evicted key loses state or progress silently; use noeviction)",
+    )  # fmt: skip
+    _option(
         group, "-q", "--quiet", env="ORCHESTRATOR_QUIET", action="store_true",
         help="no progress line or summary on stderr",
     )  # fmt: skip
@@ -288,6 +293,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         retain_epochs=getattr(args, "retain_epochs", 100_000),
         max_line_bytes=getattr(args, "max_line_bytes", 1 << 20),
         batch_events=getattr(args, "batch_events", Settings.batch_events),
+        allow_eviction=getattr(args, "allow_eviction", False),
         verbose=args.verbose,
         quiet=getattr(args, "quiet", False),
     )
@@ -302,6 +308,31 @@ def configure_logging(verbose: bool, *, worker: bool = False) -> None:
         fmt, level = who + ": %(message)s", logging.WARNING
     # force: a worker forked from a driver replaces the driver's configuration
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(OneLineFormatter(fmt))
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records as one line each: an exception becomes its type and message, no traceback.
+
+    RQ logs a job's unexpected exception with its traceback (for example when Redis
+    lost the job while a worker ran it); without --verbose that is one line.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info
+        if exc and exc[1] is not None:
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg = f"{record.getMessage().splitlines()[0]} ({_one_line(exc[1])})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        text = super().format(record)
+        return text.splitlines()[0] if text else text
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
@@ -437,6 +468,7 @@ def _exit_status(e: PipelineError) -> ExitStatus:
         (FlowError, ExitStatus.USAGE),
         (InputError, ExitStatus.NO_INPUT),
         (DriverLocked, ExitStatus.LOCKED),
+        (Superseded, ExitStatus.LOCKED),
         (RedisUnavailable, ExitStatus.REDIS_UNAVAILABLE),
         (WorkerFailed, ExitStatus.FAILED),
         (WorkerDied, ExitStatus.FAILED),

@@ -54,6 +54,10 @@ MAX_BUFFERED_BYTES = 32 << 20
 READ_CHUNK = 2_000  # lines read between two looks at the commit notices
 BLOCK_MS = 200  # how long to wait for a notice when there is nothing else to do
 RECORD_EVERY = 0.1  # seconds between two records of the committed epoch
+# Seconds between two records when the committed epoch has not moved: each record is fenced
+# (tasks/lua/record_progress.lua), so this is also how soon a driver notices that Redis lost
+# data or that another driver took over, whatever it is waiting for.
+FENCE_EVERY = 1.0
 LINGER = 0.2  # a batch waits for half of --batch-events lines or this many seconds
 WAITING_NOTE_AFTER = 2.0  # seconds a batch may wait before the driver says it needs workers
 
@@ -109,8 +113,10 @@ class RunResult:
     reruns: int = 0
 
 
-# Called when the committed epoch advances: (committed epoch, offset of the next line,
-# dead letters for epochs up to it, output_length=length of the output file or None).
+# Called when the committed epoch advances, and every FENCE_EVERY seconds: (committed epoch,
+# offset of the next line, dead letters for epochs up to it, floors=the epoch through which
+# each partition was seen to commit, output_length=length of the output file or None,
+# progress=what status shows). It raises if the run is no longer this driver's or Redis lost data.
 OnCommit = Callable[..., None]
 
 
@@ -433,8 +439,9 @@ class Driver:
         window a little and saves a round trip per advance.
         """
         now = time.monotonic()
-        if result.committed == self.recorded or (
-            not force and now - self.recorded_at < RECORD_EVERY
+        since = now - self.recorded_at
+        if not force and (
+            since < RECORD_EVERY or (result.committed == self.recorded and since < FENCE_EVERY)
         ):
             return
         committed = result.committed
@@ -444,6 +451,7 @@ class Driver:
             committed,
             result.next_offset,
             dead,
+            floors=list(self.after),
             output_length=self.output_length(),
             progress=self._progress(result, now),
         )

@@ -37,6 +37,8 @@ class Settings:
     retain_epochs: int = 100_000
     max_line_bytes: int = 1 << 20
     batch_events: int = 20_000
+    # run on a server whose maxmemory-policy may evict keys (refused otherwise)
+    allow_eviction: bool = False
 
     @property
     def worker_count(self) -> int:

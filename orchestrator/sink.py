@@ -10,6 +10,7 @@ print again the lines written since the last record.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from orchestrator.lock import DriverLocked
 from orchestrator.namespace import Checkpoint, NamespaceInfo
 from orchestrator.reader import InputError
 from orchestrator.settings import Mode
@@ -65,6 +67,27 @@ def recorded_length(
     return cut_point(path, checkpoint, epoch) if checkpoint.output_length is not None else None
 
 
+def hold_exclusively(f: BinaryIO, shown: Path) -> None:
+    """Lock the output file for this run (released when it is closed), or refuse.
+
+    A driver that was paused (SIGSTOP, a frozen VM) past its namespace lock's TTL
+    still holds the file: another run must not cut or write it under the paused
+    one, whose pending write would then land in the middle of the new run's lines.
+
+    Raises:
+        DriverLocked: another process holds the file.
+    """
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        msg = (
+            f"the output file {shown} is in use by another process (a driver that is still "
+            f"running, or stopped: find it with 'fuser {shown}'); stop it first, or use "
+            f"another --output"
+        )
+        raise DriverLocked(msg) from None
+
+
 @contextlib.contextmanager
 def open_sink(
     output: Path | None, mode: Mode, info: NamespaceInfo, checkpoint: Checkpoint, epoch: int
@@ -96,6 +119,7 @@ def open_sink(
         )
         raise InputError(msg)
     with open(path, "r+b" if path.exists() else "wb") as f:
+        hold_exclusively(f, output)
         f.truncate(length)
         f.seek(length)
         f.flush()

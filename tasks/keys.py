@@ -131,6 +131,31 @@ class Keys:
         return f"{self.namespace}-g{generation}-p{partition}-e{last_epoch}"
 
     @property
+    def rq_pattern(self) -> str:
+        """SCAN pattern of RQ keys that may belong to the namespace (``owns`` tells which do)."""
+        return f"rq:*:{self.namespace}-*"
+
+    def owns(self, key: str) -> bool:
+        """Whether a Redis key belongs to this namespace: one of its own or RQ's for it.
+
+        By shape, not by prefix: ``orders-prod-p0`` is not a queue of namespace ``orders``.
+        """
+        if key.startswith(f"{self.namespace}:"):
+            return True
+        ns = re.escape(self.namespace)
+        queue = rf"{ns}-p\d+"
+        job = rf"{ns}-g\d+-p\d+-e-?\d+(?:-r\d+)?"
+        return re.fullmatch(rf"rq:[a-z_-]+:(?:{queue}|{job})(?::.*)?", key) is not None
+
+    def generation_of(self, key: str) -> int | None:
+        """The run generation in the name of a notice stream, stored batch or successor list."""
+        ns = re.escape(self.namespace)
+        found = re.fullmatch(rf"{ns}:(?:notices:(\d+)|(?:batch|next):g(\d+)-p\d+(?:-e-?\d+)?)", key)
+        if found is None:
+            return None
+        return int(found.group(1) or found.group(2))
+
+    @property
     def job_id_prefix(self) -> str:
         """The prefix of every RQ job id of the namespace."""
         return f"{self.namespace}-g"
