@@ -10,7 +10,7 @@ import redis
 from redis import Redis
 
 from orchestrator.driver import BadLine, Driver, RunResult
-from orchestrator.fence import check_consistency, eviction_problem
+from orchestrator.fence import EvictionWatch, check_consistency, eviction_problem
 from orchestrator.lock import DriverLock
 from orchestrator.messages import say
 from orchestrator.namespace import (
@@ -211,7 +211,8 @@ def _drive(
     load_flow(flow)
     start = plan_start(r, keys, info, mode, from_epoch, f, path)
     check_server(r, settings, embedded)
-    check_consistency(r, keys, info.floors, start.epoch)
+    if mode != "ingest":
+        check_consistency(r, keys, info.floors, start.epoch, info.evicted_keys)
     with open_sink(settings.output, mode, info, start.checkpoint, start.epoch) as sink:
         fence = start_run(
             r,
@@ -228,6 +229,7 @@ def _drive(
             output_length=sink.start_length,
         )
         generation = fence.generation
+        evictions = EvictionWatch(r, keys)
         committer = Committer(
             r,
             keys,
@@ -236,6 +238,7 @@ def _drive(
             last_committed=start.epoch - 1,
             input_path=str(path),
             retain_epochs=settings.retain_epochs,
+            evictions=evictions,
         )
         progress = Progress(enabled=not settings.quiet)
         try:
@@ -254,6 +257,9 @@ def _drive(
                 output_is_file=sink.path is not None,
             )
             result = driver.run(LineSource(f, start.epoch, start.offset, settings.max_line_bytes))
+        except RedisLostData:
+            evictions.check(now=True)  # if keys were evicted, say that instead (and mark it)
+            raise
         finally:
             progress.close()
         committer.record(

@@ -210,7 +210,9 @@ class Dispatcher:
         refusal = None
         if found_owner > generation:
             refusal = Refusal("superseded", p, str(found_owner), str(generation))
-        elif found_owner < generation or found < flight.batch.after_epoch:
+        elif found_owner < generation:  # the claim of this run is gone
+            refusal = Refusal("lost", p, f"generation {found_owner}", f"generation {generation}")
+        elif found < flight.batch.after_epoch:
             refusal = Refusal("lost", p, str(found), str(flight.batch.after_epoch))
         if refusal is not None:
             fence = Fence(generation, "", 0)

@@ -12,6 +12,7 @@ stop without writing, instead of recording progress that Redis does not back.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import redis
@@ -56,7 +57,12 @@ def refusal_error(refusal: Refusal, keys: Keys, fence: Fence) -> PipelineError:
             f"{stopped}"
         )
         return Superseded(msg)
-    if refusal.partition >= 0:
+    if refusal.partition >= 0 and refusal.found.startswith("generation"):
+        what = (
+            f"partition {refusal.partition} is back at {refusal.found} (-1: its progress is "
+            f"gone), but this run is {refusal.expected}"
+        )
+    elif refusal.partition >= 0:
         what = (
             f"partition {refusal.partition} is at epoch {refusal.found}, but this driver saw "
             f"it commit through epoch {refusal.expected}"
@@ -75,7 +81,9 @@ def refusal_error(refusal: Refusal, keys: Keys, fence: Fence) -> PipelineError:
     return RedisLostData(msg)
 
 
-def check_consistency(r: Redis, keys: Keys, floors: tuple[int, ...] | None, start: int) -> None:
+def check_consistency(
+    r: Redis, keys: Keys, floors: tuple[int, ...] | None, start: int, evicted: int = 0
+) -> None:
     """Refuse to start a run at epoch ``start`` on data that Redis no longer fully holds.
 
     Each partition must have applied at least through ``min(floor, start - 1)``:
@@ -84,8 +92,16 @@ def check_consistency(r: Redis, keys: Keys, floors: tuple[int, ...] | None, star
     were all rejected commits progress without an undo record.)
 
     Raises:
-        RedisLostData: a partition is behind what the namespace recorded.
+        RedisLostData: a partition is behind what the namespace recorded, or the
+            server evicted keys during an earlier run.
     """
+    if evicted:
+        msg = (
+            f"the Redis server evicted {evicted} key(s) during an earlier run of namespace "
+            f"{keys.namespace!r}: its state may be incomplete in ways a resume cannot see; "
+            f"start over with 'reset' (and run Redis with maxmemory-policy noeviction)"
+        )
+        raise RedisLostData(msg)
     if floors is None:
         return  # recorded by a version that kept no floors
     for p, applied in enumerate(applied_epochs(r, keys, len(floors))):
@@ -116,3 +132,43 @@ def eviction_problem(r: Redis) -> str | None:
         f"keys (state, progress, queued batches) under memory pressure, which loses data "
         f"silently; set maxmemory-policy noeviction, or pass --allow-eviction to run anyway"
     )
+
+
+class EvictionWatch:
+    """Stops a run as soon as the server evicts keys (possible only under --allow-eviction,
+    or if someone changes maxmemory-policy during the run)."""
+
+    EVERY = 1.0  # seconds between two looks at the server's eviction counter
+
+    def __init__(self, r: Redis, keys: Keys) -> None:
+        self.r, self.keys = r, keys
+        self.baseline = self._evicted()
+        self._looked_at = time.monotonic()
+
+    def _evicted(self) -> int:
+        try:
+            return int(self.r.info("stats").get("evicted_keys", 0))
+        except redis.ResponseError:
+            return 0  # INFO disabled: nothing to watch
+
+    def check(self, *, now: bool = False) -> None:
+        """Raise if the server evicted any key since the run started (looks once a second,
+        or at once with ``now``).
+
+        Raises:
+            RedisLostData: keys were evicted; some may be the pipeline's.
+        """
+        at = time.monotonic()
+        if not now and at - self._looked_at < self.EVERY:
+            return
+        self._looked_at = at
+        evicted = self._evicted() - self.baseline
+        if evicted > 0:
+            # Marked, so that no later run builds on what may be left (check_consistency).
+            self.r.hset(self.keys.meta, "evicted_keys", evicted)
+            msg = (
+                f"the Redis server evicted {evicted} key(s) during the run (its "
+                f"maxmemory-policy allows it); some may be the pipeline's state or progress, "
+                f"so this driver stopped without writing anything more"
+            )
+            raise RedisLostData(msg)

@@ -12,7 +12,7 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from orchestrator.fence import Fence, refusal_error
+from orchestrator.fence import EvictionWatch, Fence, refusal_error
 from orchestrator.reader import fingerprint
 from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks import scripts
@@ -44,6 +44,7 @@ class NamespaceInfo:
     # For each partition, the epoch through which it had applied when ``committed`` was
     # recorded (capped at ``committed``): Redis must hold at least that much of each.
     floors: tuple[int, ...] | None = None
+    evicted_keys: int = 0  # keys the server evicted during a run (--allow-eviction)
 
     @property
     def exists(self) -> bool:
@@ -70,6 +71,7 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         fingerprint=meta.get("fingerprint"),
         fingerprint_end=int(meta.get("fingerprint_end", 0)),
         floors=tuple(json.loads(meta["floors"])) if "floors" in meta else None,
+        evicted_keys=int(meta.get("evicted_keys", 0)),
     )
 
 
@@ -194,8 +196,10 @@ class Committer:
         last_committed: int,
         input_path: str | None = None,
         retain_epochs: int | None = None,
+        evictions: EvictionWatch | None = None,
     ) -> None:
         self.r, self.keys, self.partitions, self.fence = r, keys, partitions, fence
+        self.evictions = evictions
         self.last_committed = last_committed
         self.input_path = input_path
         self.retain_epochs = retain_epochs
@@ -223,6 +227,8 @@ class Committer:
             Superseded: another driver run owns the namespace now.
             RedisLostData: Redis no longer holds what the driver saw committed.
         """
+        if self.evictions is not None:
+            self.evictions.check()
         now = time.monotonic()
         fields: dict[str, Any] = {"committed": committed, "offset": offset, "at": time.time()}
         fields["floors"] = json.dumps([min(f, committed) for f in floors])

@@ -307,3 +307,32 @@ def test_reset_under_a_paused_driver_stops_it_when_it_wakes(own_redis, events, t
     time.sleep(1)
     assert [k for k in client.keys(f"{ns}:*") if not k.endswith(b":lease")] == []
     client.close()
+
+
+def test_keys_evicted_under_allow_eviction_stop_the_run_and_every_later_resume(servers, events):
+    path, lines = events
+    server = servers("tight").start()
+    client = server.client()
+    client.mset({f"filler:{i}": b"x" * 1000 for i in range(3_000)})
+    used = client.info("memory")["used_memory"]
+    client.config_set("maxmemory", used + 300_000)  # the run's writes push keys out
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    ns = new_namespace()
+    args = [*run_args(server.url, ns), "--allow-eviction"]
+    run = run_cli("ingest", str(path), *args, cwd=REPO)
+    assert run.returncode == 3, run.stderr
+    one_line_error(run.stderr, "evicted", "key(s) during the run")
+    client.config_set("maxmemory", 0)  # room again: still, nobody may build on what is left
+    resumed = run_cli("resume", str(path), *args, cwd=REPO)
+    assert resumed.returncode == 3, resumed.stderr
+    one_line_error(resumed.stderr, "evicted", "during an earlier run", "reset")
+    assert run_cli("reset", "--yes", "--redis-url", server.url, "--namespace", ns, cwd=REPO).returncode == 0
+    again = run_cli("ingest", str(path), *run_args(server.url, ns), "--output", "/dev/null", cwd=REPO)
+    assert again.returncode == 2  # the policy is still allkeys-lru: refused without the flag
+    client.config_set("maxmemory-policy", "noeviction")
+    clean = run_cli("ingest", str(path), *run_args(server.url, ns), cwd=REPO)
+    assert clean.returncode == 0, clean.stderr
+    expected_out, expected_states = reference_run(lines)
+    assert clean.stdout == expected_out
+    assert committed_states(server.url, ns) == expected_states
+    client.close()
