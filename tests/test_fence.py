@@ -134,3 +134,10 @@ def test_reset_deletes_exactly_the_namespace_and_not_one_whose_name_extends_it(r
     finally:
         reset(r, prod)
         r.srem("rq:queues", orders.queue_key(0), prod.queue_key(0))
+
+
+def test_a_partition_whose_claim_is_gone_refuses_the_record(r, keys):
+    _, committer = started(r, keys)
+    r.delete(keys.progress(0))
+    with pytest.raises(RedisLostData, match="partition 0 is back at generation -1"):
+        committer.record(-1, 0, [], floors=[-1, -1])

@@ -48,9 +48,10 @@ for p = 1, partitions do
   if owner > generation then
     return {"superseded", p - 1, progress[1], ARGV[1]}
   end
-  local floor = tonumber(ARGV[5 + p])
-  local applied = tonumber(progress[2] or "-1")
-  if owner < generation or applied < floor then
+  if owner < generation then
+    return {"lost", p - 1, "generation " .. (progress[1] or "-1"), "generation " .. ARGV[1]}
+  end
+  if tonumber(progress[2] or "-1") < tonumber(ARGV[5 + p]) then
     return {"lost", p - 1, progress[2] or "-1", ARGV[5 + p]}
   end
 end
