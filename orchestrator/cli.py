@@ -47,8 +47,10 @@ the system's jemalloc when there is one (ORCHESTRATOR_SERVER_JEMALLOC=0: not).
 
 EPILOG = """\
 exit status: 0 ok, 1 internal error (a worker failed), 2 usage or namespace
-mismatch, 3 Redis unavailable, 65 bad input under --on-error fail, 66 input
-unreadable or changed, 75 another driver runs on the namespace, 130 interrupted.
+mismatch (or a server that can evict keys), 3 Redis unavailable or it lost data
+it had acknowledged (resume continues from what it holds), 65 bad input under
+--on-error fail, 66 input unreadable or changed, 75 another driver runs on the
+namespace or took it over from this one, 130 interrupted.
 """
 
 
