@@ -14,7 +14,6 @@ import time
 
 import pytest
 import redis
-from proxy import Proxy
 
 from bench.generate import generate
 from orchestrator.embedded import redis_server_binary
@@ -22,6 +21,7 @@ from tasks.keys import Keys
 
 from conftest import REPO, cli_env, new_namespace, run_cli
 from helpers import committed_states, merge_outputs
+from proxy import Proxy
 from reference import reference_run
 
 pytestmark = pytest.mark.integration
@@ -336,3 +336,45 @@ def test_keys_evicted_under_allow_eviction_stop_the_run_and_every_later_resume(s
     assert clean.stdout == expected_out
     assert committed_states(server.url, ns) == expected_states
     client.close()
+
+
+def test_a_worker_paused_mid_batch_wakes_up_to_a_refused_commit(redis_url, real, events, tmp_path):
+    from rq import Worker
+
+    path, lines = events
+    ns = new_namespace()
+    keys = Keys(ns)
+    args = ["--redis-url", redis_url, "--namespace", ns]
+    workers = [popen_cli("worker", *args) for _ in range(2)]
+    out = tmp_path / "out.txt"
+    driver = popen_cli(
+        "ingest", str(path), *args, "--workers", "0", "--partitions", "2", "--flow", SLOW_FLOW,
+        "--output", str(out),
+    )  # fmt: skip
+    paused = None
+    try:
+        deadline = time.monotonic() + 60
+        while paused is None:  # a batch while its worker runs it: its lease names the job
+            assert time.monotonic() < deadline and driver.poll() is None
+            for p in range(2):
+                job_id = real.get(keys.lease(p))
+                running = [w for w in Worker.all(connection=real) if job_id and w.get_current_job_id() == job_id.decode()]
+                if running:
+                    paused = running[0].pid
+                    break
+            time.sleep(0.01)
+        os.kill(paused, signal.SIGSTOP)
+        time.sleep(8)  # its lease expires; the batch runs again on the other worker
+        os.kill(paused, signal.SIGCONT)  # it goes on applying, and its commit is refused
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        if paused is not None:
+            os.kill(paused, signal.SIGCONT)
+        for w in workers:
+            w.kill()
+            w.communicate()
+    assert driver.returncode == 0, stderr
+    assert "lost its worker; sending it again" in stderr
+    expected_out, expected_states = reference_run(lines)
+    assert out.read_text() == expected_out
+    assert committed_states(redis_url, ns) == expected_states
