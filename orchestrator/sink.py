@@ -54,6 +54,26 @@ def cut_point(path: Path, checkpoint: Checkpoint, epoch: int) -> int:
     return position
 
 
+def ends_with_epoch(path: Path, length: int, epoch: int) -> bool:
+    """Whether the file's first ``length`` bytes end with a whole line of an epoch <= ``epoch``
+    and any line after them is of a later epoch: the file confirms the recorded length."""
+    window = 64 * 1024
+    with open(path, "rb") as f:
+        f.seek(max(0, length - window))
+        start = f.tell()
+        head = f.read(length - start)
+        after = f.readline()
+    if length and not head.endswith(b"\n"):
+        return False
+    before, newline, last = head[:-1].rpartition(b"\n")
+    if newline or start == 0:  # the last line is whole in the window: check its epoch
+        number = last.split(b" ", 1)[0]
+        if last and not (number.isdigit() and int(number) <= epoch):
+            return False
+    number = after.split(b" ", 1)[0]
+    return not (after.endswith(b"\n") and number.isdigit() and int(number) <= epoch)
+
+
 def recorded_length(
     path: Path, mode: Mode, info: NamespaceInfo, checkpoint: Checkpoint, epoch: int
 ) -> int | None:
@@ -116,6 +136,13 @@ def open_sink(
         msg = (
             f"the output file {output} is shorter ({size} bytes) than the {length} bytes "
             f"recorded for the committed epochs: was it changed? Use another --output"
+        )
+        raise InputError(msg)
+    elif mode == "resume" and not ends_with_epoch(path, length, info.committed):
+        msg = (
+            f"the output file {output} does not match the namespace's record: byte {length} "
+            f"is not where the lines of epochs up to {info.committed} end (was it changed, or "
+            f"written by another run?); use another --output"
         )
         raise InputError(msg)
     with open(path, "r+b" if path.exists() else "wb") as f:
