@@ -66,6 +66,8 @@ class BadLine:
     offset: int
     reason: str
     raw: bytes = b""
+    # "rejected" (bad input, or the flow raised), "timeout" or "killed" (tasks/batch.py)
+    kind: str = "rejected"
 
     @property
     def line_number(self) -> int:
@@ -132,8 +134,10 @@ class Driver:
         on_commit: OnCommit,
         batch_events: int,
         output_is_file: bool = False,
+        batch_timeout: float = 60.0,
     ) -> None:
         self.r = r
+        self.batch_timeout = batch_timeout
         self.batch_events = batch_events
         self.min_batch_lines = max(1, batch_events // 2)
         # Room for every partition to have a batch in flight and the next one filling up,
@@ -182,7 +186,7 @@ class Driver:
             idle = exhausted or result.failure is not None or self._full()
             for notice in self.notices.read(BLOCK_MS if idle and self.in_flight else None):
                 self._on_notice(notice, result)
-            self.workers.supervise()
+            self.workers.supervise(self.r)
             trim_now_and_then()
             self.dispatcher.watch(self.in_flight)
             self._note_missing_workers()
@@ -361,6 +365,7 @@ class Driver:
                 self.on_error,
                 pending.epochs,
                 pending.lines,
+                self.batch_timeout,
             )
             flight = self.dispatcher.new_flight(
                 batch, pending.offsets, pending.events, pending.size
@@ -460,4 +465,6 @@ def _reason(e: Exception) -> str:
 
 def _bad(rejection: Rejection, flight: InFlight) -> BadLine:
     i = flight.batch.epochs.index(rejection.epoch)
-    return BadLine(rejection.epoch, flight.offsets[i], rejection.reason, flight.batch.lines[i])
+    return BadLine(
+        rejection.epoch, flight.offsets[i], rejection.reason, flight.batch.lines[i], rejection.kind
+    )

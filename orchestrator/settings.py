@@ -37,6 +37,8 @@ class Settings:
     retain_epochs: int = 100_000
     max_line_bytes: int = 1 << 20
     batch_events: int = 20_000
+    # --batch-timeout: seconds the flow may run on one event of a batch before it is stopped
+    batch_timeout: float = 60.0
 
     @property
     def worker_count(self) -> int:
