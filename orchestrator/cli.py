@@ -395,9 +395,7 @@ def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
             advice = f"fix the input and run '{resume}' (or add --on-error skip)"
         else:  # the flow hung or killed its worker on a valid line: the input is not at fault
             more = " with a higher --batch-timeout" if result.failure.kind == "timeout" else ""
-            advice = (
-                f"fix the flow, or run '{resume}'{more} or with --on-error skip or dead-letter"
-            )
+            advice = f"fix the flow, or run '{resume}'{more} or with --on-error skip or dead-letter"
         say(
             f"{commands.describe_bad(path, result.failure)}; committed through epoch "
             f"{result.committed}; {advice}"

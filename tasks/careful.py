@@ -105,9 +105,7 @@ class CarefulRun:
             },
         )
         self.r.hdel(self.key, "at")
-        return {
-            i: _killed(events[i], n) for i, n in sorted(self.deaths.items()) if n >= DEATHS
-        }
+        return {i: _killed(events[i], n) for i, n in sorted(self.deaths.items()) if n >= DEATHS}
 
     def probe(self, lo: int, hi: int) -> None:
         """Say that this attempt now runs events ``lo..hi-1`` (before it runs them)."""
@@ -168,7 +166,6 @@ class ProbingIterator:
 def _killed(event: Event, deaths: int) -> Rejection:
     epoch, key, _ = event
     reason = (
-        f"killed its worker: {deaths} worker processes died running epoch {epoch} "
-        f"(key {key!r})"
+        f"killed its worker: {deaths} worker processes died running epoch {epoch} (key {key!r})"
     )
     return Rejection(epoch, key, reason, "killed")

@@ -183,7 +183,9 @@ def test_one_death_at_an_event_is_not_enough_to_blame_it(fake, keys):
 def test_a_probe_of_another_batch_or_a_live_process_counts_no_death(fake, keys):
     start(fake, keys)
     b = cart_batch(keys, KILLER_FLOW, "skip")
-    other = Batch(b.namespace, b.generation, 0, 1, 2, 5, KILLER_FLOW, "skip", [3], [CURSED.encode()])
+    other = Batch(
+        b.namespace, b.generation, 0, 1, 2, 5, KILLER_FLOW, "skip", [3], [CURSED.encode()]
+    )
     die_at(fake, keys, other, 2, 0)
     die_at(fake, keys, other, 3, 0)
     for attempt in (2, 3):  # this process is alive: its probes are not deaths
