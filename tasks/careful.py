@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ from redis import Redis
 
 from tasks.batch import Batch, Rejection
 from tasks.keys import Keys
+from tasks.watchdog import GRACE
 
 PROBES = 128
 DEATHS = 2  # deaths at one event that make it poison
@@ -79,6 +81,7 @@ class CarefulRun:
         self.key = keys.probe(batch.partition)
         self.batch_id = f"g{batch.generation}-e{batch.after_epoch}-{batch.last_epoch}"
         self.host, self.pid = socket.gethostname(), os.getpid()
+        self.wait_for_death = batch.timeout + GRACE + 5.0
         self.deaths: dict[int, int] = {}
         self.suspect: tuple[int, int] | None = None
 
@@ -92,7 +95,7 @@ class CarefulRun:
             at = orjson.loads(stored[b"at"]) if b"at" in stored else None
             if at is not None:
                 attempt, lo, hi, host, pid = at
-                if attempt < self.attempt and lo < len(events) and not _alive_here(host, pid):
+                if attempt < self.attempt and lo < len(events) and self._died(host, pid):
                     if hi - lo == 1:
                         self.deaths[lo] = self.deaths.get(lo, 0) + 1
                     self.suspect = (lo, hi)
@@ -106,6 +109,25 @@ class CarefulRun:
         )
         self.r.hdel(self.key, "at")
         return {i: _killed(events[i], n) for i, n in sorted(self.deaths.items()) if n >= DEATHS}
+
+    def _died(self, host: str, pid: int) -> bool:
+        """Whether the process of an earlier attempt died (waiting a while if it still runs).
+
+        A hang that holds the GIL and never lets a signal handler run starves the
+        lease thread of its worker, so the driver sends the batch again while that
+        worker still runs; its backstop ends it within ``timeout + GRACE`` seconds
+        (``tasks/watchdog.py``). Waiting for that, with this attempt's lease held,
+        lets its death count, rather than every attempt finding the previous one
+        alive and no event ever being found.
+        """
+        if pid == self.pid and host == self.host:
+            return False  # an attempt in this very process ended without dying
+        deadline = time.monotonic() + self.wait_for_death
+        while _alive_here(host, pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def probe(self, lo: int, hi: int) -> None:
         """Say that this attempt now runs events ``lo..hi-1`` (before it runs them)."""

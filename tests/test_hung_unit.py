@@ -3,6 +3,7 @@
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import orjson
@@ -16,6 +17,8 @@ from tasks.flow import Dataflow
 from tasks.jobs import batch_events, run_batch
 from tasks.keys import Keys
 from tasks.watchdog import EventWatch
+
+from conftest import REPO
 
 HANG, REGEX, SWALLOW = "hang", "regex", "swallow"
 
@@ -204,3 +207,70 @@ def test_a_careful_attempt_refused_as_a_duplicate_leaves_a_newer_batchs_probe(fa
     assert run_batch(fake, b, attempt=2)["outcome"] == "duplicate"
     assert fake.hget(keys.probe(0), "batch") == b"g1-e0-2"
     assert Keys(keys.namespace).probe(0) == f"{keys.namespace}:p0:probe"
+
+
+def probe_of(fake, keys, b, attempt, index, pid):
+    run = CarefulRun(fake, keys, b, attempt)
+    run.start(batch_events(b))
+    run.pid = pid
+    run.probe(index, index + 1)
+
+
+def test_a_careful_attempt_waits_for_a_hung_earlier_attempt_to_die_and_counts_it(fake, keys):
+    start(fake, keys)
+    b = cart_batch(keys, KILLER_FLOW, "skip")
+    hung = subprocess.Popen(["sleep", "0.5"])  # ended by its backstop, as it were
+    probe_of(fake, keys, b, 2, 1, hung.pid)
+    began = time.monotonic()
+    CarefulRun(fake, keys, b, 3).start(batch_events(b))
+    assert time.monotonic() - began >= 0.3
+    assert orjson.loads(fake.hget(keys.probe(0), "deaths")) == {"1": 1}
+    hung.wait()
+
+
+def test_an_earlier_attempt_that_outlives_the_wait_counts_no_death(fake, keys):
+    start(fake, keys)
+    b = cart_batch(keys, KILLER_FLOW, "skip")
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        probe_of(fake, keys, b, 2, 1, alive.pid)
+        run = CarefulRun(fake, keys, b, 3)
+        run.wait_for_death = 0.3
+        run.start(batch_events(b))
+        assert orjson.loads(fake.hget(keys.probe(0), "deaths")) == {}
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+BACKSTOP = """
+import sys, time
+import tasks.watchdog
+from tasks.apply import apply_events
+from tasks.flow import Dataflow
+
+tasks.watchdog.GRACE = 0.5
+
+def mapper(state, value):
+    while True:  # swallows even the timeout: only the backstop can stop it
+        try:
+            time.sleep(0.01)
+        except BaseException:
+            pass
+
+flow = Dataflow().stateful_map("s", lambda key: 0, mapper).capture()
+with tasks.watchdog.EventWatch(0.3) as watch:
+    apply_events(flow, [(0, "a", 1)], {}, 0, "skip", watch=watch)
+print("not reached")
+"""
+
+
+def test_a_hang_the_signal_cannot_stop_ends_the_process_after_the_grace():
+    began = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-c", BACKSTOP], capture_output=True, text=True, timeout=30, cwd=REPO
+    )
+    took = time.monotonic() - began
+    assert run.returncode == 1 and "not reached" not in run.stdout
+    assert 0.7 < took < 10  # timeout 0.3 s + grace 0.5 s (+ the interpreter's start)
+    assert run.stderr == ""  # the traceback dump goes to stderr only with debug logs
