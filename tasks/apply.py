@@ -135,7 +135,7 @@ def apply_events(
     iterator = iter(events)
     if watch is not None:
         # How far the batch is, read by the watch's ticks: nothing is counted per event.
-        watch.follow(_remaining(iterator), apply_events.__code__)
+        watch.follow(_remaining(iterator), apply_events.__code__, _HELPERS)
     # The hot loop of a worker: local names only, one mapper call, one encode per event.
     for epoch, key, value in iterator:
         before = raw.get(key)
@@ -199,6 +199,10 @@ def _remaining(iterator: Any) -> Callable[[], int]:
     """How many events the iterator has left, as a function (0 if it cannot say)."""
     hint = getattr(iterator, "__length_hint__", None)
     return hint if hint is not None else (lambda: 0)
+
+
+# What apply_events runs outside the flow's code: a tick never raises in them.
+_HELPERS = tuple(f.__code__ for f in (_stop, _timed_out, describe_exception, Rejection.__init__))
 
 
 def _bad_return(

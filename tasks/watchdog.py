@@ -78,9 +78,16 @@ class EventWatch:
         self._old_handler: Any = None
         self._old_timer: tuple[float, float] = (0.0, 0.0)
 
-    def follow(self, position: Callable[[], int], caller: CodeType) -> None:
-        """Start watching: ``position()`` changes with every event; ``caller`` calls the flow."""
+    def follow(
+        self, position: Callable[[], int], caller: CodeType, helpers: tuple[CodeType, ...] = ()
+    ) -> None:
+        """Start watching: ``position()`` changes with every event; ``caller`` calls the flow.
+
+        ``helpers`` are functions ``caller`` calls outside the flow (while it
+        records a rejection, say): never interrupted either.
+        """
         self.position, self.caller = position, caller
+        self.shielded = (*self.shielded, *helpers)
         self._seen, self._since = position(), time.monotonic()
 
     def __enter__(self) -> EventWatch:

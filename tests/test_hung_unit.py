@@ -274,3 +274,47 @@ def test_a_hang_the_signal_cannot_stop_ends_the_process_after_the_grace():
     assert run.returncode == 1 and "not reached" not in run.stdout
     assert 0.7 < took < 10  # timeout 0.3 s + grace 0.5 s (+ the interpreter's start)
     assert run.stderr == ""  # the traceback dump goes to stderr only with debug logs
+
+
+class Exited:
+    """A worker process that has exited (what ``WorkerPool.supervise`` polls)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def poll(self):
+        return 3
+
+
+def quick_deaths(fake, monkeypatch, *, registered):
+    from rq import SimpleWorker
+
+    from orchestrator.workers import WorkerPool
+
+    pool = WorkerPool(1, "unix:///nowhere", "ns")
+    pids = iter(range(900_000, 900_010))
+
+    def start_one():
+        proc = Exited(next(pids))
+        pool._started[proc.pid] = time.monotonic()  # it dies at once
+        if registered:  # it registered with RQ, then a job killed it
+            worker = SimpleWorker(["q"], connection=fake, name=f"w{proc.pid}")
+            worker.pid = proc.pid
+            worker.register_birth()
+        return proc
+
+    monkeypatch.setattr(pool, "_start_one", start_one)
+    pool.processes = [start_one()]
+    for _ in range(5):
+        pool.supervise(fake)
+
+
+def test_workers_that_die_at_start_are_a_crash_loop(fake, monkeypatch):
+    from orchestrator.workers import WorkerDied
+
+    with pytest.raises(WorkerDied, match="keep dying at start"):
+        quick_deaths(fake, monkeypatch, registered=False)
+
+
+def test_workers_a_job_killed_soon_after_their_start_are_no_crash_loop(fake, monkeypatch):
+    quick_deaths(fake, monkeypatch, registered=True)  # (the driver isolates the poison event)
