@@ -47,7 +47,8 @@ the system's jemalloc when there is one (ORCHESTRATOR_SERVER_JEMALLOC=0: not).
 
 EPILOG = """\
 exit status: 0 ok, 1 internal error (a worker failed), 2 usage or namespace
-mismatch, 3 Redis unavailable, 65 bad input under --on-error fail, 66 input
+mismatch, 3 Redis unavailable, 65 bad input (or an event the flow timed out or
+killed its worker on) under --on-error fail, 66 input
 unreadable or changed, 75 another driver runs on the namespace, 130 interrupted.
 """
 
