@@ -83,13 +83,18 @@ class CarefulRun:
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.wait_for_death = batch.timeout + GRACE + 5.0
         self.deaths: dict[int, int] = {}
+        self.hung: set[int] = set()  # events a dead attempt had timed out on before it died
         self.suspect: tuple[int, int] | None = None
+        self.timeout = batch.timeout
+        self.at = (0, 0)
 
     def start(self, events: list[Event]) -> dict[int, Rejection]:
         """Read what earlier attempts left; return the poison events (index -> rejection)."""
         stored = self.r.hgetall(self.key)
         if stored.get(b"batch") == self.batch_id.encode():
             self.deaths = {int(i): n for i, n in orjson.loads(stored[b"deaths"]).items()}
+            self.hung = set(orjson.loads(stored.get(b"hung", b"[]")))
+            timed_out = orjson.loads(stored.get(b"timed_out", b"null"))
             suspect = orjson.loads(stored[b"suspect"])
             self.suspect = None if suspect is None else (suspect[0], suspect[1])
             at = orjson.loads(stored[b"at"]) if b"at" in stored else None
@@ -98,6 +103,8 @@ class CarefulRun:
                 if attempt < self.attempt and lo < len(events) and self._died(host, pid):
                     if hi - lo == 1:
                         self.deaths[lo] = self.deaths.get(lo, 0) + 1
+                        if timed_out == [attempt, lo]:
+                            self.hung.add(lo)
                     self.suspect = (lo, hi)
         self.r.hset(
             self.key,
@@ -105,10 +112,15 @@ class CarefulRun:
                 "batch": self.batch_id,
                 "deaths": orjson.dumps({str(i): n for i, n in self.deaths.items()}),
                 "suspect": orjson.dumps(self.suspect),
+                "hung": orjson.dumps(sorted(self.hung)),
             },
         )
-        self.r.hdel(self.key, "at")
-        return {i: _killed(events[i], n) for i, n in sorted(self.deaths.items()) if n >= DEATHS}
+        self.r.hdel(self.key, "at", "timed_out")
+        return {
+            i: _killed(events[i], n, self.timeout if i in self.hung else None)
+            for i, n in sorted(self.deaths.items())
+            if n >= DEATHS
+        }
 
     def _died(self, host: str, pid: int) -> bool:
         """Whether the process of an earlier attempt died (waiting a while if it still runs).
@@ -133,6 +145,18 @@ class CarefulRun:
         """Say that this attempt now runs events ``lo..hi-1`` (before it runs them)."""
         at = [self.attempt, lo, hi, self.host, self.pid]
         self.r.hset(self.key, "at", orjson.dumps(at))
+        self.at = (lo, hi)
+
+    def timed_out(self) -> None:
+        """Note that the flow ran past the timeout in the current range (called by a tick).
+
+        Should the flow swallow the timeout and the backstop end this process,
+        the next attempt reports the event as timed out rather than as killing
+        its worker.
+        """
+        lo, hi = self.at
+        if hi - lo == 1:
+            self.r.hset(self.key, "timed_out", orjson.dumps([self.attempt, lo]))
 
     def finish(self) -> None:
         """Delete the probe after the batch's commit (or its refusal), if it is still this batch's.
@@ -185,8 +209,15 @@ class ProbingIterator:
         return self.left
 
 
-def _killed(event: Event, deaths: int) -> Rejection:
+def _killed(event: Event, deaths: int, timeout: float | None) -> Rejection:
     epoch, key, _ = event
+    if timeout is not None:  # it timed out, swallowed the timeout, and the backstop ended it
+        reason = (
+            f"timed out: the flow did not finish epoch {epoch} (key {key!r}) within "
+            f"{timeout:g} s (--batch-timeout), and did not stop: {deaths} worker processes "
+            "were ended running it"
+        )
+        return Rejection(epoch, key, reason, "timeout")
     reason = (
         f"killed its worker: {deaths} worker processes died running epoch {epoch} (key {key!r})"
     )

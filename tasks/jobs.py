@@ -161,7 +161,10 @@ def _apply(
         run = careful.events(events, poison)
     shielded = (ProbingIterator.__next__.__code__, CarefulRun.probe.__code__)
     on_tick = None if lease is None else lease.renew_if_late
-    with EventWatch(batch.timeout, on_tick=on_tick, shielded=shielded) as watch:
+    on_timeout = None if careful is None else careful.timed_out
+    with EventWatch(
+        batch.timeout, on_tick=on_tick, on_timeout=on_timeout, shielded=shielded
+    ) as watch:
         applied = apply_events(flow, run, loaded.states, last_epoch, batch.on_error, watch=watch)
     if careful is None:
         return applied

@@ -52,6 +52,10 @@ class FlowTimeout(BaseException):  # noqa: N818 - it is raised inside the flow, 
 class EventWatch:
     """Watch one batch's events run through the flow (a context manager; see the module).
 
+    ``on_tick`` runs at every tick that interrupts the flow, ``on_timeout`` just
+    before a tick raises ``FlowTimeout`` (so a careful re-run can say that the
+    flow timed out, in case it swallows the exception and the backstop ends it).
+
     ``position`` says how far the batch is (any number that changes with every
     event, such as the events left); ``caller`` is the code object of the
     function that calls the flow: a tick raises only when that function is not
@@ -64,10 +68,12 @@ class EventWatch:
         timeout: float,
         *,
         on_tick: Callable[[], None] | None = None,
+        on_timeout: Callable[[], None] | None = None,
         shielded: tuple[CodeType, ...] = (),
     ) -> None:
         self.timeout = timeout
         self.on_tick = on_tick
+        self.on_timeout = on_timeout
         self.shielded = shielded
         self.tick = min(MAX_TICK, max(MIN_TICK, timeout / 10))
         self.position: Callable[[], int] = lambda: 0
@@ -136,6 +142,8 @@ class EventWatch:
             return
         if in_flow and now - self._since >= self.timeout:
             self._since = now  # a flow that swallows it gets it again one timeout later
+            if self.on_timeout is not None:
+                self.on_timeout()
             raise FlowTimeout(self.timeout)
 
     def _in_flow(self, frame: FrameType | None) -> bool:

@@ -318,3 +318,20 @@ def test_workers_that_die_at_start_are_a_crash_loop(fake, monkeypatch):
 
 def test_workers_a_job_killed_soon_after_their_start_are_no_crash_loop(fake, monkeypatch):
     quick_deaths(fake, monkeypatch, registered=True)  # (the driver isolates the poison event)
+
+
+def test_an_event_that_timed_out_and_would_not_stop_is_reported_as_timed_out(fake, keys):
+    start(fake, keys)
+    b = cart_batch(keys, HUNG_FLOW, "skip", 3.0)
+    for attempt in (2, 3):  # each timed out on event 1, swallowed it, and was ended
+        run = CarefulRun(fake, keys, b, attempt)
+        run.start(batch_events(b))
+        run.pid = dead_pid()
+        run.probe(1, 2)
+        run.timed_out()
+    [rejection] = CarefulRun(fake, keys, b, 4).start(batch_events(b)).values()
+    assert rejection.kind == "timeout"
+    assert rejection.reason == (
+        "timed out: the flow did not finish epoch 1 (key 'a') within 3 s (--batch-timeout), "
+        "and did not stop: 2 worker processes were ended running it"
+    )
