@@ -102,7 +102,7 @@ def test_a_hang_under_dead_letter_leaves_out_that_event_only(redis_url, tmp_path
     assert "re-run" not in run.stderr
     [letter] = dead_letters(redis_url, ns)
     assert (letter["epoch"], letter["line"]) == (1_500, 1_501)
-    assert letter["reason"].startswith(f"timed out: the flow did not finish epoch 1500 (key 'u7')")
+    assert letter["reason"].startswith("timed out: the flow did not finish epoch 1500 (key 'u7')")
     output, states = expected_without(lines, 1_500)
     assert run.stdout == output
     assert committed_states(redis_url, ns) == states
