@@ -169,8 +169,9 @@ def _apply(
     if careful is None:
         return applied
     careful.probe(len(events), len(events))  # the flow is done: a death now is not an event's
-    if batch.on_error == "fail" and poison and applied.failed is None:
-        applied.failed = next(iter(poison.values()))
+    if batch.on_error == "fail":
+        if poison and applied.failed is None:  # (an earlier event may have stopped it first)
+            applied.failed = next(iter(poison.values()))
     elif poison:
         applied.rejected = sorted([*applied.rejected, *poison.values()], key=lambda x: x.epoch)
     return applied

@@ -335,3 +335,16 @@ def test_an_event_that_timed_out_and_would_not_stop_is_reported_as_timed_out(fak
         "timed out: the flow did not finish epoch 1 (key 'a') within 3 s (--batch-timeout), "
         "and did not stop: 2 worker processes were ended running it"
     )
+
+
+def test_under_fail_an_earlier_rejection_stops_the_batch_before_a_poison_event(fake, keys):
+    start(fake, keys)
+    lines = [CURSED, LINES[0], LINES[2]]  # the picky flow rejects the first
+    b = batch(keys, lines, -1, 2)
+    b = Batch(b.namespace, 1, 0, 1, -1, 2, "tests.flows.picky_cart:flow", "fail", b.epochs, b.lines)
+    die_at(fake, keys, b, 2, 1)  # and two attempts died on the second, as it were
+    die_at(fake, keys, b, 3, 1)
+    run_batch(fake, b, attempt=4)
+    [notice] = notices(fake, keys)
+    assert notice.failed.epoch == 0 and notice.failed.kind == "rejected"
+    assert notice.rejected == [] and notice.applied_through == -1
