@@ -48,9 +48,10 @@ the system's jemalloc when there is one (ORCHESTRATOR_SERVER_JEMALLOC=0: not).
 EPILOG = """\
 exit status: 0 ok, 1 internal error (a worker failed), 2 usage or namespace
 mismatch (or a server that can evict keys), 3 Redis unavailable or it lost data
-it had acknowledged (resume continues from what it holds), 65 bad input under
---on-error fail, 66 input unreadable or changed, 75 another driver runs on the
-namespace or took it over from this one, 130 interrupted.
+it had acknowledged (resume continues from what it holds), 65 bad input (or an
+event the flow timed out or killed its worker on) under --on-error fail, 66 input
+unreadable or changed, 75 another driver runs on the namespace or took it over
+from this one, 130 interrupted.
 """
 
 
@@ -80,6 +81,19 @@ def _at_least(minimum: int) -> Any:
 
 
 _positive, _non_negative = _at_least(1), _at_least(0)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"not a number of seconds: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0 < value < 10**6:
+        msg = f"must be more than 0 seconds (and less than 1000000): {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _namespace(text: str) -> str:
@@ -184,6 +198,14 @@ def _run_options() -> argparse.ArgumentParser:
         help="at most N events per batch job; a batch waits for N/2 lines (or 0.2 s) "
         "and grows to N while workers are busy "
         f"(default {Settings.batch_events})",
+    )  # fmt: skip
+    _option(
+        group, "--batch-timeout", env="ORCHESTRATOR_BATCH_TIMEOUT", type=_seconds,
+        default=Settings.batch_timeout, metavar="SECONDS",
+        help="the longest the flow may run on one event: a worker stops it there and the "
+        "event is rejected as timed out (--on-error decides what that does); a hang the "
+        "worker cannot interrupt ends its process after 5 s more "
+        f"(default {Settings.batch_timeout:g})",
     )  # fmt: skip
     _option(
         group, "--max-line-bytes", env="ORCHESTRATOR_MAX_LINE_BYTES", type=_positive,
@@ -296,6 +318,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_line_bytes=getattr(args, "max_line_bytes", 1 << 20),
         batch_events=getattr(args, "batch_events", Settings.batch_events),
         allow_eviction=getattr(args, "allow_eviction", False),
+        batch_timeout=getattr(args, "batch_timeout", Settings.batch_timeout),
         verbose=args.verbose,
         quiet=getattr(args, "quiet", False),
     )
@@ -401,10 +424,15 @@ def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
         else:
             say(f"skipped {len(result.skipped)} bad line(s){more}")
     if result.failure is not None:
+        resume = commands.resume_hint(settings, path)
+        if result.failure.kind == "rejected":
+            advice = f"fix the input and run '{resume}' (or add --on-error skip)"
+        else:  # the flow hung or killed its worker on a valid line: the input is not at fault
+            more = " with a higher --batch-timeout" if result.failure.kind == "timeout" else ""
+            advice = f"fix the flow, or run '{resume}'{more} or with --on-error skip or dead-letter"
         say(
             f"{commands.describe_bad(path, result.failure)}; committed through epoch "
-            f"{result.committed}; fix the input and run '{commands.resume_hint(settings, path)}' "
-            f"(or add --on-error skip)"
+            f"{result.committed}; {advice}"
         )
         return ExitStatus.DATA_ERROR
     if not settings.quiet:

@@ -254,6 +254,7 @@ def _drive(
                 progress=progress,
                 on_commit=committer.record,
                 batch_events=settings.batch_events,
+                batch_timeout=settings.batch_timeout,
                 output_is_file=sink.path is not None,
             )
             result = driver.run(LineSource(f, start.epoch, start.offset, settings.max_line_bytes))

@@ -30,7 +30,12 @@ from tasks.store import NOTHING
 
 logger = logging.getLogger(__name__)
 
-JOB_TIMEOUT = 600
+# No RQ job timeout: RQ's SimpleWorker enforces one with SIGALRM, the timer that
+# stops a hung flow (--batch-timeout, tasks/watchdog.py) uses. RQ (2.x and 3.x)
+# arms signal.alarm(-1) for it, i.e. never (checked in rq 3.0.0's timeouts.py and
+# worker/base.py: `timeout = job.timeout or DEFAULT_TIMEOUT`; the forking Worker
+# treats -1 as "never" explicitly).
+JOB_TIMEOUT = -1
 BATCH_TTL = 7 * 24 * 3600  # a stored batch outlives any run that could still commit it
 FAILED_JOB_TTL = 7 * 24 * 3600
 WATCH_EVERY = 1.0  # seconds between two looks at the batches in flight
@@ -115,7 +120,8 @@ class Dispatcher:
         b = flight.batch
         batch_key = self.keys.batch(self.generation, b.partition, b.last_epoch)
         return {
-            "args": (self.keys.namespace, b.partition, batch_key),
+            # the attempt: from the second on, the worker runs the batch carefully
+            "args": (self.keys.namespace, b.partition, batch_key, flight.attempt),
             "job_id": flight.job_id,
             "timeout": JOB_TIMEOUT,
             "result_ttl": 0,

@@ -70,6 +70,8 @@ class BadLine:
     offset: int
     reason: str
     raw: bytes = b""
+    # "rejected" (bad input, or the flow raised), "timeout" or "killed" (tasks/batch.py)
+    kind: str = "rejected"
 
     @property
     def line_number(self) -> int:
@@ -138,8 +140,10 @@ class Driver:
         on_commit: OnCommit,
         batch_events: int,
         output_is_file: bool = False,
+        batch_timeout: float = 60.0,
     ) -> None:
         self.r = r
+        self.batch_timeout = batch_timeout
         self.batch_events = batch_events
         self.min_batch_lines = max(1, batch_events // 2)
         # Room for every partition to have a batch in flight and the next one filling up,
@@ -188,7 +192,7 @@ class Driver:
             idle = exhausted or result.failure is not None or self._full()
             for notice in self.notices.read(BLOCK_MS if idle and self.in_flight else None):
                 self._on_notice(notice, result)
-            self.workers.supervise()
+            self.workers.supervise(self.r)
             trim_now_and_then()
             self.dispatcher.watch(self.in_flight)
             self._note_missing_workers()
@@ -367,6 +371,7 @@ class Driver:
                 self.on_error,
                 pending.epochs,
                 pending.lines,
+                self.batch_timeout,
             )
             flight = self.dispatcher.new_flight(
                 batch, pending.offsets, pending.events, pending.size
@@ -383,7 +388,11 @@ class Driver:
 
     def _on_notice(self, notice: CommitNotice, result: RunResult) -> None:
         p = notice.partition
-        flight = self.in_flight.pop(p)
+        flight = self.in_flight.pop(p, None)
+        if flight is None:
+            # A second copy of a batch that failed at its first event: the progress did
+            # not move, so both copies committed the same failure. Taken once already.
+            return
         self.buffered -= flight.events
         self.buffered_bytes -= flight.size
         self.after[p] = notice.applied_through
@@ -468,4 +477,6 @@ def _reason(e: Exception) -> str:
 
 def _bad(rejection: Rejection, flight: InFlight) -> BadLine:
     i = flight.batch.epochs.index(rejection.epoch)
-    return BadLine(rejection.epoch, flight.offsets[i], rejection.reason, flight.batch.lines[i])
+    return BadLine(
+        rejection.epoch, flight.offsets[i], rejection.reason, flight.batch.lines[i], rejection.kind
+    )

@@ -39,6 +39,8 @@ class Settings:
     batch_events: int = 20_000
     # run on a server whose maxmemory-policy may evict keys (refused otherwise)
     allow_eviction: bool = False
+    # --batch-timeout: seconds the flow may run on one event of a batch before it is stopped
+    batch_timeout: float = 60.0
 
     @property
     def worker_count(self) -> int:

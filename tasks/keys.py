@@ -97,6 +97,15 @@ class Keys:
         """SCAN pattern matching the notice lists of every generation."""
         return f"{self.namespace}:notices:*"
 
+    def probe(self, partition: int) -> str:
+        """Hash: where a careful re-run of the partition's batch is, and the deaths it saw.
+
+        Written before each event (or range of events) by a batch sent again after
+        its worker died (``tasks/careful.py``), so that the next attempt knows which
+        event the dead one was running; deleted when that batch commits.
+        """
+        return f"{self.namespace}:p{partition}:probe"
+
     def progress(self, partition: int) -> str:
         """Hash: ``applied`` = the partition has applied every event with epoch <= this."""
         return f"{self.namespace}:p{partition}:progress"
