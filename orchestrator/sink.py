@@ -10,6 +10,7 @@ print again the lines written since the last record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from orchestrator.namespace import Checkpoint, NamespaceInfo
+from orchestrator.output import OutputError
 from orchestrator.reader import InputError
 from orchestrator.settings import Mode
 
@@ -74,12 +76,37 @@ def open_sink(
 
     Raises:
         InputError: the file is shorter than the recorded length (changed by someone else).
+        OutputError: the file cannot be opened, cut back or synced (a directory, a missing
+            folder, a full disk); or, on leaving, flushed.
     """
     if output is None:
         sys.stdout.flush()
         yield Sink(sys.stdout.buffer, None, None)
         return
     path = output.resolve()
+    try:
+        f, length = _open_cut(output, path, mode, info, checkpoint, epoch)
+    except OSError as e:
+        raise OutputError(str(output), e, "open") from e
+    try:
+        yield Sink(f, str(path), length)
+    except BaseException:
+        # The run failed (perhaps writing to this file): what is still buffered cannot
+        # matter, since nothing after the last record counts; closing must not hide why.
+        with contextlib.suppress(OSError):
+            f.close()
+        raise
+    try:
+        f.close()
+    except OSError as e:
+        raise OutputError(str(path), e) from e
+
+
+def _open_cut(
+    output: Path, path: Path, mode: Mode, info: NamespaceInfo, checkpoint: Checkpoint, epoch: int
+) -> tuple[BinaryIO, int]:
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
     length = recorded_length(path, mode, info, checkpoint, epoch) if path.exists() else 0
     size = path.stat().st_size if path.exists() else 0
     if length is None:
@@ -95,9 +122,13 @@ def open_sink(
             f"recorded for the committed epochs: was it changed? Use another --output"
         )
         raise InputError(msg)
-    with open(path, "r+b" if path.exists() else "wb") as f:
+    f = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 - open_sink closes it
+    try:
         f.truncate(length)
         f.seek(length)
         f.flush()
         os.fsync(f.fileno())
-        yield Sink(f, str(path), length)
+    except BaseException:
+        f.close()
+        raise
+    return f, length
