@@ -491,10 +491,8 @@ def _disk_advice(e: PipelineError, resume: str | None) -> str:
         free = "free space there" if e.no_space else "fix its disk"
         return f"; {free}, then run '{resume}'"
     if isinstance(e, OutputError) and e.disk_error:
-        return (
-            f"; free space (or fix the disk), then run '{resume}' "
-            "(it cuts the file back to the committed epochs first)"
-        )
+        cut = " (it cuts the file back to the committed epochs first)" if e.path else ""
+        return f"; free space (or fix the disk), then run '{resume}'{cut}"
     return ""
 
 

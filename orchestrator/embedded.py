@@ -225,9 +225,14 @@ AOF_FAILURES = (
 )
 
 
-def stop_reason(data_dir: Path, returncode: int | None) -> ServerStopped:
-    """Why the embedded server in ``data_dir`` exited, read from the end of its log."""
+def stop_reason(data_dir: Path, returncode: int | None, pid: int | None = None) -> ServerStopped:
+    """Why the embedded server in ``data_dir`` (process ``pid``) exited, from the end of its log.
+
+    The log is kept across runs: only the lines of that process count (``PID:M ...``).
+    """
     warnings = [line for line in _log_tail(data_dir / "redis.log") if " # " in line]
+    if pid is not None:
+        warnings = [line for line in warnings if line.startswith(f"{pid}:")]
     aof = next((w for w in reversed(warnings) if any(f in w for f in AOF_FAILURES)), None)
     free = free_bytes(data_dir)
     if aof is not None:

@@ -213,7 +213,8 @@ class EmbeddedServer:
         Every client of the process stops retrying (the server is not coming
         back), so the command fails within moments; ``__exit__`` then reports why.
         """
-        self.stopped = stop_reason(self.data_dir, status)
+        assert self._process is not None
+        self.stopped = stop_reason(self.data_dir, status, self._process.pid)
         self._gave_up_before = AnnouncedRetry.give_up
         AnnouncedRetry.give_up = True
         SERVER_DIED.set()
@@ -240,7 +241,7 @@ class EmbeddedServer:
         try:
             while True:
                 if self._process.poll() is not None:
-                    raise stop_reason(self.data_dir, self._process.returncode)
+                    raise stop_reason(self.data_dir, self._process.returncode, self._process.pid)
                 with contextlib.suppress(redis.RedisError):
                     if client.ping():
                         return
