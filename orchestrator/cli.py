@@ -48,9 +48,11 @@ the system's jemalloc when there is one (ORCHESTRATOR_SERVER_JEMALLOC=0: not).
 EPILOG = """\
 exit status: 0 ok, 1 internal error (a worker failed), 2 usage or namespace
 mismatch (or a server that can evict keys), 3 Redis unavailable or it lost data
-it had acknowledged (resume continues from what it holds), 65 bad input (or an
-event the flow timed out or killed its worker on) under --on-error fail, 66 input
-unreadable or changed, 75 another driver runs on the namespace or took it over
+it had acknowledged (resume continues from what it holds), or its disk is full
+(the embedded server's data directory, or MISCONF), 65 bad input (or an event the
+flow timed out or killed its worker on) under --on-error fail, 66 input unreadable
+or changed, or the --output file cannot be written (a directory, a missing
+folder, a full disk), 75 another driver runs on the namespace or took it over
 from this one, 130 interrupted.
 """
 
@@ -490,6 +492,7 @@ def print_state(found: dict[str, Any], *, as_json: bool) -> None:
 def _exit_status(e: PipelineError) -> ExitStatus:
     from orchestrator.dispatch import WorkerFailed
     from orchestrator.lock import DriverLocked
+    from orchestrator.output import OutputError
     from orchestrator.reader import InputError
     from orchestrator.workers import WorkerDied
 
@@ -497,6 +500,7 @@ def _exit_status(e: PipelineError) -> ExitStatus:
         (NamespaceError, ExitStatus.USAGE),
         (FlowError, ExitStatus.USAGE),
         (InputError, ExitStatus.NO_INPUT),
+        (OutputError, ExitStatus.NO_INPUT),
         (DriverLocked, ExitStatus.LOCKED),
         (Superseded, ExitStatus.LOCKED),
         (RedisUnavailable, ExitStatus.REDIS_UNAVAILABLE),
@@ -507,12 +511,22 @@ def _exit_status(e: PipelineError) -> ExitStatus:
     return next(code for cls, code in statuses if isinstance(e, cls))
 
 
-def _report_error(e: Exception, verbose: bool) -> int:
-    """The one-line message and exit status of an expected error; others propagate."""
+def _report_error(e: Exception, verbose: bool, resume: str | None = None) -> int:
+    """The one-line message and exit status of an expected error; others propagate.
+
+    ``resume`` is the command that continues the run, for errors that a fixed disk cures.
+    """
     import redis
 
     if isinstance(e, redis.ConnectionError):
         say(f"lost the connection to Redis: {e}")
+        return int(ExitStatus.REDIS_UNAVAILABLE)
+    if isinstance(e, redis.ResponseError) and str(e).startswith("MISCONF"):
+        if verbose:
+            traceback.print_exc()
+        # The server refuses writes because it cannot persist them (a full or failing disk).
+        then = f", then run '{resume}'" if resume else ""
+        say(f"the Redis server cannot write to its disk, so it refuses writes: {e}{then}")
         return int(ExitStatus.REDIS_UNAVAILABLE)
     if isinstance(e, redis.RedisError):
         if verbose:
@@ -522,9 +536,35 @@ def _report_error(e: Exception, verbose: bool) -> int:
     if isinstance(e, PipelineError):
         if verbose:
             traceback.print_exc()
-        say(str(e))
+        say(str(e) + _disk_advice(e, resume))
         return int(_exit_status(e))
     raise e
+
+
+def _disk_advice(e: PipelineError, resume: str | None) -> str:
+    """What to do after a full disk: free space, then resume (which gives the exact result)."""
+    from orchestrator.embedded import ServerStopped
+    from orchestrator.output import OutputError
+
+    if resume is None:
+        return ""
+    if isinstance(e, ServerStopped):
+        free = "free space there" if e.no_space else "fix its disk"
+        return f"; {free}, then run '{resume}'"
+    if isinstance(e, OutputError) and e.disk_error:
+        cut = " (it cuts the file back to the committed epochs first)" if e.path else ""
+        return f"; free space (or fix the disk), then run '{resume}'{cut}"
+    return ""
+
+
+def _resume_command(args: argparse.Namespace, settings: Settings | None) -> str | None:
+    """The command that continues this run (None for other commands)."""
+    if settings is None or args.command not in ("ingest", "resume", "replay"):
+        return None
+    from orchestrator.commands import resume_hint
+
+    hint = resume_hint(settings, args.file)
+    return hint if settings.output is None else f"{hint} --output {settings.output}"
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -545,6 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "worker":  # RQ's worker handles SIGTERM itself (finish the job, exit)
         # SIGTERM stops like Ctrl-C: workers stopped, server stopped, namespace released.
         signal.signal(signal.SIGTERM, _interrupt)
+    settings = None
     try:
         settings = settings_from(args)
         if (
@@ -565,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitStatus.OUTPUT_CLOSED)
     except Exception as e:  # noqa: BLE001 - expected errors become one line; others propagate
-        return _report_error(e, args.verbose)
+        return _report_error(e, args.verbose, _resume_command(args, settings))
     finally:
         stop_prestarted()
 

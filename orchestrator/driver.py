@@ -18,7 +18,6 @@ says, without reading the input before it.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from bisect import bisect_left
 from collections import deque
@@ -32,7 +31,7 @@ from redis import Redis
 from orchestrator.dispatch import Dispatcher, InFlight
 from orchestrator.memory import trim_now_and_then
 from orchestrator.notices import NoticeReader
-from orchestrator.output import OutputMerger, write_lines
+from orchestrator.output import OutputMerger, synced_length, write_lines
 from orchestrator.progress import Progress
 from orchestrator.reader import LineSource, finish_oversized
 from orchestrator.workers import WorkerPool
@@ -300,9 +299,7 @@ class Driver:
         """
         if not self.output_is_file:
             return None
-        self.out.flush()
-        os.fsync(self.out.fileno())
-        return self.out.tell()
+        return synced_length(self.out)  # raises (and nothing is recorded) if the disk fails
 
     def _note_missing_workers(self) -> None:
         """Say (once) that batches wait for workers, when none came in a few seconds."""

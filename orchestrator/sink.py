@@ -10,6 +10,7 @@ print again the lines written since the last record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import BinaryIO
 
 from orchestrator.lock import DriverLocked
 from orchestrator.namespace import Checkpoint, NamespaceInfo
+from orchestrator.output import OutputError
 from orchestrator.reader import InputError
 from orchestrator.settings import Mode
 
@@ -117,12 +119,37 @@ def open_sink(
 
     Raises:
         InputError: the file is shorter than the recorded length (changed by someone else).
+        OutputError: the file cannot be opened, cut back or synced (a directory, a missing
+            folder, a full disk); or, on leaving, flushed.
     """
     if output is None:
         sys.stdout.flush()
         yield Sink(sys.stdout.buffer, None, None)
         return
     path = output.resolve()
+    try:
+        f, length = _open_cut(output, path, mode, info, checkpoint, epoch)
+    except OSError as e:
+        raise OutputError(str(output), e, "open") from e
+    try:
+        yield Sink(f, str(path), length)
+    except BaseException:
+        # The run failed (perhaps writing to this file): what is still buffered cannot
+        # matter, since nothing after the last record counts; closing must not hide why.
+        with contextlib.suppress(OSError):
+            f.close()
+        raise
+    try:
+        f.close()
+    except OSError as e:
+        raise OutputError(str(path), e) from e
+
+
+def _open_cut(
+    output: Path, path: Path, mode: Mode, info: NamespaceInfo, checkpoint: Checkpoint, epoch: int
+) -> tuple[BinaryIO, int]:
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
     length = recorded_length(path, mode, info, checkpoint, epoch) if path.exists() else 0
     size = path.stat().st_size if path.exists() else 0
     if length is None:
@@ -145,10 +172,14 @@ def open_sink(
             f"written by another run?); use another --output"
         )
         raise InputError(msg)
-    with open(path, "r+b" if path.exists() else "wb") as f:
+    f = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 - open_sink closes it
+    try:
         hold_exclusively(f, output)
         f.truncate(length)
         f.seek(length)
         f.flush()
         os.fsync(f.fileno())
-        yield Sink(f, str(path), length)
+    except BaseException:
+        f.close()
+        raise
+    return f, length

@@ -19,7 +19,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from orchestrator.embedded import die_with_parent
+from orchestrator.embedded import SERVER_DIED, die_with_parent
 from orchestrator.memory import trim_now_and_then
 from orchestrator.server import AnnouncedRetry
 from tasks.errors import PipelineError
@@ -336,7 +336,8 @@ class WorkerPool:
         for proc in self.processes:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
+        # (Without its server a worker's job cannot finish: it would only retry Redis.)
+        deadline = time.monotonic() + (0.0 if SERVER_DIED.is_set() else STOP_TIMEOUT)
         for proc in self.processes:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
