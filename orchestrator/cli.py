@@ -26,7 +26,7 @@ from orchestrator.settings import (
     DEFAULT_NAMESPACE,
     Settings,
 )
-from tasks.errors import FlowError, NamespaceError, PipelineError, RedisUnavailable
+from tasks.errors import FlowError, NamespaceError, PipelineError, RedisUnavailable, Superseded
 from tasks.keys import Keys
 
 if TYPE_CHECKING:
@@ -47,8 +47,13 @@ the system's jemalloc when there is one (ORCHESTRATOR_SERVER_JEMALLOC=0: not).
 
 EPILOG = """\
 exit status: 0 ok, 1 internal error (a worker failed), 2 usage or namespace
-mismatch, 3 Redis unavailable, 65 bad input under --on-error fail, 66 input
-unreadable or changed, 75 another driver runs on the namespace, 130 interrupted.
+mismatch (or a server that can evict keys), 3 Redis unavailable or it lost data
+it had acknowledged (resume continues from what it holds), or its disk is full
+(the embedded server's data directory, or MISCONF), 65 bad input (or an event the
+flow timed out or killed its worker on) under --on-error fail, 66 input unreadable
+or changed, or the --output file cannot be written (a directory, a missing
+folder, a full disk), 75 another driver runs on the namespace or took it over
+from this one, 130 interrupted.
 """
 
 
@@ -78,6 +83,19 @@ def _at_least(minimum: int) -> Any:
 
 
 _positive, _non_negative = _at_least(1), _at_least(0)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"not a number of seconds: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0 < value < 10**6:
+        msg = f"must be more than 0 seconds (and less than 1000000): {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _namespace(text: str) -> str:
@@ -188,8 +206,21 @@ def _run_options() -> argparse.ArgumentParser:
         f"(default {Settings.batch_events})",
     )  # fmt: skip
     _option(
+        group, "--batch-timeout", env="ORCHESTRATOR_BATCH_TIMEOUT", type=_seconds,
+        default=Settings.batch_timeout, metavar="SECONDS",
+        help="the longest the flow may run on one event: a worker stops it there and the "
+        "event is rejected as timed out (--on-error decides what that does); a hang the "
+        "worker cannot interrupt ends its process after 5 s more "
+        f"(default {Settings.batch_timeout:g})",
+    )  # fmt: skip
+    _option(
         group, "--max-line-bytes", env="ORCHESTRATOR_MAX_LINE_BYTES", type=_positive,
         default=1 << 20, metavar="B", help="a longer input line is a bad line (default 1 MiB)",
+    )  # fmt: skip
+    _option(
+        group, "--allow-eviction", env="ORCHESTRATOR_ALLOW_EVICTION", action="store_true",
+        help="run even if the server's maxmemory-policy may evict keys (refused by default: "
+        "an evicted key loses state or progress silently; use noeviction)",
     )  # fmt: skip
     _option(
         group, "-q", "--quiet", env="ORCHESTRATOR_QUIET", action="store_true",
@@ -292,6 +323,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         retain_epochs=getattr(args, "retain_epochs", 100_000),
         max_line_bytes=getattr(args, "max_line_bytes", 1 << 20),
         batch_events=getattr(args, "batch_events", Settings.batch_events),
+        allow_eviction=getattr(args, "allow_eviction", False),
+        batch_timeout=getattr(args, "batch_timeout", Settings.batch_timeout),
         verbose=args.verbose,
         quiet=getattr(args, "quiet", False),
     )
@@ -306,6 +339,31 @@ def configure_logging(verbose: bool, *, worker: bool = False) -> None:
         fmt, level = who + ": %(message)s", logging.WARNING
     # force: a worker forked from a driver replaces the driver's configuration
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(OneLineFormatter(fmt))
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records as one line each: an exception becomes its type and message, no traceback.
+
+    RQ logs a job's unexpected exception with its traceback (for example when Redis
+    lost the job while a worker ran it); without --verbose that is one line.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info
+        if exc and exc[1] is not None:
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg = f"{record.getMessage().splitlines()[0]} ({_one_line(exc[1])})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        text = super().format(record)
+        return text.splitlines()[0] if text else text
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
@@ -372,10 +430,15 @@ def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
         else:
             say(f"skipped {len(result.skipped)} bad line(s){more}")
     if result.failure is not None:
+        resume = commands.resume_hint(settings, path)
+        if result.failure.kind == "rejected":
+            advice = f"fix the input and run '{resume}' (or add --on-error skip)"
+        else:  # the flow hung or killed its worker on a valid line: the input is not at fault
+            more = " with a higher --batch-timeout" if result.failure.kind == "timeout" else ""
+            advice = f"fix the flow, or run '{resume}'{more} or with --on-error skip or dead-letter"
         say(
             f"{commands.describe_bad(path, result.failure)}; committed through epoch "
-            f"{result.committed}; fix the input and run '{commands.resume_hint(settings, path)}' "
-            f"(or add --on-error skip)"
+            f"{result.committed}; {advice}"
         )
         return ExitStatus.DATA_ERROR
     if not settings.quiet:
@@ -433,6 +496,7 @@ def print_state(found: dict[str, Any], *, as_json: bool) -> None:
 def _exit_status(e: PipelineError) -> ExitStatus:
     from orchestrator.dispatch import WorkerFailed
     from orchestrator.lock import DriverLocked
+    from orchestrator.output import OutputError
     from orchestrator.reader import InputError
     from orchestrator.server import RedisUrlError
     from orchestrator.workers import WorkerDied
@@ -442,7 +506,9 @@ def _exit_status(e: PipelineError) -> ExitStatus:
         (RedisUrlError, ExitStatus.USAGE),
         (FlowError, ExitStatus.USAGE),
         (InputError, ExitStatus.NO_INPUT),
+        (OutputError, ExitStatus.NO_INPUT),
         (DriverLocked, ExitStatus.LOCKED),
+        (Superseded, ExitStatus.LOCKED),
         (RedisUnavailable, ExitStatus.REDIS_UNAVAILABLE),
         (WorkerFailed, ExitStatus.FAILED),
         (WorkerDied, ExitStatus.FAILED),
@@ -451,14 +517,24 @@ def _exit_status(e: PipelineError) -> ExitStatus:
     return next(code for cls, code in statuses if isinstance(e, cls))
 
 
-def _report_error(e: Exception, verbose: bool) -> int:
-    """The one-line message and exit status of an expected error; others propagate."""
+def _report_error(e: Exception, verbose: bool, resume: str | None = None) -> int:
+    """The one-line message and exit status of an expected error; others propagate.
+
+    ``resume`` is the command that continues the run, for errors that a fixed disk cures.
+    """
     import redis
 
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
         from orchestrator.server import outage_note
 
         say(f"lost the connection to Redis{outage_note()}: {e}")
+        return int(ExitStatus.REDIS_UNAVAILABLE)
+    if isinstance(e, redis.ResponseError) and str(e).startswith("MISCONF"):
+        if verbose:
+            traceback.print_exc()
+        # The server refuses writes because it cannot persist them (a full or failing disk).
+        then = f", then run '{resume}'" if resume else ""
+        say(f"the Redis server cannot write to its disk, so it refuses writes: {e}{then}")
         return int(ExitStatus.REDIS_UNAVAILABLE)
     if isinstance(e, redis.RedisError):
         if verbose:
@@ -468,9 +544,35 @@ def _report_error(e: Exception, verbose: bool) -> int:
     if isinstance(e, PipelineError):
         if verbose:
             traceback.print_exc()
-        say(str(e))
+        say(str(e) + _disk_advice(e, resume))
         return int(_exit_status(e))
     raise e
+
+
+def _disk_advice(e: PipelineError, resume: str | None) -> str:
+    """What to do after a full disk: free space, then resume (which gives the exact result)."""
+    from orchestrator.embedded import ServerStopped
+    from orchestrator.output import OutputError
+
+    if resume is None:
+        return ""
+    if isinstance(e, ServerStopped):
+        free = "free space there" if e.no_space else "fix its disk"
+        return f"; {free}, then run '{resume}'"
+    if isinstance(e, OutputError) and e.disk_error:
+        cut = " (it cuts the file back to the committed epochs first)" if e.path else ""
+        return f"; free space (or fix the disk), then run '{resume}'{cut}"
+    return ""
+
+
+def _resume_command(args: argparse.Namespace, settings: Settings | None) -> str | None:
+    """The command that continues this run (None for other commands)."""
+    if settings is None or args.command not in ("ingest", "resume", "replay"):
+        return None
+    from orchestrator.commands import resume_hint
+
+    hint = resume_hint(settings, args.file)
+    return hint if settings.output is None else f"{hint} --output {settings.output}"
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -491,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "worker":  # RQ's worker handles SIGTERM itself (finish the job, exit)
         # SIGTERM stops like Ctrl-C: workers stopped, server stopped, namespace released.
         signal.signal(signal.SIGTERM, _interrupt)
+    settings = None
     try:
         settings = settings_from(args)
         if (
@@ -511,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitStatus.OUTPUT_CLOSED)
     except Exception as e:  # noqa: BLE001 - expected errors become one line; others propagate
-        return _report_error(e, args.verbose)
+        return _report_error(e, args.verbose, _resume_command(args, settings))
     finally:
         stop_prestarted()
 

@@ -10,7 +10,8 @@ import redis
 from redis import Redis
 
 from orchestrator.driver import BadLine, Driver, RunResult
-from orchestrator.lock import DriverLock, driver_running
+from orchestrator.fence import EvictionWatch, check_consistency, eviction_problem
+from orchestrator.lock import DriverLock
 from orchestrator.messages import say
 from orchestrator.namespace import (
     Checkpoint,
@@ -29,7 +30,7 @@ from orchestrator.server import connect
 from orchestrator.settings import DEFAULT_FLOW, Mode, Settings
 from orchestrator.sink import open_sink
 from orchestrator.workers import WorkerPool, run_worker
-from tasks.errors import NamespaceError
+from tasks.errors import NamespaceError, RedisLostData
 from tasks.flow import load_flow
 from tasks.keys import Keys
 from tasks.store import NOTHING
@@ -70,6 +71,13 @@ def plan_start(
             raise NamespaceError(msg)
         return Start(0, 0)
     if mode == "resume":
+        if not info.exists:
+            msg = (
+                f"namespace {keys.namespace!r} has no data in this Redis: start it with "
+                f"'orchestrator ingest {path}' (if it ran here before, Redis lost its data: "
+                f"a restart without persistence, or another server or database)"
+            )
+            raise NamespaceError(msg)
         if committed == NOTHING:
             say(f"namespace {keys.namespace!r} has no committed epochs: starting at epoch 0")
             return Start(0, 0)
@@ -148,10 +156,41 @@ def run_pipeline(
         pool = WorkerPool(settings.worker_count, conn.url, keys.namespace, verbose=settings.verbose)
         pool.start()
         try:
-            with DriverLock(conn.client, keys):
-                return _drive(settings, mode, path, from_epoch, f, conn.client, conn.embedded, pool)
+            with DriverLock(conn.client, keys) as lock:
+                r = conn.client
+                return _drive(settings, mode, path, from_epoch, f, r, conn.embedded, pool, lock)
+        except RedisLostData as e:
+            raise RedisLostData(f"{e}; {_what_resume_does(conn.client, keys, path)}") from e
         finally:
             pool.stop()
+
+
+def _what_resume_does(r: Redis, keys: Keys, path: Path) -> str:
+    """After a detected data loss: what Redis still holds, and the command that continues."""
+    try:
+        info = read_info(r, keys)
+    except redis.RedisError:
+        return f"once Redis is back, 'orchestrator resume {path}' continues from what it holds"
+    if not info.exists:
+        return f"Redis holds nothing of the namespace: start over with 'orchestrator ingest {path}'"
+    return (
+        f"'orchestrator resume {path}' continues after epoch {info.committed}, the last "
+        f"epoch Redis still holds as committed"
+    )
+
+
+def check_server(r: Redis, settings: Settings, embedded: bool) -> None:
+    """Refuse a server that may evict the pipeline's keys; warn about weak persistence.
+
+    Raises:
+        NamespaceError: the eviction policy can evict keys (without --allow-eviction).
+    """
+    if problem := eviction_problem(r):
+        if not settings.allow_eviction:
+            raise NamespaceError(problem)
+        say(f"warning: {problem.split(';')[0]} (allowed by --allow-eviction)")
+    if not embedded and (warning := persistence_warning(r)):
+        say(f"warning: {warning}")
 
 
 def _drive(
@@ -163,6 +202,7 @@ def _drive(
     r: Redis,
     embedded: bool,
     pool: WorkerPool,
+    lock: DriverLock,
 ) -> RunResult:
     keys = Keys(settings.namespace)
     info = read_info(r, keys)
@@ -170,12 +210,16 @@ def _drive(
     flow = settings.flow or info.flow or DEFAULT_FLOW
     load_flow(flow)
     start = plan_start(r, keys, info, mode, from_epoch, f, path)
-    if not embedded and (warning := persistence_warning(r)):
-        say(f"warning: {warning}")
+    check_server(r, settings, embedded)
+    if mode != "ingest":
+        check_consistency(r, keys, info.floors, start.epoch, info.evicted_keys)
     with open_sink(settings.output, mode, info, start.checkpoint, start.epoch) as sink:
-        generation = start_run(
+        fence = start_run(
             r,
             keys,
+            token=lock.token,
+            lock_ttl_ms=lock.ttl_ms,
+            info=info,
             partitions=partitions,
             flow=flow,
             input_name=str(path),
@@ -184,8 +228,17 @@ def _drive(
             output=sink.path,
             output_length=sink.start_length,
         )
+        generation = fence.generation
+        evictions = EvictionWatch(r, keys)
         committer = Committer(
-            r, keys, partitions, input_path=str(path), retain_epochs=settings.retain_epochs
+            r,
+            keys,
+            partitions,
+            fence,
+            last_committed=start.epoch - 1,
+            input_path=str(path),
+            retain_epochs=settings.retain_epochs,
+            evictions=evictions,
         )
         progress = Progress(enabled=not settings.quiet)
         try:
@@ -201,15 +254,20 @@ def _drive(
                 progress=progress,
                 on_commit=committer.record,
                 batch_events=settings.batch_events,
+                batch_timeout=settings.batch_timeout,
                 output_is_file=sink.path is not None,
             )
             result = driver.run(LineSource(f, start.epoch, start.offset, settings.max_line_bytes))
+        except RedisLostData:
+            evictions.check(now=True)  # if keys were evicted, say that instead (and mark it)
+            raise
         finally:
             progress.close()
         committer.record(
             result.committed,
             result.next_offset,
             [],
+            floors=driver.after,
             output_length=driver.output_length(),
             final=True,
         )
@@ -232,13 +290,14 @@ def resume_hint(settings: Settings, path: Path) -> str:
 
 
 def reset_namespace(settings: Settings) -> int:
-    """Delete the namespace's data; refused while a driver runs on it."""
+    """Delete the namespace's data; refused while a driver holds the namespace.
+
+    Reset takes the driver lock itself, so no run can start while it deletes; a
+    driver paused past its lock's TTL finds its data gone when it wakes up, and
+    stops without writing (its writes are fenced by the generation).
+    """
     keys = Keys(settings.namespace)
-    with connect(settings) as conn:
-        holder = driver_running(conn.client, keys)
-        if holder:
-            msg = f"a driver is running on namespace {keys.namespace!r} ({holder}); stop it first"
-            raise NamespaceError(msg)
+    with connect(settings) as conn, DriverLock(conn.client, keys):
         return reset(conn.client, keys)
 
 

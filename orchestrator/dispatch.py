@@ -21,13 +21,21 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from orchestrator.fence import Fence, refusal_error
 from tasks.batch import Batch
 from tasks.errors import PipelineError
 from tasks.keys import PROCESS_BATCH, Keys
+from tasks.scripts import Refusal
+from tasks.store import NOTHING
 
 logger = logging.getLogger(__name__)
 
-JOB_TIMEOUT = 600
+# No RQ job timeout: RQ's SimpleWorker enforces one with SIGALRM, the timer that
+# stops a hung flow (--batch-timeout, tasks/watchdog.py) uses. RQ (2.x and 3.x)
+# arms signal.alarm(-1) for it, i.e. never (checked in rq 3.0.0's timeouts.py and
+# worker/base.py: `timeout = job.timeout or DEFAULT_TIMEOUT`; the forking Worker
+# treats -1 as "never" explicitly).
+JOB_TIMEOUT = -1
 BATCH_TTL = 7 * 24 * 3600  # a stored batch outlives any run that could still commit it
 FAILED_JOB_TTL = 7 * 24 * 3600
 WATCH_EVERY = 1.0  # seconds between two looks at the batches in flight
@@ -79,8 +87,8 @@ class Dispatcher:
         for flight in flights:
             b = flight.batch
             batch_key = self.keys.batch(self.generation, b.partition, b.last_epoch)
-            if flight.attempt == 1:
-                pipe.set(batch_key, b.encode(), ex=BATCH_TTL)
+            # Stored again with every try: a Redis that lost its tail may have lost it too.
+            pipe.set(batch_key, b.encode(), ex=BATCH_TTL)
             job = Queue.prepare_data(PROCESS_BATCH, **self._job_options(flight), at_front=at_front)
             self.queues[b.partition].enqueue_many([job], pipeline=pipe)
         pipe.execute()
@@ -112,7 +120,8 @@ class Dispatcher:
         b = flight.batch
         batch_key = self.keys.batch(self.generation, b.partition, b.last_epoch)
         return {
-            "args": (self.keys.namespace, b.partition, batch_key),
+            # the attempt: from the second on, the worker runs the batch carefully
+            "args": (self.keys.namespace, b.partition, batch_key, flight.attempt),
             "job_id": flight.job_id,
             "timeout": JOB_TIMEOUT,
             "result_ttl": 0,
@@ -158,15 +167,21 @@ class Dispatcher:
             p = f.batch.partition
             pipe.lpos(self.queues[p].key, f.job_id)
             pipe.exists(self.keys.lease(p))
-            pipe.hget(self.keys.progress(p), "applied")
+            pipe.hmget(self.keys.progress(p), ["generation", "applied"])
             pipe.hget(f"rq:job:{f.job_id}", "status")
-        replies = pipe.execute()
+        pipe.exists(self.keys.meta)
+        *replies, meta_exists = pipe.execute()
+        if not meta_exists:
+            gone = Refusal("gone", -1, "", "")
+            raise refusal_error(gone, self.keys, Fence(self.generation, "", 0))
         lost = []
         for i, f in enumerate(flights):
-            queued, leased, applied, status = replies[4 * i : 4 * i + 4]
+            queued, leased, (owner, applied), status = replies[4 * i : 4 * i + 4]
+            applied_through = self._check_partition(f, owner, applied)
             if status == b"failed":
                 raise WorkerFailed(self._failure(f))
-            committed = applied is not None and int(applied) != f.batch.after_epoch
+            # (a batch stopped by a bad event under fail commits short of its last epoch)
+            committed = applied_through > f.batch.after_epoch
             if queued is not None or leased or committed:
                 f.suspect_since = None
             elif f.suspect_since is None:
@@ -187,6 +202,28 @@ class Dispatcher:
                 f.attempt,
             )
         self.send(lost, at_front=True)
+
+    def _check_partition(self, flight: InFlight, owner: bytes | None, applied: bytes | None) -> int:
+        """How far the partition of a batch in flight has applied; raise if it went back in time
+        or changed hands.
+
+        Its batch in flight needs it at ``after_epoch``, which the driver saw it commit:
+        less means Redis lost an acknowledged commit (the batch would then wait forever).
+        """
+        p, generation = flight.batch.partition, self.generation
+        found_owner = -1 if owner is None else int(owner)
+        found = NOTHING if applied is None else int(applied)
+        refusal = None
+        if found_owner > generation:
+            refusal = Refusal("superseded", p, str(found_owner), str(generation))
+        elif found_owner < generation:  # the claim of this run is gone
+            refusal = Refusal("lost", p, f"generation {found_owner}", f"generation {generation}")
+        elif found < flight.batch.after_epoch:
+            refusal = Refusal("lost", p, str(found), str(flight.batch.after_epoch))
+        if refusal is not None:
+            fence = Fence(generation, "", 0)
+            raise refusal_error(refusal, self.keys, fence)
+        return found
 
     def _failure(self, flight: InFlight) -> str:
         job = Job.fetch(flight.job_id, connection=self.r, serializer=JSONSerializer)

@@ -18,7 +18,6 @@ says, without reading the input before it.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from bisect import bisect_left
 from collections import deque
@@ -32,7 +31,7 @@ from redis import Redis
 from orchestrator.dispatch import Dispatcher, InFlight
 from orchestrator.memory import trim_now_and_then
 from orchestrator.notices import NoticeReader
-from orchestrator.output import OutputMerger, write_lines
+from orchestrator.output import OutputMerger, synced_length, write_lines
 from orchestrator.progress import Progress
 from orchestrator.reader import LineSource, finish_oversized
 from orchestrator.workers import WorkerPool
@@ -54,6 +53,10 @@ MAX_BUFFERED_BYTES = 32 << 20
 READ_CHUNK = 2_000  # lines read between two looks at the commit notices
 BLOCK_MS = 200  # how long to wait for a notice when there is nothing else to do
 RECORD_EVERY = 0.1  # seconds between two records of the committed epoch
+# Seconds between two records when the committed epoch has not moved: each record is fenced
+# (tasks/lua/record_progress.lua), so this is also how soon a driver notices that Redis lost
+# data or that another driver took over, whatever it is waiting for.
+FENCE_EVERY = 1.0
 LINGER = 0.2  # a batch waits for half of --batch-events lines or this many seconds
 WAITING_NOTE_AFTER = 2.0  # seconds a batch may wait before the driver says it needs workers
 
@@ -66,6 +69,8 @@ class BadLine:
     offset: int
     reason: str
     raw: bytes = b""
+    # "rejected" (bad input, or the flow raised), "timeout" or "killed" (tasks/batch.py)
+    kind: str = "rejected"
 
     @property
     def line_number(self) -> int:
@@ -109,8 +114,10 @@ class RunResult:
     reruns: int = 0
 
 
-# Called when the committed epoch advances: (committed epoch, offset of the next line,
-# dead letters for epochs up to it, output_length=length of the output file or None).
+# Called when the committed epoch advances, and every FENCE_EVERY seconds: (committed epoch,
+# offset of the next line, dead letters for epochs up to it, floors=the epoch through which
+# each partition was seen to commit, output_length=length of the output file or None,
+# progress=what status shows). It raises if the run is no longer this driver's or Redis lost data.
 OnCommit = Callable[..., None]
 
 
@@ -132,8 +139,10 @@ class Driver:
         on_commit: OnCommit,
         batch_events: int,
         output_is_file: bool = False,
+        batch_timeout: float = 60.0,
     ) -> None:
         self.r = r
+        self.batch_timeout = batch_timeout
         self.batch_events = batch_events
         self.min_batch_lines = max(1, batch_events // 2)
         # Room for every partition to have a batch in flight and the next one filling up,
@@ -182,7 +191,7 @@ class Driver:
             idle = exhausted or result.failure is not None or self._full()
             for notice in self.notices.read(BLOCK_MS if idle and self.in_flight else None):
                 self._on_notice(notice, result)
-            self.workers.supervise()
+            self.workers.supervise(self.r)
             trim_now_and_then()
             self.dispatcher.watch(self.in_flight)
             self._note_missing_workers()
@@ -290,9 +299,7 @@ class Driver:
         """
         if not self.output_is_file:
             return None
-        self.out.flush()
-        os.fsync(self.out.fileno())
-        return self.out.tell()
+        return synced_length(self.out)  # raises (and nothing is recorded) if the disk fails
 
     def _note_missing_workers(self) -> None:
         """Say (once) that batches wait for workers, when none came in a few seconds."""
@@ -361,6 +368,7 @@ class Driver:
                 self.on_error,
                 pending.epochs,
                 pending.lines,
+                self.batch_timeout,
             )
             flight = self.dispatcher.new_flight(
                 batch, pending.offsets, pending.events, pending.size
@@ -377,7 +385,11 @@ class Driver:
 
     def _on_notice(self, notice: CommitNotice, result: RunResult) -> None:
         p = notice.partition
-        flight = self.in_flight.pop(p)
+        flight = self.in_flight.pop(p, None)
+        if flight is None:
+            # A second copy of a batch that failed at its first event: the progress did
+            # not move, so both copies committed the same failure. Taken once already.
+            return
         self.buffered -= flight.events
         self.buffered_bytes -= flight.size
         self.after[p] = notice.applied_through
@@ -433,8 +445,9 @@ class Driver:
         window a little and saves a round trip per advance.
         """
         now = time.monotonic()
-        if result.committed == self.recorded or (
-            not force and now - self.recorded_at < RECORD_EVERY
+        since = now - self.recorded_at
+        if not force and (
+            since < RECORD_EVERY or (result.committed == self.recorded and since < FENCE_EVERY)
         ):
             return
         committed = result.committed
@@ -444,6 +457,7 @@ class Driver:
             committed,
             result.next_offset,
             dead,
+            floors=list(self.after),
             output_length=self.output_length(),
             progress=self._progress(result, now),
         )
@@ -460,4 +474,6 @@ def _reason(e: Exception) -> str:
 
 def _bad(rejection: Rejection, flight: InFlight) -> BadLine:
     i = flight.batch.epochs.index(rejection.epoch)
-    return BadLine(rejection.epoch, flight.offsets[i], rejection.reason, flight.batch.lines[i])
+    return BadLine(
+        rejection.epoch, flight.offsets[i], rejection.reason, flight.batch.lines[i], rejection.kind
+    )

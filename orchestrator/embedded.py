@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import importlib.util
 import json
@@ -18,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,24 @@ from tasks.errors import RedisUnavailable
 logger = logging.getLogger(__name__)
 
 STOP_ORPHAN_TIMEOUT = 15.0
+LOG_TAIL_BYTES = 16 << 10  # how much of the end of redis.log is read for the reason it stopped
+LOW_SPACE_BYTES = 1 << 20  # a data directory with less free space than this counts as full
+
+
+class ServerStopped(RedisUnavailable):
+    """Raised when the embedded redis-server this command owns exits while it is used.
+
+    It happens when the server cannot write its append-only file: with
+    ``appendfsync always`` redis-server exits rather than acknowledge a write it
+    could not persist ("Can't recover from AOF write error ... Exiting"), so
+    whatever it acknowledged is on disk and a later ``resume`` continues from it.
+    """
+
+    def __init__(self, data_dir: Path, reason: str, *, no_space: bool) -> None:
+        self.data_dir = data_dir
+        self.reason = reason
+        self.no_space = no_space
+        super().__init__(f"the embedded redis-server stopped: {reason}")
 
 
 def redis_server_binary() -> str:
@@ -190,6 +210,149 @@ def _stop_orphan(info_path: Path) -> None:
     while is_redis_server(pid):
         os.kill(pid, signal.SIGKILL if time.monotonic() > deadline else signal.SIGTERM)
         time.sleep(0.05)
+
+
+# Lines of redis.log about the append-only file, as Redis 6.2 and 7 write them; the
+# part after the last ": " is the C library's text for errno, when there is one.
+AOF_FAILURES = (
+    "Error writing to the AOF file",
+    "Short write while writing to the AOF file",  # Redis's own diagnosis: ENOSPC
+    "Can't open the append-only file",
+    "Fail to fsync the AOF file",
+    "Can't persist AOF for fsync error",
+    "Error trying to rename the temporary AOF file",
+    "Error moving temp append only file",
+)
+
+
+def stop_reason(data_dir: Path, returncode: int | None, pid: int | None = None) -> ServerStopped:
+    """Why the embedded server in ``data_dir`` (process ``pid``) exited, from the end of its log.
+
+    The log is kept across runs: only the lines of that process count (``PID:M ...``).
+    """
+    warnings = [line for line in _log_tail(data_dir / "redis.log") if " # " in line]
+    if pid is not None:
+        warnings = [line for line in warnings if line.startswith(f"{pid}:")]
+    aof = next((w for w in reversed(warnings) if any(f in w for f in AOF_FAILURES)), None)
+    free = free_bytes(data_dir)
+    if aof is not None:
+        short = "Short write" in aof
+        cause = os.strerror(errno.ENOSPC) if short else aof.rsplit(": ", 1)[-1].rstrip(". ")
+        no_space = short or cause in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+        what = "no space left on device" if no_space else cause[:1].lower() + cause[1:]
+        reason = f"{what} for its append-only file in {data_dir}"
+        return ServerStopped(data_dir, reason, no_space=no_space)
+    if free is not None and free < LOW_SPACE_BYTES:
+        reason = f"its disk is full ({free:,} bytes free in {data_dir})"
+        return ServerStopped(data_dir, reason, no_space=True)
+    status = f"exit status {returncode}" if returncode is not None else "it is gone"
+    last = warnings[-1].split(" # ", 1)[-1] if warnings else "no reason in its log"
+    reason = f"{status}: {last} (see {data_dir / 'redis.log'})"
+    return ServerStopped(data_dir, reason, no_space=False)
+
+
+def _log_tail(path: Path) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            return f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def free_bytes(directory: Path) -> int | None:
+    """Bytes free for an unprivileged writer in ``directory``'s file system (None: unknown)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+# Set while an embedded server this process owns has exited under it: the worker
+# processes of the command have nothing left to finish, so they are stopped at once.
+SERVER_DIED = threading.Event()
+
+
+class ExitWatch:
+    """Notices that a server process exited while its command uses it.
+
+    Asked by a client whose connection failed (``owned_server_died``), so that the
+    command stops within moments of its server's death instead of retrying the
+    connection for its whole reconnect window. (Not a thread: a command forks its
+    workers only while it runs no other thread.)
+    """
+
+    active: set[ExitWatch] = set()  # the servers this process (or, in a fork, its parent) owns
+
+    def __init__(self, process: subprocess.Popen[bytes], on_exit: Any) -> None:
+        self.process = process
+        self.on_exit = on_exit  # called once, with the exit status if known
+        self.owner = os.getpid()
+        self.seen = False
+        self._lock = threading.Lock()
+        ExitWatch.active.add(self)
+
+    def exited(self, wait: float) -> bool:
+        """Whether the server has exited (waiting up to ``wait`` s for one that is going)."""
+        with self._lock:
+            if not self.seen and _gone_within(self.process.pid, wait):
+                self.report(_exit_status(self.process.pid))
+            return self.seen
+
+    def report(self, status: int | None) -> None:
+        if not self.seen:
+            self.seen = True
+            self.on_exit(status)
+
+    def close(self) -> None:
+        """The server is being stopped on purpose (or is gone): stop watching."""
+        ExitWatch.active.discard(self)
+
+
+def owned_server_died(wait: float = 0.2) -> bool:
+    """Whether an embedded server this process (or its parent) owns has exited under it.
+
+    A client sees the connection close a moment before the process has exited:
+    this waits up to ``wait`` seconds for the exit of a server that is going.
+
+    In a worker process forked by the command that owns the server, a dead server
+    leaves nothing to do: the worker waits quietly (instead of announcing a
+    reconnect that cannot come) until its command, which reports why, stops it;
+    returns True if that has not happened within WORKER_WAITS_FOR seconds.
+    """
+    pid = os.getpid()
+    for watch in list(ExitWatch.active):
+        if watch.owner == pid:
+            if watch.exited(wait):
+                return True
+        elif _gone_within(watch.process.pid, wait):
+            deadline = time.monotonic() + WORKER_WAITS_FOR
+            while os.getppid() == watch.owner and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return True
+    return False
+
+
+def _exit_status(pid: int) -> int | None:
+    # WNOWAIT leaves the child to be reaped by Popen (its wait and poll keep working).
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    return info.si_status if info is not None else None
+
+
+WORKER_WAITS_FOR = 10.0
+
+
+def _gone_within(pid: int, wait: float) -> bool:
+    deadline = time.monotonic() + wait
+    while is_redis_server(pid):  # (a zombie has no command line: gone)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 # Servers started by ``prestart``, waiting for their EmbeddedServer (one per data dir).

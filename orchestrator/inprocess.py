@@ -17,6 +17,7 @@ from typing import Any
 
 from redis import Redis
 
+from orchestrator.fence import Fence
 from orchestrator.lock import DriverLock
 from orchestrator.namespace import Committer, check_compatible, read_info, start_run
 from orchestrator.recovery import RedisRecoveryConfig
@@ -79,7 +80,7 @@ def run_main(
     first = next(inputs, None)
     if first is None:
         return
-    with _redis(recovery_config) as (r, keys), DriverLock(r, keys):
+    with _redis(recovery_config) as (r, keys), DriverLock(r, keys) as lock:
         info = read_info(r, keys)
         try:
             check_compatible(info, 1, flow_id)
@@ -90,19 +91,20 @@ def run_main(
             )
             raise NamespaceError(msg) from None
         start = min(first[0], info.committed + 1)
-        generation = start_run(
-            r, keys, partitions=1, flow=flow_id, input_name="run_main",
-            start_epoch=start, start_offset=0,
+        fence = start_run(
+            r, keys, token=lock.token, lock_ttl_ms=lock.ttl_ms, info=info, partitions=1,
+            flow=flow_id, input_name="run_main", start_epoch=start, start_offset=0,
         )  # fmt: skip
-        runner = _Runner(r, keys, flow, generation, after=start - 1)
+        runner = _Runner(r, keys, flow, fence, after=start - 1)
         runner.run(first, inputs, output_builder(0, 1))
 
 
 class _Runner:
     """Reads items, commits them in batches of whole epochs, delivers outputs."""
 
-    def __init__(self, r: Redis, keys: Keys, flow: Dataflow, generation: int, after: int) -> None:
-        self.r, self.keys, self.flow, self.generation = r, keys, flow, generation
+    def __init__(self, r: Redis, keys: Keys, flow: Dataflow, fence: Fence, after: int) -> None:
+        self.r, self.keys, self.flow, self.generation = r, keys, flow, fence.generation
+        self.committer = Committer(r, keys, 1, fence, last_committed=after)
         self.before, self.stateful, _ = flow.split()
         self.after = after  # the last committed epoch
         self.events: list[tuple[int, str, Any]] = []
@@ -156,7 +158,7 @@ class _Runner:
                 output(rendered)
             delivered = applied.applied_through
         finally:
-            Committer(self.r, self.keys, 1).record(delivered, 0, [])
+            self.committer.record(delivered, 0, [], floors=[applied.applied_through])
             self.after = delivered
         if applied.failed_exception is not None:
             raise applied.failed_exception

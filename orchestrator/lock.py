@@ -19,6 +19,17 @@ logger = logging.getLogger(__name__)
 
 LOCK_TTL = 30.0  # seconds a killed driver keeps the namespace locked
 HEARTBEAT = 10.0
+LOCK_TTL_ENV = "ORCHESTRATOR_DRIVER_LOCK_TTL"  # seconds; a tuning knob, used by the fault tests
+
+
+def lock_ttl() -> float:
+    """The driver lock's TTL: ``ORCHESTRATOR_DRIVER_LOCK_TTL`` seconds if set, else LOCK_TTL."""
+    value = os.environ.get(LOCK_TTL_ENV)
+    try:
+        return float(value) if value else LOCK_TTL
+    except ValueError:
+        msg = f"{LOCK_TTL_ENV}={value!r} is not a number of seconds"
+        raise PipelineError(msg) from None
 
 
 class DriverLocked(PipelineError):
@@ -31,8 +42,12 @@ class DriverLock:
     def __init__(self, r: Redis, keys: Keys) -> None:
         self.keys = keys
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.ttl = lock_ttl()
+        self.heartbeat = min(HEARTBEAT, self.ttl / 3)
         # Not thread-local: the heartbeat thread renews the token the main thread took.
-        self._lock = Lock(r, keys.driver_lock, timeout=LOCK_TTL, blocking=False, thread_local=False)
+        # The lock only keeps two live drivers apart; what fences a driver that was paused
+        # past its TTL is the generation, checked by every write that records progress.
+        self._lock = Lock(r, keys.driver_lock, timeout=self.ttl, blocking=False, thread_local=False)
         self._r = r
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="driver-lock", daemon=True)
@@ -43,7 +58,7 @@ class DriverLock:
             if not (self._holder_is_dead(holder) and self._lock.acquire(token=self.token)):
                 msg = (
                     f"another driver is running on namespace {self.keys.namespace!r} ({holder}); "
-                    f"wait for it to finish, or up to {LOCK_TTL:.0f}s if it was killed"
+                    f"wait for it to finish, or up to {self.ttl:.0f}s if it was killed"
                 )
                 raise DriverLocked(msg)
         self._thread.start()
@@ -80,11 +95,16 @@ class DriverLock:
         return True
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT):
+        while not self._stop.wait(self.heartbeat):
             try:
                 self._lock.reacquire()
             except redis.RedisError:
                 pass  # the run itself will notice a lost Redis; a lost lock expires on its own
+
+    @property
+    def ttl_ms(self) -> int:
+        """The TTL in milliseconds, as the fenced scripts renew it."""
+        return int(self.ttl * 1000)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,11 +12,13 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from orchestrator.fence import EvictionWatch, Fence, refusal_error
 from orchestrator.reader import fingerprint
 from orchestrator.settings import DEFAULT_PARTITIONS
-from tasks.errors import NamespaceError
+from tasks import scripts
+from tasks.errors import NamespaceError, Superseded
 from tasks.keys import Keys
-from tasks.store import NOTHING, claim_partition, restore_partition
+from tasks.store import NOTHING, applied_epochs, restore_partition
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ class NamespaceInfo:
     retain_epochs: int | None = None
     fingerprint: str | None = None  # of the input's first fingerprint_end bytes
     fingerprint_end: int = 0
+    # For each partition, the epoch through which it had applied when ``committed`` was
+    # recorded (capped at ``committed``): Redis must hold at least that much of each.
+    floors: tuple[int, ...] | None = None
+    evicted_keys: int = 0  # keys the server evicted during a run (--allow-eviction)
 
     @property
     def exists(self) -> bool:
@@ -63,6 +70,8 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         retain_epochs=int(meta["retain_epochs"]) if "retain_epochs" in meta else None,
         fingerprint=meta.get("fingerprint"),
         fingerprint_end=int(meta.get("fingerprint_end", 0)),
+        floors=tuple(json.loads(meta["floors"])) if "floors" in meta else None,
+        evicted_keys=int(meta.get("evicted_keys", 0)),
     )
 
 
@@ -93,6 +102,9 @@ def start_run(
     r: Redis,
     keys: Keys,
     *,
+    token: str,
+    lock_ttl_ms: int,
+    info: NamespaceInfo,
     partitions: int,
     flow: str,
     input_name: str,
@@ -100,29 +112,43 @@ def start_run(
     start_offset: int,
     output: str | None = None,
     output_length: int | None = None,
-) -> int:
+) -> Fence:
     """Take over the namespace for a run that processes input from ``start_epoch`` on.
 
-    Bumps the generation and claims every partition for it first, so that
-    batches of an earlier (killed) run can no longer commit; then restores every
-    partition as of ``start_epoch - 1``, which discards anything committed after
-    it, and drops stale jobs and notices.
+    Takes the next generation and claims every partition for it in one script,
+    refused if another driver started a run since ``info`` was read; batches of
+    an earlier (killed or paused) run can then no longer commit. Records the
+    committed epoch ``start_epoch - 1`` before restoring every partition as of
+    it (a crash in between leaves a record that the restore can be done again
+    from), then drops stale jobs and the notices and batches of older runs.
 
     Returns:
-        The run's generation.
+        The fence of the run's writes (its generation and the lock token).
+
+    Raises:
+        Superseded: another driver started a run on the namespace meanwhile.
     """
-    generation = int(r.hincrby(keys.meta, "generation", 1))
-    r.hset(keys.meta, mapping={"partitions": partitions, "flow": flow, "input": input_name})
-    if output is None:
-        r.hdel(keys.meta, "output", "output_length")
-    else:
-        r.hset(keys.meta, "output", output)
-    pipe = r.pipeline(transaction=False)
+    meta: dict[str, Any] = {"partitions": partitions, "flow": flow, "input": input_name}
+    if output is not None:
+        meta["output"] = output
+    applied = applied_epochs(r, keys, partitions)
+    generation = scripts.start_run(
+        r, keys, token=token, lock_ttl_ms=lock_ttl_ms, planned_generation=info.generation,
+        partitions=partitions, start_epoch=start_epoch, meta=meta,
+    )  # fmt: skip
+    if isinstance(generation, str):
+        msg = f"another driver started a run on namespace {keys.namespace!r} ({generation})"
+        raise Superseded(msg)
+    fence = Fence(generation, token, lock_ttl_ms)
+    Committer(r, keys, partitions, fence, last_committed=info.committed).record(
+        start_epoch - 1,
+        start_offset,
+        [],
+        output_length=output_length,
+        floors=[min(a, start_epoch - 1) for a in applied],
+    )
     for p in range(partitions):
-        claim_partition(pipe, keys, p, generation)
-    pipe.execute()
-    for p in range(partitions):
-        restore_partition(r, keys, p, start_epoch - 1)
+        restore_partition(r, keys, p, start_epoch - 1, generation=generation)
     queues = [
         Queue(name, connection=r, serializer=JSONSerializer)
         for name in keys.queue_names(partitions)
@@ -131,48 +157,30 @@ def start_run(
         queue.empty()
     # Registered with RQ from the start, so that `rq info` lists every partition queue.
     r.sadd(Queue.redis_queues_keys, *[queue.key for queue in queues])
-    stale = [k for k in r.scan_iter(match=keys.notices_pattern, count=1000)]
-    stale += [k for k in r.scan_iter(match=keys.batches_pattern, count=1000)]
-    stale += [k for k in r.scan_iter(match=keys.successors_pattern, count=1000)]
-    pipe = r.pipeline(transaction=True)
+    # Only older runs' keys: a driver paused here must not delete a newer run's notices.
+    stale = [
+        key
+        for pattern in (keys.notices_pattern, keys.batches_pattern, keys.successors_pattern)
+        for key in r.scan_iter(match=pattern, count=1000)
+        if (g := keys.generation_of(key.decode())) is not None and g < generation
+    ]
     if stale:
-        pipe.delete(*stale)
-    pipe.zremrangebyscore(keys.checkpoints, f"({start_epoch}", "+inf")
-    pipe.execute()
-    drop_dead_letters_from(r, keys, start_epoch)
-    Committer(r, keys, partitions).record(
-        start_epoch - 1, start_offset, [], output_length=output_length
-    )
+        r.delete(*stale)
     logger.info("generation %d starts at epoch %d (byte %d)", generation, start_epoch, start_offset)
-    return generation
-
-
-def drop_dead_letters_from(r: Redis, keys: Keys, epoch: int) -> int:
-    """Delete dead letters of epochs >= ``epoch``: the run that starts there records them again."""
-    doomed: list[bytes] = []
-    last = "+"
-    while True:
-        page = r.xrevrange(keys.dead_letters, max=last, min="-", count=500)
-        for entry_id, fields in page:
-            if int(fields[b"epoch"]) < epoch:
-                page = []
-                break
-            doomed.append(entry_id)
-        if len(page) < 500:
-            break
-        last = f"({page[-1][0].decode()}"
-    if doomed:
-        r.xdel(keys.dead_letters, *doomed)
-    return len(doomed)
+    return fence
 
 
 class Committer:
-    """Records the namespace's committed epoch, and what goes with it.
+    """Records the namespace's committed epoch, and what goes with it, fenced.
 
-    One MULTI/EXEC per advance: the committed epoch and the input offset after
-    it, a checkpoint for replay, the dead letters of the epochs it covers, and
-    (at most once a second) a fingerprint of the input before that offset.
-    Every few seconds it also drops undo records older than the retention window.
+    One script call per record (``tasks/lua/record_progress.lua``): the committed
+    epoch and the input offset after it, the floors (how far each partition had
+    applied), a checkpoint for replay, the dead letters of the epochs it covers,
+    and (at most once a second) a fingerprint of the input before that offset;
+    every few seconds it also drops undo records older than the retention window.
+    It writes nothing, and raises, unless the run is still this driver's and
+    Redis still holds the committed epoch it recorded last and every commit the
+    driver saw.
     """
 
     FINGERPRINT_EVERY = 1.0
@@ -183,15 +191,18 @@ class Committer:
         r: Redis,
         keys: Keys,
         partitions: int,
+        fence: Fence,
         *,
+        last_committed: int,
         input_path: str | None = None,
         retain_epochs: int | None = None,
+        evictions: EvictionWatch | None = None,
     ) -> None:
-        self.r, self.keys, self.partitions = r, keys, partitions
+        self.r, self.keys, self.partitions, self.fence = r, keys, partitions, fence
+        self.evictions = evictions
+        self.last_committed = last_committed
         self.input_path = input_path
         self.retain_epochs = retain_epochs
-        if retain_epochs is not None:
-            r.hset(keys.meta, "retain_epochs", retain_epochs)
         self._fingerprinted_at = float("-inf")
         self._collected_at = time.monotonic()
 
@@ -201,6 +212,7 @@ class Committer:
         offset: int,
         dead: list[Any],
         *,
+        floors: list[int],
         output_length: int | None = None,
         progress: dict[str, Any] | None = None,
         final: bool = False,
@@ -208,12 +220,22 @@ class Committer:
         """Record that every epoch up to ``committed`` is committed and its output written.
 
         ``output_length`` is the length of the output file once those lines are in
-        it (and synced): a resume truncates the file back to it.
+        it (and synced): a resume truncates the file back to it. ``floors`` is, for
+        each partition, the epoch through which the driver saw it commit.
+
+        Raises:
+            Superseded: another driver run owns the namespace now.
+            RedisLostData: Redis no longer holds what the driver saw committed.
         """
+        if self.evictions is not None:
+            self.evictions.check()
         now = time.monotonic()
         fields: dict[str, Any] = {"committed": committed, "offset": offset, "at": time.time()}
+        fields["floors"] = json.dumps([min(f, committed) for f in floors])
         if output_length is not None:
             fields["output_length"] = output_length
+        if self.retain_epochs is not None:
+            fields["retain_epochs"] = self.retain_epochs
         backlog = None
         if progress is not None:  # for status: how far the driver read, how fast, what waits
             backlog = progress.pop("backlog")
@@ -222,50 +244,39 @@ class Committer:
             with open(self.input_path, "rb") as f:
                 fields |= {"fingerprint": fingerprint(f, offset), "fingerprint_end": offset}
             self._fingerprinted_at = now
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.keys.meta, mapping=fields)
-        if backlog is not None:
-            pipe.delete(self.keys.backlog)
-            if backlog:
-                pipe.hset(self.keys.backlog, mapping=backlog)
-        checkpoint = Checkpoint(committed + 1, offset, output_length)
-        pipe.zadd(self.keys.checkpoints, {checkpoint.member: committed + 1})
-        for bad in dead:
-            pipe.xadd(
-                self.keys.dead_letters,
-                {
-                    "epoch": bad.epoch,
-                    "line": bad.line_number,
-                    "input": self.input_path or "",
-                    "reason": bad.reason,
-                    "raw": bad.raw,
-                },
-            )
-        pipe.execute()
+        retained_from = None
         if self.retain_epochs is not None and (final or now - self._collected_at >= self.GC_EVERY):
             self._collected_at = now
-            collect_garbage(self.r, self.keys, self.partitions, committed, self.retain_epochs)
+            retained_from = max(0, committed + 1 - self.retain_epochs)
+        checkpoint = Checkpoint(committed + 1, offset, output_length)
+        refusal = scripts.record_progress(
+            self.r,
+            self.keys,
+            generation=self.fence.generation,
+            token=self.fence.token,
+            lock_ttl_ms=self.fence.lock_ttl_ms,
+            last_committed=self.last_committed,
+            floors=floors,
+            record=scripts.ProgressRecord(
+                meta=fields,
+                checkpoint=(checkpoint.member, committed + 1),
+                backlog=backlog,
+                dead_letters=tuple(self._dead_letter(bad) for bad in dead),
+                retained_from=retained_from,
+            ),
+        )
+        if refusal is not None:
+            raise refusal_error(refusal, self.keys, self.fence)
+        self.last_committed = committed
 
-
-def collect_garbage(r: Redis, keys: Keys, partitions: int, committed: int, retain: int) -> int:
-    """Drop undo records and checkpoints that only serve replays older than the window.
-
-    The current state of every key is kept whatever its age (it is in the state
-    hash, not in the undo records); only the history before ``committed + 1 -
-    retain`` goes, and replay from before that epoch is then refused.
-
-    Returns:
-        The oldest epoch replay can start at.
-    """
-    retained_from = max(0, committed + 1 - retain)
-    floor = checkpoint_at_or_before(r, keys, retained_from).epoch
-    pipe = r.pipeline(transaction=True)
-    for p in range(partitions):
-        pipe.zremrangebyscore(keys.undo(p), "-inf", f"({retained_from}")
-    pipe.zremrangebyscore(keys.checkpoints, "-inf", f"({floor}")
-    pipe.hset(keys.meta, "retained_from", retained_from)
-    pipe.execute()
-    return retained_from
+    def _dead_letter(self, bad: Any) -> dict[str, Any]:
+        return {
+            "epoch": bad.epoch,
+            "line": bad.line_number,
+            "input": self.input_path or "",
+            "reason": bad.reason,
+            "raw": bad.raw,
+        }
 
 
 @dataclass(frozen=True)
@@ -293,27 +304,27 @@ def checkpoint_at_or_before(r: Redis, keys: Keys, epoch: int) -> Checkpoint:
 
 
 def reset(r: Redis, keys: Keys) -> int:
-    """Delete every key of the namespace, its RQ queues and its RQ jobs.
+    """Delete every key of the namespace, its RQ queues and its RQ jobs, and nothing else.
+
+    Keys are matched by their exact shape (``Keys.owns``), never by a bare prefix:
+    namespace ``orders`` must not touch the queues of namespace ``orders-prod``.
 
     Returns:
         The number of keys deleted.
     """
-    patterns = [
-        keys.pattern,
-        f"rq:queue:{keys.namespace}-p*",
-        f"rq:*:{keys.namespace}-p*",
-        f"rq:job:{keys.job_id_prefix}*",
-        f"rq:results:{keys.job_id_prefix}*",
-        f"rq:executions:{keys.job_id_prefix}*",
-    ]
     # RQ's set of all queues is shared: only this namespace's queues leave it.
-    queues = list(r.sscan_iter(Queue.redis_queues_keys, match=f"rq:queue:{keys.namespace}-p*"))
+    queues = [
+        q for q in r.sscan_iter(Queue.redis_queues_keys, match=f"rq:queue:{keys.namespace}-*")
+        if keys.owns(q.decode())
+    ]  # fmt: skip
     if queues:
         r.srem(Queue.redis_queues_keys, *queues)
     deleted = 0
-    for pattern in patterns:
+    for pattern in (keys.pattern, keys.rq_pattern):
         batch: list[bytes] = []
         for key in r.scan_iter(match=pattern, count=1000):
+            if not keys.owns(key.decode()):
+                continue
             batch.append(key)
             if len(batch) >= 1000:
                 deleted += int(r.delete(*batch))

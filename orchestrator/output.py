@@ -2,9 +2,41 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from bisect import bisect_left, bisect_right
 from operator import itemgetter
 from typing import Any, BinaryIO
+
+from tasks.errors import PipelineError
+
+# Errors after which the same command, run again, can succeed once the disk is fixed.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+class OutputError(PipelineError):
+    """Raised when the output (an --output file, or stdout) cannot be opened or written.
+
+    Nothing is recorded after a failed write or fsync, so the committed record
+    never claims more than the file holds; ``resume`` cuts the file back to it.
+    """
+
+    def __init__(self, path: str | None, error: OSError, doing: str = "write") -> None:
+        self.path = path
+        self.errno = error.errno
+        what = "standard output" if path is None else f"the output file {path}"
+        super().__init__(f"cannot {doing} {what}: {error.strerror or error}")
+
+    @property
+    def disk_error(self) -> bool:
+        """A full (or failing) disk: freeing space and resuming gives the exact file."""
+        return self.errno in DISK_ERRORS
+
+
+def output_name(out: BinaryIO) -> str | None:
+    """The path of a file opened by name, None for standard output (or another stream)."""
+    name = getattr(out, "name", None)
+    return name if isinstance(name, str) and not name.startswith("<") else None
 
 
 class OutputMerger:
@@ -60,8 +92,31 @@ _epoch = itemgetter(0)
 
 
 def write_lines(out: BinaryIO, lines: list[bytes]) -> None:
-    """Write lines and flush, so that they are out before the commit that follows them."""
+    """Write lines and flush, so that they are out before the commit that follows them.
+
+    Raises:
+        OutputError: the write failed (a full disk); BrokenPipeError is left as it is.
+    """
     if lines:
-        out.write(b"\n".join(lines))
-        out.write(b"\n")
+        try:
+            out.write(b"\n".join(lines))
+            out.write(b"\n")
+            out.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(output_name(out), e) from e
+
+
+def synced_length(out: BinaryIO) -> int:
+    """Flush and fsync an output file; its length, which is then on disk.
+
+    Raises:
+        OutputError: the flush or the fsync failed: the length must not be recorded.
+    """
+    try:
         out.flush()
+        os.fsync(out.fileno())
+    except OSError as e:
+        raise OutputError(output_name(out), e) from e
+    return out.tell()

@@ -33,8 +33,13 @@ from redis.retry import Retry
 
 from orchestrator.embedded import (
     PRESTARTED,
+    SERVER_DIED,
+    ExitWatch,
+    ServerStopped,
     launch,
     lock_data_dir,
+    owned_server_died,
+    stop_reason,
 )
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
 from orchestrator.settings import Settings, redact_text, redact_url
@@ -126,14 +131,17 @@ class AnnouncedRetry(Retry):
             except self._supported_errors as error:
                 if is_retryable is not None and not is_retryable(error):
                     raise
+                # a stopping process, or its embedded server gone (not coming back): at once
+                if AnnouncedRetry.give_up or owned_server_died():
+                    raise
                 failures += 1
                 if with_failure_count:
                     fail(error, failures)
                 else:
                     fail(error)
                 left = self._note_failure(error, attempt_started)
-                if left <= 0 or AnnouncedRetry.give_up:
-                    if left <= 0 and AnnouncedRetry.on_deadline is not None:
+                if left <= 0:
+                    if AnnouncedRetry.on_deadline is not None:
                         AnnouncedRetry.on_deadline(error)
                     raise
                 time.sleep(min(self._backoff.compute(failures), left))
@@ -305,6 +313,8 @@ class EmbeddedServer:
         self._lock_file: Any = None
         self._process: subprocess.Popen[bytes] | None = None
         self._socket_dir: str | None = None
+        self._watch: ExitWatch | None = None
+        self.stopped: ServerStopped | None = None  # why the server exited under the command
 
     def __enter__(self) -> str:
         started = None if self.join_only else PRESTARTED.pop(self.data_dir, None)
@@ -337,7 +347,21 @@ class EmbeddedServer:
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        self._watch = ExitWatch(started.process, self._on_server_exit)
         return started.url
+
+    def _on_server_exit(self, status: int | None) -> None:
+        """The server exited while the command uses it.
+
+        Every client of the process stops retrying (the server is not coming
+        back), so the command fails within moments; ``__exit__`` then reports why.
+        """
+        assert self._process is not None
+        self.stopped = stop_reason(self.data_dir, status, self._process.pid)
+        self._gave_up_before = AnnouncedRetry.give_up
+        AnnouncedRetry.give_up = True
+        SERVER_DIED.set()
+        logger.debug("%s", self.stopped)
 
     def _join_running(self) -> str:
         try:
@@ -360,11 +384,7 @@ class EmbeddedServer:
         try:
             while True:
                 if self._process.poll() is not None:
-                    msg = (
-                        f"the embedded redis-server exited with status {self._process.returncode}"
-                        f" (see {self.data_dir / 'redis.log'})"
-                    )
-                    raise RedisUnavailable(msg)
+                    raise stop_reason(self.data_dir, self._process.returncode, self._process.pid)
                 with contextlib.suppress(redis.RedisError):
                     if client.ping():
                         return
@@ -375,10 +395,18 @@ class EmbeddedServer:
         finally:
             client.close()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._watch is not None and self._process is not None:
+            if self._process.poll() is not None:  # it exited under the command: say why
+                self._watch.report(self._process.returncode)
+            self._watch.close()  # (any exit that follows is ours)
+        stopped = self.stopped
         if self._process is not None:
-            self._compact_append_only_file()
-            self._stop_process(self._process, self._socket_dir)
+            if stopped is None:
+                self._compact_append_only_file()
+                self._stop_process(self._process, self._socket_dir)
+            else:
+                self._process.wait()
             self._process = None
             with contextlib.suppress(OSError):
                 self.info_path.unlink()
@@ -388,6 +416,14 @@ class EmbeddedServer:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+        if stopped is not None:
+            self._watch, self.stopped = None, None
+            AnnouncedRetry.give_up = self._gave_up_before
+            SERVER_DIED.clear()
+            # Whatever failed in the command failed because the server is gone: say that.
+            if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+                raise stopped from exc
+            logger.warning("%s", stopped)
 
     def _compact_append_only_file(self) -> None:
         """Rewrite a grown append-only file before stopping, so that the next start loads fast.

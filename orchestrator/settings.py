@@ -38,6 +38,10 @@ class Settings:
     retain_epochs: int = 100_000
     max_line_bytes: int = 1 << 20
     batch_events: int = 20_000
+    # run on a server whose maxmemory-policy may evict keys (refused otherwise)
+    allow_eviction: bool = False
+    # --batch-timeout: seconds the flow may run on one event of a batch before it is stopped
+    batch_timeout: float = 60.0
 
     @property
     def worker_count(self) -> int:

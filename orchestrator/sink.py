@@ -10,6 +10,8 @@ print again the lines written since the last record.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import sys
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from orchestrator.lock import DriverLocked
 from orchestrator.namespace import Checkpoint, NamespaceInfo
+from orchestrator.output import OutputError
 from orchestrator.reader import InputError
 from orchestrator.settings import Mode
 
@@ -52,6 +56,26 @@ def cut_point(path: Path, checkpoint: Checkpoint, epoch: int) -> int:
     return position
 
 
+def ends_with_epoch(path: Path, length: int, epoch: int) -> bool:
+    """Whether the file's first ``length`` bytes end with a whole line of an epoch <= ``epoch``
+    and any line after them is of a later epoch: the file confirms the recorded length."""
+    window = 64 * 1024
+    with open(path, "rb") as f:
+        f.seek(max(0, length - window))
+        start = f.tell()
+        head = f.read(length - start)
+        after = f.readline()
+    if length and not head.endswith(b"\n"):
+        return False
+    before, newline, last = head[:-1].rpartition(b"\n")
+    if newline or start == 0:  # the last line is whole in the window: check its epoch
+        number = last.split(b" ", 1)[0]
+        if last and not (number.isdigit() and int(number) <= epoch):
+            return False
+    number = after.split(b" ", 1)[0]
+    return not (after.endswith(b"\n") and number.isdigit() and int(number) <= epoch)
+
+
 def recorded_length(
     path: Path, mode: Mode, info: NamespaceInfo, checkpoint: Checkpoint, epoch: int
 ) -> int | None:
@@ -65,6 +89,27 @@ def recorded_length(
     return cut_point(path, checkpoint, epoch) if checkpoint.output_length is not None else None
 
 
+def hold_exclusively(f: BinaryIO, shown: Path) -> None:
+    """Lock the output file for this run (released when it is closed), or refuse.
+
+    A driver that was paused (SIGSTOP, a frozen VM) past its namespace lock's TTL
+    still holds the file: another run must not cut or write it under the paused
+    one, whose pending write would then land in the middle of the new run's lines.
+
+    Raises:
+        DriverLocked: another process holds the file.
+    """
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        msg = (
+            f"the output file {shown} is in use by another process (a driver that is still "
+            f"running, or stopped: find it with 'fuser {shown}'); stop it first, or use "
+            f"another --output"
+        )
+        raise DriverLocked(msg) from None
+
+
 @contextlib.contextmanager
 def open_sink(
     output: Path | None, mode: Mode, info: NamespaceInfo, checkpoint: Checkpoint, epoch: int
@@ -74,12 +119,37 @@ def open_sink(
 
     Raises:
         InputError: the file is shorter than the recorded length (changed by someone else).
+        OutputError: the file cannot be opened, cut back or synced (a directory, a missing
+            folder, a full disk); or, on leaving, flushed.
     """
     if output is None:
         sys.stdout.flush()
         yield Sink(sys.stdout.buffer, None, None)
         return
     path = output.resolve()
+    try:
+        f, length = _open_cut(output, path, mode, info, checkpoint, epoch)
+    except OSError as e:
+        raise OutputError(str(output), e, "open") from e
+    try:
+        yield Sink(f, str(path), length)
+    except BaseException:
+        # The run failed (perhaps writing to this file): what is still buffered cannot
+        # matter, since nothing after the last record counts; closing must not hide why.
+        with contextlib.suppress(OSError):
+            f.close()
+        raise
+    try:
+        f.close()
+    except OSError as e:
+        raise OutputError(str(path), e) from e
+
+
+def _open_cut(
+    output: Path, path: Path, mode: Mode, info: NamespaceInfo, checkpoint: Checkpoint, epoch: int
+) -> tuple[BinaryIO, int]:
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
     length = recorded_length(path, mode, info, checkpoint, epoch) if path.exists() else 0
     size = path.stat().st_size if path.exists() else 0
     if length is None:
@@ -95,9 +165,21 @@ def open_sink(
             f"recorded for the committed epochs: was it changed? Use another --output"
         )
         raise InputError(msg)
-    with open(path, "r+b" if path.exists() else "wb") as f:
+    elif mode == "resume" and not ends_with_epoch(path, length, info.committed):
+        msg = (
+            f"the output file {output} does not match the namespace's record: byte {length} "
+            f"is not where the lines of epochs up to {info.committed} end (was it changed, or "
+            f"written by another run?); use another --output"
+        )
+        raise InputError(msg)
+    f = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 - open_sink closes it
+    try:
+        hold_exclusively(f, output)
         f.truncate(length)
         f.seek(length)
         f.flush()
         os.fsync(f.fileno())
-        yield Sink(f, str(path), length)
+    except BaseException:
+        f.close()
+        raise
+    return f, length

@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,12 +14,13 @@ import time
 import traceback
 from typing import Any
 
+import redis
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from orchestrator.embedded import die_with_parent
+from orchestrator.embedded import SERVER_DIED, die_with_parent
 from orchestrator.exitcodes import ExitStatus
 from orchestrator.memory import trim_now_and_then
 from orchestrator.server import DEQUEUE_TIMEOUT, RECONNECT_FOR, SOCKET_TIMEOUT, AnnouncedRetry
@@ -41,6 +43,17 @@ def listening_workers(r: Redis, keys: Keys, partitions: int) -> int:
     """How many RQ workers listen on at least one partition queue of the namespace."""
     names = set(keys.queue_names(partitions))
     return sum(1 for w in SimpleWorker.all(connection=r) if names & set(w.queue_names()))
+
+
+def _registered(r: Redis | None, pid: int) -> bool:
+    """Whether the worker process ``pid`` of this host registered as an RQ worker."""
+    if r is None:
+        return False
+    host = socket.gethostname()
+    try:
+        return any(w.pid == pid and w.hostname == host for w in SimpleWorker.all(connection=r))
+    except redis.RedisError:
+        return False
 
 
 def wait_for_partitions(r: Redis, keys: Keys, poll: float = 0.1, *, announce: bool = True) -> int:
@@ -358,8 +371,14 @@ class WorkerPool:
         self._started[proc.pid] = time.monotonic()
         return proc
 
-    def supervise(self) -> None:
+    def supervise(self, r: Redis | None = None) -> None:
         """Replace worker processes that died; their batches are re-run by the driver.
+
+        A worker that dies soon after its start counts towards a crash loop only
+        if it never registered with RQ (seen through ``r``): one that registered
+        and then died was killed by a job (a flow that kills its worker: the
+        driver's careful re-runs isolate that event, ``tasks/careful.py``) or
+        from outside, and the next one may well live.
 
         Raises:
             WorkerDied: workers keep dying right after they start (a crash loop).
@@ -369,7 +388,8 @@ class WorkerPool:
             if code is None:
                 continue
             lived = time.monotonic() - self._started.pop(proc.pid, 0.0)
-            self._quick_deaths = self._quick_deaths + 1 if lived < CRASH_LOOP_SECONDS else 0
+            quick = lived < CRASH_LOOP_SECONDS and not _registered(r, proc.pid)
+            self._quick_deaths = self._quick_deaths + 1 if quick else 0
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             if self._quick_deaths >= CRASH_LOOP_DEATHS:
                 msg = f"worker process {proc.pid} {how}, and workers keep dying at start"
@@ -400,7 +420,8 @@ class WorkerPool:
         for proc in self.processes:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
+        # (Without its server a worker's job cannot finish: it would only retry Redis.)
+        deadline = time.monotonic() + (0.0 if SERVER_DIED.is_set() else STOP_TIMEOUT)
         for proc in self.processes:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))

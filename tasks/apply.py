@@ -19,6 +19,7 @@ from tasks.batch import OnError, Rejection
 from tasks.errors import InvalidEvent
 from tasks.flow import Dataflow, StatefulMapStep, make_emitter, single_emitter
 from tasks.undo import Raw, encode_undo
+from tasks.watchdog import EventWatch, FlowTimeout
 
 
 @dataclass
@@ -97,6 +98,7 @@ def apply_events(
     last_epoch: int,
     on_error: OnError,
     render: Callable[[int, Any], Any] = format_line,
+    watch: EventWatch | None = None,
 ) -> AppliedBatch:
     """Apply events (in epoch order) to the loaded states.
 
@@ -107,6 +109,8 @@ def apply_events(
         last_epoch: the batch's last epoch (it may end after its last event).
         on_error: ``fail`` stops at the first rejected event; ``skip`` leaves it out.
         render: turns ``(epoch, output item)`` into what the batch outputs.
+        watch: stops an event that runs longer than its timeout (armed by the
+            caller); the event is rejected as timed out, the batch goes on.
 
     Returns:
         The batch's effects. A rejected event leaves its key's state as it was
@@ -128,10 +132,20 @@ def apply_events(
     writes = result.writes
     undo_epochs, undo_keys, undo_befores = result.undo_epochs, result.undo_keys, result.undo_befores
     out_epochs, out_items = result.out_epochs, result.out_items
+    iterator = iter(events)
+    if watch is not None:
+        # How far the batch is, read by the watch's ticks: nothing is counted per event.
+        watch.follow(_remaining(iterator), apply_events.__code__, _HELPERS)
     # The hot loop of a worker: local names only, one mapper call, one encode per event.
-    for epoch, key, value in events:
+    for epoch, key, value in iterator:
         before = raw.get(key)
-        state = builder(key) if before is None else loads(before)
+        try:
+            state = builder(key) if before is None else loads(before)
+        except FlowTimeout as e:
+            rejection = _timed_out(epoch, key, e)
+            if _stop(result, rejection, on_error, e):
+                break
+            continue
         try:
             try:
                 new_state, emitted = mapper(state, value)
@@ -143,12 +157,12 @@ def apply_events(
                 rendered_all = [render(epoch, item) for item in emit((key, emitted))]
             new_raw = None if new_state is None else dumps(new_state)
         except Exception as e:  # the flow's code rejected this event (its state stays as it was)
-            rejection = Rejection(epoch, key, describe_exception(e))
-            if on_error == "fail":
-                result.failed, result.failed_exception = rejection, e
-                result.applied_through = epoch - 1
+            if _stop(result, Rejection(epoch, key, describe_exception(e)), on_error, e):
                 break
-            result.rejected.append(rejection)
+            continue
+        except FlowTimeout as e:  # the flow ran past the timeout on this event: as rejected
+            if _stop(result, _timed_out(epoch, key, e), on_error, e):
+                break
             continue
         undo_epochs.append(epoch)
         undo_keys.append(key)
@@ -161,6 +175,34 @@ def apply_events(
             out_epochs += [epoch] * len(rendered_all)
             out_items += rendered_all
     return result
+
+
+def _stop(result: AppliedBatch, rejection: Rejection, on_error: OnError, e: BaseException) -> bool:
+    """Record a rejected event; whether the batch stops at it (``fail``)."""
+    if on_error == "fail":
+        result.failed, result.failed_exception = rejection, e
+        result.applied_through = rejection.epoch - 1
+        return True
+    result.rejected.append(rejection)
+    return False
+
+
+def _timed_out(epoch: int, key: str, e: FlowTimeout) -> Rejection:
+    reason = (
+        f"timed out: the flow did not finish epoch {epoch} (key {key!r}) within {e.seconds:g} s "
+        "(--batch-timeout)"
+    )
+    return Rejection(epoch, key, reason, "timeout")
+
+
+def _remaining(iterator: Any) -> Callable[[], int]:
+    """How many events the iterator has left, as a function (0 if it cannot say)."""
+    hint = getattr(iterator, "__length_hint__", None)
+    return hint if hint is not None else (lambda: 0)
+
+
+# What apply_events runs outside the flow's code: a tick never raises in them.
+_HELPERS = tuple(f.__code__ for f in (_stop, _timed_out, describe_exception, Rejection.__init__))
 
 
 def _bad_return(

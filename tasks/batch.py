@@ -46,6 +46,8 @@ class Batch:
     on_error: OnError
     epochs: list[int]
     lines: list[bytes]
+    # --batch-timeout: the longest the flow may run on one event of the batch (0: no limit)
+    timeout: float = 0.0
 
     def encode(self) -> bytes:
         """Encode for storage in Redis."""
@@ -59,6 +61,7 @@ class Batch:
             self.flow,
             self.on_error,
             self.epochs,
+            self.timeout,
         ]
         return _frame(header, self.lines)
 
@@ -66,9 +69,10 @@ class Batch:
     def decode(cls, data: bytes) -> Batch:
         """Decode a batch made by ``encode``."""
         header, lines = _unframe(data)
-        ns, gen, part, parts, after, last, flow, on_error, epochs = header  # type: ignore[misc]
+        ns, gen, part, parts, after, last, flow, on_error, epochs, *rest = header  # type: ignore[misc]
         lines = lines if epochs else []
-        return cls(ns, gen, part, parts, after, last, flow, on_error, epochs, lines)
+        timeout = rest[0] if rest else 0.0  # (a batch stored before the timeout existed)
+        return cls(ns, gen, part, parts, after, last, flow, on_error, epochs, lines, timeout)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,15 @@ class Rejection:
     epoch: int
     key: str
     reason: str
+    # what the flow did: "rejected" (raised), "timeout" (ran past --batch-timeout),
+    # "killed" (its worker died on it, twice): the driver's advice differs
+    kind: str = "rejected"
+
+
+def _rejection(r: Rejection) -> list[object]:
+    # A plain rejection keeps the three-field form older drivers read.
+    fields: list[object] = [r.epoch, r.key, r.reason]
+    return fields if r.kind == "rejected" else [*fields, r.kind]
 
 
 @dataclass(frozen=True)
@@ -110,8 +123,8 @@ class CommitNotice:
             "p": partition,
             "through": applied_through,
             "epochs": epochs,
-            "rejected": [[r.epoch, r.key, r.reason] for r in rejected],
-            "failed": None if failed is None else [failed.epoch, failed.key, failed.reason],
+            "rejected": [_rejection(r) for r in rejected],
+            "failed": None if failed is None else _rejection(failed),
         }
         return orjson.dumps(header) + b"\n" + "\n".join(lines).encode()
 

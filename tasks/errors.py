@@ -29,3 +29,12 @@ class NamespaceError(PipelineError):
 
 class RedisUnavailable(PipelineError):
     """Raised when Redis cannot be reached or the embedded server cannot start."""
+
+
+class RedisLostData(RedisUnavailable):
+    """Raised when Redis holds less than it acknowledged: a lost append-only-file tail, a failover
+    to a lagging replica, evicted keys, or a restart without persistence."""
+
+
+class Superseded(PipelineError):
+    """Raised when another driver run has taken over the namespace from this one."""

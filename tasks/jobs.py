@@ -8,35 +8,40 @@ from typing import Any
 import orjson
 from redis import Redis
 
-from tasks.apply import apply_events
-from tasks.batch import Batch, CommitNotice
+from tasks.apply import AppliedBatch, apply_events
+from tasks.batch import Batch, CommitNotice, Rejection
+from tasks.careful import CarefulRun, ProbingIterator
 from tasks.errors import OutOfOrder
-from tasks.flow import load_flow, make_router
+from tasks.flow import Dataflow, load_flow, make_router
 from tasks.keys import Keys, partition_of
-from tasks.lease import partition_lease
-from tasks.store import CommitOutcome, CommitTarget, outcome_of, partition_transaction
+from tasks.lease import Lease, partition_lease
+from tasks.store import CommitOutcome, CommitTarget, Loaded, outcome_of, partition_transaction
+from tasks.watchdog import EventWatch
 
 logger = logging.getLogger(__name__)
 
 COMMIT_ATTEMPTS = 3
 
 
-def process_batch(namespace: str, partition: int, batch_key: str) -> dict[str, Any]:
+def process_batch(
+    namespace: str, partition: int, batch_key: str, attempt: int = 1
+) -> dict[str, Any]:
     """RQ job: apply one stored batch of a partition and commit it (see ``run_batch``).
 
-    The job carries only where the batch is: its lines are stored in Redis as
-    they were read, so RQ neither compresses nor JSON-escapes them.
+    The job carries only where the batch is, and which attempt this is (the
+    driver sends a batch again when its worker died): its lines are stored in
+    Redis as they were read, so RQ neither compresses nor JSON-escapes them.
     """
     from rq import get_current_job  # imported here: tests call run_batch without RQ
 
     job = get_current_job()
     assert job is not None, "process_batch runs inside an RQ job"
     r = job.connection
-    with partition_lease(r, Keys(namespace).lease(partition), job.id):
+    with partition_lease(r, Keys(namespace).lease(partition), job.id) as lease:
         payload = r.get(batch_key)
         if payload is None:  # committed already (its commit deleted it), or a stale run's
             return {"partition": partition, "batch": batch_key, "outcome": "gone"}
-        return run_batch(r, Batch.decode(payload))
+        return run_batch(r, Batch.decode(payload), attempt=attempt, lease=lease)
 
 
 def batch_events(batch: Batch) -> list[tuple[int, str, Any]]:
@@ -61,11 +66,15 @@ def batch_events(batch: Batch) -> list[tuple[int, str, Any]]:
     return events
 
 
-def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
+def run_batch(
+    r: Redis, batch: Batch, *, attempt: int = 1, lease: Lease | None = None
+) -> dict[str, Any]:
     """Apply a batch against the committed state and commit its effects atomically.
 
     Safe to run any number of times: a batch already committed, or sent by a
-    superseded driver run, changes nothing.
+    superseded driver run, changes nothing. An event the flow runs on for longer
+    than ``batch.timeout`` is rejected as timed out (``tasks/watchdog.py``); from
+    the second attempt on, the batch runs carefully (``tasks/careful.py``).
 
     Raises:
         OutOfOrder: the partition has not committed the batch before this one.
@@ -82,6 +91,26 @@ def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
     )
     wanted = list(dict.fromkeys(key for _, key, _ in events))
     flow = load_flow(batch.flow)
+    careful = CarefulRun(r, keys, batch, attempt) if attempt > 1 else None
+    try:
+        return _apply_and_commit(r, batch, keys, target, flow, events, wanted, careful, lease)
+    finally:
+        if careful is not None:
+            careful.finish()
+
+
+def _apply_and_commit(
+    r: Redis,
+    batch: Batch,
+    keys: Keys,
+    target: CommitTarget,
+    flow: Dataflow,
+    events: list[tuple[int, str, Any]],
+    wanted: list[str],
+    careful: CarefulRun | None,
+    lease: Lease | None,
+) -> dict[str, Any]:
+    poison: dict[int, Rejection] | None = None if careful is not None else {}
     # A commit fails only when the partition's progress changed after the load; the
     # new progress then says why. Should it say nothing (it changed and came back),
     # the batch is loaded and applied again.
@@ -93,7 +122,10 @@ def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
                 raise _out_of_order(batch, loaded.applied)
             if refused is not None:
                 return _result(batch, refused)
-            applied = apply_events(flow, events, loaded.states, batch.last_epoch, batch.on_error)
+            if poison is None:  # (a copy of the batch that cannot commit leaves the probe alone)
+                assert careful is not None
+                poison = careful.start(events)
+            applied = _apply(batch, flow, events, loaded, careful, poison, lease)
             notice = CommitNotice.encode_outputs(
                 batch.partition,
                 applied.applied_through,
@@ -106,6 +138,43 @@ def run_batch(r: Redis, batch: Batch) -> dict[str, Any]:
         if outcome is not CommitOutcome.OUT_OF_ORDER:
             return _result(batch, outcome)
     raise _out_of_order(batch, None)
+
+
+def _apply(
+    batch: Batch,
+    flow: Dataflow,
+    events: list[tuple[int, str, Any]],
+    loaded: Loaded,
+    careful: CarefulRun | None,
+    poison: dict[int, Rejection],
+    lease: Lease | None,
+) -> AppliedBatch:
+    """Run the events through the flow under the batch timer, leaving out poison events."""
+    last_epoch = batch.last_epoch
+    run: Any = events
+    if careful is not None:
+        if poison and batch.on_error == "fail":  # the batch stops at the first poison event
+            first = poison[min(poison)]
+            last_epoch = first.epoch - 1
+            events = [e for e in events if e[0] < first.epoch]
+            poison = {min(poison): first}
+        run = careful.events(events, poison)
+    shielded = (ProbingIterator.__next__.__code__, CarefulRun.probe.__code__)
+    on_tick = None if lease is None else lease.renew_if_late
+    on_timeout = None if careful is None else careful.timed_out
+    with EventWatch(
+        batch.timeout, on_tick=on_tick, on_timeout=on_timeout, shielded=shielded
+    ) as watch:
+        applied = apply_events(flow, run, loaded.states, last_epoch, batch.on_error, watch=watch)
+    if careful is None:
+        return applied
+    careful.probe(len(events), len(events))  # the flow is done: a death now is not an event's
+    if batch.on_error == "fail":
+        if poison and applied.failed is None:  # (an earlier event may have stopped it first)
+            applied.failed = next(iter(poison.values()))
+    elif poison:
+        applied.rejected = sorted([*applied.rejected, *poison.values()], key=lambda x: x.epoch)
+    return applied
 
 
 def _out_of_order(batch: Batch, applied: int | None) -> OutOfOrder:

@@ -97,6 +97,15 @@ class Keys:
         """SCAN pattern matching the notice lists of every generation."""
         return f"{self.namespace}:notices:*"
 
+    def probe(self, partition: int) -> str:
+        """Hash: where a careful re-run of the partition's batch is, and the deaths it saw.
+
+        Written before each event (or range of events) by a batch sent again after
+        its worker died (``tasks/careful.py``), so that the next attempt knows which
+        event the dead one was running; deleted when that batch commits.
+        """
+        return f"{self.namespace}:p{partition}:probe"
+
     def progress(self, partition: int) -> str:
         """Hash: ``applied`` = the partition has applied every event with epoch <= this."""
         return f"{self.namespace}:p{partition}:progress"
@@ -129,6 +138,31 @@ class Keys:
     def job_id(self, generation: int, partition: int, last_epoch: int) -> str:
         """The RQ job id of a batch; RQ ids allow only ``[A-Za-z0-9_-]``."""
         return f"{self.namespace}-g{generation}-p{partition}-e{last_epoch}"
+
+    @property
+    def rq_pattern(self) -> str:
+        """SCAN pattern of RQ keys that may belong to the namespace (``owns`` tells which do)."""
+        return f"rq:*:{self.namespace}-*"
+
+    def owns(self, key: str) -> bool:
+        """Whether a Redis key belongs to this namespace: one of its own or RQ's for it.
+
+        By shape, not by prefix: ``orders-prod-p0`` is not a queue of namespace ``orders``.
+        """
+        if key.startswith(f"{self.namespace}:"):
+            return True
+        ns = re.escape(self.namespace)
+        queue = rf"{ns}-p\d+"
+        job = rf"{ns}-g\d+-p\d+-e-?\d+(?:-r\d+)?"
+        return re.fullmatch(rf"rq:[a-z_-]+:(?:{queue}|{job})(?::.*)?", key) is not None
+
+    def generation_of(self, key: str) -> int | None:
+        """The run generation in the name of a notice stream, stored batch or successor list."""
+        ns = re.escape(self.namespace)
+        found = re.fullmatch(rf"{ns}:(?:notices:(\d+)|(?:batch|next):g(\d+)-p\d+(?:-e-?\d+)?)", key)
+        if found is None:
+            return None
+        return int(found.group(1) or found.group(2))
 
     @property
     def job_id_prefix(self) -> str:

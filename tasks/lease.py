@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 import redis
@@ -19,21 +20,45 @@ LEASE_TTL_MS = 3_000
 RENEW_EVERY = 1.0
 
 
+class Lease:
+    """A held lease; ``renew_if_late`` lets the job's own thread renew it too."""
+
+    def __init__(self, r: Redis, key: str, job_id: str) -> None:
+        self.r, self.key, self.job_id = r, key, job_id
+        self.renewed_at = time.monotonic()
+
+    def renew(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.r.set(self.key, self.job_id, px=LEASE_TTL_MS)
+            self.renewed_at = time.monotonic()
+
+    def renew_if_late(self) -> None:
+        """Renew from the calling thread when the lease thread has not for a while.
+
+        A flow that holds the GIL in C code (a catastrophic regular expression)
+        starves the lease thread; the batch timer's ticks still run
+        (``tasks/watchdog.py``) and call this, so the driver does not take the
+        hung worker for a dead one and send the batch to a second worker.
+        """
+        if time.monotonic() - self.renewed_at > 1.5 * RENEW_EVERY:
+            self.renew()
+
+
 @contextlib.contextmanager
-def partition_lease(r: Redis, key: str, job_id: str) -> Iterator[None]:
+def partition_lease(r: Redis, key: str, job_id: str) -> Iterator[Lease]:
     """Hold ``key`` = ``job_id`` (renewed every second, expiring 3 s after a crash) while inside."""
     r.set(key, job_id, px=LEASE_TTL_MS)
+    lease = Lease(r, key, job_id)
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(RENEW_EVERY):
-            with contextlib.suppress(redis.RedisError):
-                r.set(key, job_id, px=LEASE_TTL_MS)
+            lease.renew()
 
     thread = threading.Thread(target=renew, name=f"lease {key}", daemon=True)
     thread.start()
     try:
-        yield
+        yield lease
     finally:
         stop.set()
         thread.join()

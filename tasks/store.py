@@ -25,6 +25,7 @@ from redis import Redis, WatchError
 from redis.client import Pipeline
 
 from tasks.apply import AppliedBatch
+from tasks.errors import Superseded
 from tasks.keys import Keys
 from tasks.undo import Raw, decode_undo, encode_undo
 
@@ -183,42 +184,60 @@ def applied_epochs(r: Redis, keys: Keys, partitions: int) -> list[int]:
     return [NOTHING if v is None else int(v) for v in pipe.execute()]
 
 
-def restore_partition(r: Redis, keys: Keys, partition: int, epoch: int) -> int:
+def restore_partition(
+    r: Redis, keys: Keys, partition: int, epoch: int, *, generation: int | None = None
+) -> int:
     """Restore a partition's state as it was at the end of ``epoch``.
 
     Each key touched after ``epoch`` gets the before-image of its first event
     after ``epoch`` (or loses its state if it had none); undo records after
     ``epoch`` are dropped. Call it only while no batch can commit (the caller
-    has bumped the generation first).
+    has claimed the partition for a new generation first).
+
+    Args:
+        generation: the run restoring it; the restore writes nothing, and raises,
+            if the partition belongs to another run by then (a driver that was
+            paused here must not undo a newer run's commits).
 
     Returns:
         The number of keys restored.
+
+    Raises:
+        Superseded: the partition was claimed by another run.
     """
-    applied = r.hget(keys.progress(partition), "applied")
-    if applied is None or int(applied) <= epoch:
-        return 0
-    records = r.zrangebyscore(keys.undo(partition), f"({epoch}", "+inf")
-    restore: dict[str, bytes | None] = {}  # key -> the JSON of its state, or None
-    # Walk backwards so that the earliest event after `epoch` wins for each key.
-    for record in reversed(records):
-        for e, key, before in reversed(list(decode_undo(record))):
-            if e > epoch:
-                restore[key] = before
-    # Only the oldest record can straddle `epoch`: keep its part up to `epoch`.
-    kept = [entry for entry in decode_undo(records[0]) if entry[0] <= epoch] if records else []
-    pipe = r.pipeline(transaction=True)
-    sets = [x for key, before in restore.items() if before is not None for x in (key, before)]
-    deletes = [key for key, before in restore.items() if before is None]
-    for i in range(0, len(sets), 2000):
-        pipe.hset(keys.state(partition), items=sets[i : i + 2000])
-    for i in range(0, len(deletes), 1000):
-        pipe.hdel(keys.state(partition), *deletes[i : i + 1000])
-    pipe.zremrangebyscore(keys.undo(partition), f"({epoch}", "+inf")
-    if kept:
-        epochs, names, befores = (list(column) for column in zip(*kept, strict=True))
-        pipe.zadd(keys.undo(partition), {encode_undo(epochs, names, befores): epoch})
-    pipe.hset(keys.progress(partition), "applied", epoch)
-    pipe.execute()
+    progress = keys.progress(partition)
+    with r.pipeline(transaction=True) as pipe:
+        pipe.watch(progress)
+        owner, applied = pipe.hmget(progress, ["generation", "applied"])
+        if generation is not None and (owner is None or int(owner) != generation):
+            raise _superseded(keys, partition, generation, owner)
+        if applied is None or int(applied) <= epoch:
+            return 0
+        records = pipe.zrangebyscore(keys.undo(partition), f"({epoch}", "+inf")
+        restore: dict[str, bytes | None] = {}  # key -> the JSON of its state, or None
+        # Walk backwards so that the earliest event after `epoch` wins for each key.
+        for record in reversed(records):
+            for e, key, before in reversed(list(decode_undo(record))):
+                if e > epoch:
+                    restore[key] = before
+        # Only the oldest record can straddle `epoch`: keep its part up to `epoch`.
+        kept = [entry for entry in decode_undo(records[0]) if entry[0] <= epoch] if records else []
+        pipe.multi()
+        sets = [x for key, before in restore.items() if before is not None for x in (key, before)]
+        deletes = [key for key, before in restore.items() if before is None]
+        for i in range(0, len(sets), 2000):
+            pipe.hset(keys.state(partition), items=sets[i : i + 2000])
+        for i in range(0, len(deletes), 1000):
+            pipe.hdel(keys.state(partition), *deletes[i : i + 1000])
+        pipe.zremrangebyscore(keys.undo(partition), f"({epoch}", "+inf")
+        if kept:
+            epochs, names, befores = (list(column) for column in zip(*kept, strict=True))
+            pipe.zadd(keys.undo(partition), {encode_undo(epochs, names, befores): epoch})
+        pipe.hset(progress, "applied", epoch)
+        try:
+            pipe.execute()
+        except WatchError:
+            raise _superseded(keys, partition, generation, None) from None
     logger.info(
         "partition %d restored to epoch %d (%d keys, was %s)",
         partition,
@@ -227,3 +246,12 @@ def restore_partition(r: Redis, keys: Keys, partition: int, epoch: int) -> int:
         applied.decode(),
     )
     return len(restore)
+
+
+def _superseded(keys: Keys, partition: int, generation: int | None, owner: Any) -> Superseded:
+    now = "changed" if owner is None else f"belongs to generation {int(owner)}"
+    msg = (
+        f"partition {partition} of namespace {keys.namespace!r} {now} while run "
+        f"{generation} was restoring it: another driver took over"
+    )
+    return Superseded(msg)

@@ -89,3 +89,18 @@ def test_an_output_file_changed_by_someone_else_is_refused(redis_url, tmp_path):
     run = run_cli("resume", str(path), *args, "--on-error", "skip", cwd=tmp_path)
     assert run.returncode == 66
     assert "shorter" in run.stderr and "out.txt" in run.stderr
+
+
+def test_resume_refuses_an_output_file_that_does_not_confirm_the_record(tmp_path):
+    from orchestrator.sink import ends_with_epoch
+
+    path = tmp_path / "out.txt"
+    path.write_bytes(b'0 {"a": 1}\n1 {"a": 2}\n2 {"a": 3}\n')
+    assert ends_with_epoch(path, 22, 1)  # the record: epochs 0 and 1, 22 bytes
+    assert ends_with_epoch(path, 0, -1)
+    assert not ends_with_epoch(path, 21, 1)  # not at the end of a line
+    assert not ends_with_epoch(path, 22, 0)  # its last line is of a later epoch
+    assert not ends_with_epoch(path, 11, 1)  # the line after it is of an earlier epoch
+    long_line = b"7 " + b"x" * 100_000 + b"\n"
+    path.write_bytes(long_line)
+    assert ends_with_epoch(path, len(long_line), 7)  # a last line longer than the window

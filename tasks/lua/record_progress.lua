@@ -1,0 +1,100 @@
+-- Record a driver's progress, fenced: nothing is written unless this driver still owns the
+-- namespace's run and Redis still holds everything the driver saw committed.
+--
+-- KEYS[1] = <ns>:meta   KEYS[2] = <ns>:driver (the lock)   KEYS[3] = <ns>:checkpoints
+-- KEYS[4] = <ns>:dead-letters   KEYS[5] = <ns>:backlog
+-- KEYS[6 .. 5+P] = <ns>:p<p>:progress   KEYS[6+P .. 5+2P] = <ns>:p<p>:undo
+--
+-- ARGV[1] = the run's generation   ARGV[2] = the driver's lock token   ARGV[3] = lock TTL (ms)
+-- ARGV[4] = the committed epoch this driver last recorded in meta ("" = do not compare)
+-- ARGV[5] = P, then P floors: the epoch through which the driver saw each partition commit
+-- then, in order:
+--   n, then n meta field/value pairs to set
+--   a checkpoint member and its score (member "" = none)
+--   backlog: -1 = leave it, else n then n field/value pairs (the hash is replaced)
+--   n, then n dead letters of 10 values each (5 field/value pairs), appended to the stream
+--   retained_from ("" = no retention this time): drop undo records and checkpoints before it
+--
+-- Returns {"ok"}, or {code, partition, found, expected} and writes nothing (partition -2 = the
+-- lock):
+--   "gone"        meta has no generation (the namespace was reset, or Redis lost it)
+--   "superseded"  a newer run owns the namespace or a partition, or another driver holds the lock
+--   "lost"        Redis holds less than the driver saw: a partition behind its floor, or in
+--                 meta an older committed epoch (partition -1) or generation (-3)
+
+local meta, lock = KEYS[1], KEYS[2]
+local generation = tonumber(ARGV[1])
+local found = redis.call("HMGET", meta, "generation", "committed")
+if not found[1] then
+  return {"gone", -1, "", ARGV[1]}
+end
+local stored = tonumber(found[1])
+if stored > generation then
+  return {"superseded", -1, found[1], ARGV[1]}
+elseif stored < generation then
+  return {"lost", -3, found[1], ARGV[1]}
+end
+local holder = redis.call("GET", lock)
+if holder and holder ~= ARGV[2] then
+  return {"superseded", -2, holder, ARGV[2]}
+end
+if ARGV[4] ~= "" and (found[2] or "-1") ~= ARGV[4] then
+  return {"lost", -1, found[2] or "-1", ARGV[4]}
+end
+local partitions = tonumber(ARGV[5])
+for p = 1, partitions do
+  local progress = redis.call("HMGET", KEYS[5 + p], "generation", "applied")
+  local owner = tonumber(progress[1] or "-1")
+  if owner > generation then
+    return {"superseded", p - 1, progress[1], ARGV[1]}
+  end
+  if owner < generation then
+    return {"lost", p - 1, "generation " .. (progress[1] or "-1"), "generation " .. ARGV[1]}
+  end
+  if tonumber(progress[2] or "-1") < tonumber(ARGV[5 + p]) then
+    return {"lost", p - 1, progress[2] or "-1", ARGV[5 + p]}
+  end
+end
+
+-- Every check passed: only writes that cannot fail from here on.
+redis.call("SET", lock, ARGV[2], "PX", ARGV[3])
+local i = 6 + partitions
+local n = tonumber(ARGV[i])
+if n > 0 then
+  redis.call("HSET", meta, unpack(ARGV, i + 1, i + 2 * n))
+end
+i = i + 2 * n + 1
+if ARGV[i] ~= "" then
+  redis.call("ZADD", KEYS[3], ARGV[i + 1], ARGV[i])
+end
+i = i + 2
+n = tonumber(ARGV[i])
+if n >= 0 then
+  redis.call("DEL", KEYS[5])
+  if n > 0 then
+    redis.call("HSET", KEYS[5], unpack(ARGV, i + 1, i + 2 * n))
+  end
+  i = i + 2 * n + 1
+else
+  i = i + 1
+end
+n = tonumber(ARGV[i])
+for d = 1, n do
+  local at = i + 1 + (d - 1) * 10
+  redis.call("XADD", KEYS[4], "*", unpack(ARGV, at, at + 9))
+end
+i = i + 1 + 10 * n
+if ARGV[i] ~= "" then
+  local retained_from = tonumber(ARGV[i])
+  for p = 1, partitions do
+    redis.call("ZREMRANGEBYSCORE", KEYS[5 + partitions + p], "-inf", "(" .. retained_from)
+  end
+  -- Keep the checkpoint at or before retained_from: replay from there seeks from it.
+  local floor = redis.call("ZREVRANGEBYSCORE", KEYS[3], retained_from, "-inf", "LIMIT", 0, 1)
+  if floor[1] then
+    local epoch = string.match(floor[1], "^(%d+):")
+    redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", "(" .. epoch)
+  end
+  redis.call("HSET", meta, "retained_from", retained_from)
+end
+return {"ok"}

@@ -1,0 +1,58 @@
+-- Start a run on a namespace: take the next generation and claim every partition for it,
+-- unless another driver got there first.
+--
+-- KEYS[1] = <ns>:meta   KEYS[2] = <ns>:driver (the lock)   KEYS[3] = <ns>:checkpoints
+-- KEYS[4] = <ns>:dead-letters   KEYS[5 .. 4+P] = <ns>:p<p>:progress
+--
+-- ARGV[1] = the driver's lock token   ARGV[2] = lock TTL (ms)
+-- ARGV[3] = the generation the driver read when it planned the run (0 = none yet)
+-- ARGV[4] = the run's first epoch: dead letters of it and later epochs, and checkpoints
+--           after it, are dropped (the run records them again)
+-- ARGV[5 ..] = meta field/value pairs to set (partitions, flow, input, ...); the output file
+--              fields are cleared first (a run without one sets none)
+--
+-- Returns {"ok", generation}, or writes nothing and returns {"superseded", what}:
+-- another driver holds the lock, or started a run since the driver planned this one.
+
+local meta, lock = KEYS[1], KEYS[2]
+local holder = redis.call("GET", lock)
+if holder and holder ~= ARGV[1] then
+  return {"superseded", holder}
+end
+local current = redis.call("HGET", meta, "generation") or "0"
+if current ~= ARGV[3] then
+  return {"superseded", "generation " .. current}
+end
+
+redis.call("SET", lock, ARGV[1], "PX", ARGV[2])
+local generation = redis.call("HINCRBY", meta, "generation", 1)
+redis.call("HDEL", meta, "output", "output_length")
+if #ARGV > 4 then
+  redis.call("HSET", meta, unpack(ARGV, 5, #ARGV))
+end
+for k = 5, #KEYS do
+  redis.call("HSET", KEYS[k], "generation", generation)
+end
+redis.call("ZREMRANGEBYSCORE", KEYS[3], "(" .. ARGV[4], "+inf")
+local start = tonumber(ARGV[4])
+while true do
+  local page = redis.call("XREVRANGE", KEYS[4], "+", "-", "COUNT", 500)
+  local older = false
+  for _, entry in ipairs(page) do
+    local fields, epoch = entry[2], nil
+    for j = 1, #fields, 2 do
+      if fields[j] == "epoch" then
+        epoch = tonumber(fields[j + 1])
+      end
+    end
+    if epoch == nil or epoch < start then
+      older = true
+      break
+    end
+    redis.call("XDEL", KEYS[4], entry[1])
+  end
+  if older or #page < 500 then
+    break
+  end
+end
+return {"ok", generation}

@@ -1,0 +1,143 @@
+"""The fence on a driver's writes: a record is written only by the run that owns the namespace,
+and only while Redis holds everything that run saw committed (fakeredis and a real server)."""
+
+import pytest
+
+from orchestrator.fence import Fence, check_consistency
+from orchestrator.namespace import Committer, read_info, reset, start_run
+from tasks.errors import RedisLostData, Superseded
+from tasks.keys import Keys
+
+TOKEN = "host:1:abcd"
+
+
+def started(r, keys, partitions=2, token=TOKEN):
+    info = read_info(r, keys)
+    fence = start_run(
+        r, keys, token=token, lock_ttl_ms=30_000, info=info, partitions=partitions,
+        flow="tasks.cartjoin:flow", input_name="in.json", start_epoch=info.committed + 1,
+        start_offset=0,
+    )  # fmt: skip
+    return fence, Committer(r, keys, partitions, fence, last_committed=info.committed)
+
+
+def commit_through(r, keys, partition, epoch):
+    """What a worker's commit does to a partition's progress."""
+    r.hset(keys.progress(partition), "applied", epoch)
+
+
+def test_a_record_is_written_when_redis_holds_what_the_driver_saw(r, keys):
+    fence, committer = started(r, keys)
+    commit_through(r, keys, 0, 10)
+    commit_through(r, keys, 1, 12)
+    committer.record(10, 500, [], floors=[10, 12])
+    info = read_info(r, keys)
+    assert (info.committed, info.offset, info.floors) == (10, 500, (10, 10))
+    assert r.get(keys.driver_lock) == TOKEN.encode()  # the record renews the lock
+
+
+def test_a_partition_behind_what_the_driver_saw_refuses_the_record(r, keys):
+    _, committer = started(r, keys)
+    commit_through(r, keys, 0, 10)
+    commit_through(r, keys, 1, 7)  # the driver saw 12: Redis lost a commit
+    with pytest.raises(RedisLostData, match="partition 1 is at epoch 7, but this driver saw it"):
+        committer.record(10, 500, [], floors=[10, 12])
+    assert read_info(r, keys).committed == -1  # nothing written
+
+
+def test_a_committed_epoch_that_went_back_refuses_the_record(r, keys):
+    _, committer = started(r, keys)
+    commit_through(r, keys, 0, 20)
+    commit_through(r, keys, 1, 20)
+    committer.record(10, 500, [], floors=[20, 20])
+    r.hset(keys.meta, "committed", 5)  # as after a restart from an older append-only file
+    with pytest.raises(RedisLostData, match="committed epoch is back at 5, but this driver"):
+        committer.record(15, 800, [], floors=[20, 20])
+    assert read_info(r, keys).committed == 5
+
+
+def test_a_newer_run_supersedes_the_old_driver(r, keys):
+    _, old = started(r, keys)
+    r.delete(keys.driver_lock)  # the old driver was paused past its lock's TTL
+    started(r, keys, token="host:2:ef01")
+    with pytest.raises(Superseded, match="another driver took over"):
+        old.record(3, 100, [], floors=[-1, -1])
+
+
+def test_another_lock_holder_supersedes_the_driver(r, keys):
+    _, committer = started(r, keys)
+    r.set(keys.driver_lock, "host:3:0000")
+    with pytest.raises(Superseded, match=r"another driver holds its lock \(host:3:0000\)"):
+        committer.record(-1, 0, [], floors=[-1, -1])
+
+
+def test_a_lock_that_expired_is_taken_again_when_nobody_else_started(r, keys):
+    _, committer = started(r, keys)
+    r.delete(keys.driver_lock)
+    committer.record(-1, 0, [], floors=[-1, -1])
+    assert r.get(keys.driver_lock) == TOKEN.encode()
+
+
+def test_a_namespace_that_is_gone_stops_the_driver(r, keys):
+    _, committer = started(r, keys)
+    reset(r, keys)
+    with pytest.raises(RedisLostData, match="is gone from Redis"):
+        committer.record(-1, 0, [], floors=[-1, -1])
+    assert r.keys(f"{keys.namespace}:*") == []
+
+
+def test_a_run_planned_before_another_started_is_refused(r, keys):
+    info = read_info(r, keys)
+    started(r, keys)  # another driver started after `info` was read
+    r.delete(keys.driver_lock)
+    with pytest.raises(Superseded, match="started a run"):
+        start_run(
+            r, keys, token="host:9:9999", lock_ttl_ms=30_000, info=info, partitions=2,
+            flow="tasks.cartjoin:flow", input_name="in.json", start_epoch=0, start_offset=0,
+        )  # fmt: skip
+
+
+def test_start_checks_that_every_partition_holds_its_floor(r, keys):
+    _, committer = started(r, keys)
+    commit_through(r, keys, 0, 30)
+    commit_through(r, keys, 1, 25)
+    committer.record(25, 900, [], floors=[30, 25])
+    floors = read_info(r, keys).floors
+    check_consistency(r, keys, floors, 26)  # consistent: fine
+    r.delete(keys.progress(1))  # evicted
+    with pytest.raises(RedisLostData, match="partition 1 is at epoch -1, but it had applied"):
+        check_consistency(r, keys, floors, 26)
+    # Replaying from before what survived needs nothing of the lost part.
+    check_consistency(r, keys, floors, 0)
+
+
+def test_the_fence_of_a_run(r, keys):
+    fence, _ = started(r, keys)
+    assert fence == Fence(1, TOKEN, 30_000)
+    assert [int(r.hget(keys.progress(p), "generation")) for p in range(2)] == [1, 1]
+
+
+def test_reset_deletes_exactly_the_namespace_and_not_one_whose_name_extends_it(r):
+    orders, prod = Keys("orders-x1"), Keys("orders-x1-prod")
+    for keys in (orders, prod):
+        r.hset(keys.meta, "generation", 1)
+        r.rpush(keys.queue_key(0), "job")
+        r.hset(f"rq:job:{keys.job_id(1, 0, 5)}", "status", "queued")
+        r.zadd(f"rq:wip:{keys.queue_name(0)}", {"job": 1})
+        r.sadd("rq:queues", keys.queue_key(0))
+    before = sorted(k for k in r.keys("*") if b"orders-x1-prod" in k)
+    try:
+        reset(r, orders)
+        assert [k for k in r.keys("*") if b"orders-x1" in k and b"prod" not in k] == []
+        assert sorted(k for k in r.keys("*") if b"orders-x1-prod" in k) == before
+        assert r.sismember("rq:queues", prod.queue_key(0))
+    finally:
+        reset(r, prod)
+        r.srem("rq:queues", orders.queue_key(0), prod.queue_key(0))
+
+
+def test_a_partition_whose_claim_is_gone_refuses_the_record(r, keys):
+    _, committer = started(r, keys)
+    r.delete(keys.progress(0))
+    with pytest.raises(RedisLostData, match="partition 0 is back at generation -1"):
+        committer.record(-1, 0, [], floors=[-1, -1])
