@@ -275,6 +275,22 @@ def _overwrite_cmdline(args: list[str]) -> None:
         pass
 
 
+def _mask_in_own_cmdline(secrets: list[str]) -> None:
+    """Overwrite each secret in this process's command line with as many '*' (same length, so
+    the other arguments stay where they are). Best effort: nothing on failure."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            shown = f.read()
+        masked = shown
+        for secret in secrets:
+            raw = secret.encode()
+            masked = masked.replace(raw, b"*" * len(raw))
+        if masked != shown:
+            _overwrite_cmdline([part.decode(errors="replace") for part in masked.split(b"\0")])
+    except OSError:
+        pass
+
+
 def _argv_holds_secret(url: str) -> bool:
     """Whether this process's command line holds a password of ``url``."""
     secrets = url_secrets(url)
@@ -302,7 +318,14 @@ class WorkerPool:
         self._quick_deaths = 0
 
     def start(self) -> None:
-        """Start the worker processes; the URL goes through the environment, not argv."""
+        """Start the worker processes; the URL goes through the environment, not argv.
+
+        A password the user typed in ``--redis-url`` is first masked in this process's
+        own command line: a forked worker starts with the driver's, and would show it
+        in ``ps`` until it writes its own.
+        """
+        if self.count and _argv_holds_secret(self.url):
+            _mask_in_own_cmdline(url_secrets(self.url))
         for _ in range(self.count):
             self.processes.append(self._start_one())
         logger.info("started %d worker processes", self.count)
@@ -345,15 +368,15 @@ class WorkerPool:
         return ForkedProcess(pid)
 
     def _hide_driver_argv(self) -> None:
-        """In a forked worker: show its own command line, not the driver's, if that has a password.
+        """In a forked worker: show its own command line, not the driver's (which may hold a
+        password, if masking it in the driver failed).
 
         A forked child's /proc/PID/cmdline (what ``ps`` shows every user) is the
         driver's, so a password typed in ``--redis-url`` would show in every worker.
         The child writes its own command line over it (as setproctitle does); where
         that fails it execs a fresh worker instead (~0.3 s of imports).
         """
-        if not _argv_holds_secret(self.url):
-            return
+        # Always: `ps` then tells the workers from their driver.
         args = [sys.executable, "-m", "orchestrator", *self._worker_args()]
         _overwrite_cmdline(args)
         if _argv_holds_secret(self.url):
