@@ -104,7 +104,9 @@ def start_run(
     """
     script_keys = [keys.meta, keys.driver_lock, keys.checkpoints, keys.dead_letters]
     script_keys += [keys.progress(p) for p in range(partitions)]
-    args = [token, lock_ttl_ms, planned_generation, start_epoch, *_pairs(meta)]
+    seconds, microseconds = r.time()
+    first = seconds * 1000 + microseconds // 1000
+    args = [token, lock_ttl_ms, planned_generation, start_epoch, first, *_pairs(meta)]
     code, value = _script(r, "start_run")(keys=script_keys, args=args)
     if _text(code) == "ok":
         return int(value)

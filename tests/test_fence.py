@@ -112,9 +112,32 @@ def test_start_checks_that_every_partition_holds_its_floor(r, keys):
 
 
 def test_the_fence_of_a_run(r, keys):
+    seconds, _ = r.time()
     fence, _ = started(r, keys)
-    assert fence == Fence(1, TOKEN, 30_000)
-    assert [int(r.hget(keys.progress(p), "generation")) for p in range(2)] == [1, 1]
+    # A namespace's first generation is the server's time in ms, then each run adds one.
+    assert seconds * 1000 <= fence.generation < (seconds + 5) * 1000
+    assert fence == Fence(fence.generation, TOKEN, 30_000)
+    assert [int(r.hget(keys.progress(p), "generation")) for p in range(2)] == [fence.generation] * 2
+    r.delete(keys.driver_lock)
+    assert started(r, keys, token="host:2:0000")[0].generation == fence.generation + 1
+
+
+def test_generations_never_repeat_after_a_reset(r, keys):
+    old, committer = started(r, keys)
+    r.delete(keys.driver_lock)  # the old driver is paused past its lock's TTL...
+    reset(r, keys)  # ...the namespace is reset and ingested again
+    new, _ = started(r, keys, token="host:2:0000")
+    assert new.generation > old.generation
+    with pytest.raises(Superseded):
+        committer.record(-1, 0, [], floors=[-1, -1])
+
+
+def test_a_run_of_the_same_generation_started_by_another_driver_supersedes(r, keys):
+    fence, committer = started(r, keys)
+    r.hset(keys.meta, "run", "host:7:7777")  # as if the namespace were lost and started again
+    r.delete(keys.driver_lock)
+    with pytest.raises(Superseded, match="host:7:7777"):
+        committer.record(-1, 0, [], floors=[-1, -1])
 
 
 def test_reset_deletes_exactly_the_namespace_and_not_one_whose_name_extends_it(r):

@@ -17,15 +17,16 @@
 --
 -- Returns {"ok"}, or {code, partition, found, expected} and writes nothing (partition -2 = the
 -- lock):
---   "gone"        meta has no generation (the namespace was reset, or Redis lost it)
---   "superseded"  a newer run owns the namespace or a partition, or another driver holds the lock
+--   "gone"        meta has no generation or partitions (the namespace was reset, or Redis lost it)
+--   "superseded"  a newer run owns the namespace or a partition, another run of the same
+--                 generation (meta's `run` is another token), or another driver holds the lock
 --   "lost"        Redis holds less than the driver saw: a partition behind its floor, or in
 --                 meta an older committed epoch (partition -1) or generation (-3)
 
 local meta, lock = KEYS[1], KEYS[2]
 local generation = tonumber(ARGV[1])
-local found = redis.call("HMGET", meta, "generation", "committed")
-if not found[1] then
+local found = redis.call("HMGET", meta, "generation", "committed", "partitions", "run")
+if not found[1] or not found[3] then
   return {"gone", -1, "", ARGV[1]}
 end
 local stored = tonumber(found[1])
@@ -33,6 +34,10 @@ if stored > generation then
   return {"superseded", -1, found[1], ARGV[1]}
 elseif stored < generation then
   return {"lost", -3, found[1], ARGV[1]}
+end
+if found[4] and found[4] ~= ARGV[2] then
+  -- the same generation, started by another driver: the namespace was reset or lost meanwhile
+  return {"superseded", -1, found[1] .. " of " .. found[4], ARGV[1]}
 end
 local holder = redis.call("GET", lock)
 if holder and holder ~= ARGV[2] then

@@ -8,8 +8,12 @@
 -- ARGV[3] = the generation the driver read when it planned the run (0 = none yet)
 -- ARGV[4] = the run's first epoch: dead letters of it and later epochs, and checkpoints
 --           after it, are dropped (the run records them again)
--- ARGV[5 ..] = meta field/value pairs to set (partitions, flow, input, ...); the output file
---              fields are cleared first (a run without one sets none)
+-- ARGV[5] = the server's time in milliseconds: a namespace's first generation, so that
+--           generations never repeat, even after a reset or a restart that lost the namespace
+--           (a driver that wakes up late must never find its batch and job names reused)
+-- ARGV[6 ..] = meta field/value pairs to set (partitions, flow, input, ...); the output file
+--              fields are cleared first (a run without one sets none); the run's token is
+--              recorded as `run`
 --
 -- Returns {"ok", generation}, or writes nothing and returns {"superseded", what}:
 -- another driver holds the lock, or started a run since the driver planned this one.
@@ -25,10 +29,17 @@ if current ~= ARGV[3] then
 end
 
 redis.call("SET", lock, ARGV[1], "PX", ARGV[2])
-local generation = redis.call("HINCRBY", meta, "generation", 1)
+local generation
+if current == "0" then
+  generation = tonumber(ARGV[5])
+  redis.call("HSET", meta, "generation", ARGV[5])
+else
+  generation = redis.call("HINCRBY", meta, "generation", 1)
+end
 redis.call("HDEL", meta, "output", "output_length")
-if #ARGV > 4 then
-  redis.call("HSET", meta, unpack(ARGV, 5, #ARGV))
+redis.call("HSET", meta, "run", ARGV[1])
+if #ARGV > 5 then
+  redis.call("HSET", meta, unpack(ARGV, 6, #ARGV))
 end
 for k = 5, #KEYS do
   redis.call("HSET", KEYS[k], "generation", generation)
