@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from orchestrator.namespace import (
     NamespaceInfo,
     check_compatible,
     checkpoint_at_or_before,
+    forget_generation,
     read_info,
     require_committed,
     reset,
@@ -30,7 +32,7 @@ from orchestrator.server import connect
 from orchestrator.settings import DEFAULT_FLOW, Mode, Settings
 from orchestrator.sink import open_sink
 from orchestrator.workers import WorkerPool, run_worker
-from tasks.errors import NamespaceError, RedisLostData
+from tasks.errors import NamespaceError, RedisLostData, Superseded
 from tasks.flow import load_flow
 from tasks.keys import Keys
 from tasks.store import NOTHING
@@ -258,7 +260,10 @@ def _drive(
                 output_is_file=sink.path is not None,
             )
             result = driver.run(LineSource(f, start.epoch, start.offset, settings.max_line_bytes))
-        except RedisLostData:
+        except (RedisLostData, Superseded):
+            # What this run staged between the fault and noticing it serves nobody now.
+            with contextlib.suppress(redis.RedisError):
+                forget_generation(r, keys, generation)
             evictions.check(now=True)  # if keys were evicted, say that instead (and mark it)
             raise
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,16 +159,32 @@ def start_run(
     # Registered with RQ from the start, so that `rq info` lists every partition queue.
     r.sadd(Queue.redis_queues_keys, *[queue.key for queue in queues])
     # Only older runs' keys: a driver paused here must not delete a newer run's notices.
-    stale = [
-        key
-        for pattern in (keys.notices_pattern, keys.batches_pattern, keys.successors_pattern)
-        for key in r.scan_iter(match=pattern, count=1000)
-        if (g := keys.generation_of(key.decode())) is not None and g < generation
-    ]
+    stale = _run_keys(r, keys, lambda g: g < generation)
     if stale:
         r.delete(*stale)
     logger.info("generation %d starts at epoch %d (byte %d)", generation, start_epoch, start_offset)
     return fence
+
+
+def forget_generation(r: Redis, keys: Keys, generation: int) -> int:
+    """Delete the notices, stored batches and staged successors of one run's generation.
+
+    Returns:
+        The number of keys deleted.
+    """
+    doomed = _run_keys(r, keys, lambda g: g == generation)
+    return int(r.delete(*doomed)) if doomed else 0
+
+
+def _run_keys(r: Redis, keys: Keys, which: Callable[[int], bool]) -> list[bytes]:
+    """The notice streams, stored batches and staged successors of the generations ``which``
+    accepts."""
+    return [
+        key
+        for pattern in (keys.notices_pattern, keys.batches_pattern, keys.successors_pattern)
+        for key in r.scan_iter(match=pattern, count=1000)
+        if (g := keys.generation_of(key.decode())) is not None and which(g)
+    ]
 
 
 class Committer:
