@@ -529,12 +529,14 @@ def _report_error(e: Exception, verbose: bool, resume: str | None = None) -> int
 
         say(f"lost the connection to Redis{outage_note()}: {e}")
         return int(ExitStatus.REDIS_UNAVAILABLE)
-    if isinstance(e, redis.ResponseError) and str(e).startswith("MISCONF"):
+    if isinstance(e, redis.ResponseError) and "MISCONF" in str(e):
         if verbose:
             traceback.print_exc()
         # The server refuses writes because it cannot persist them (a full or failing disk).
+        # (Inside a pipeline's error the reply comes after "Command # N (...) of pipeline".)
+        reply = str(e)[str(e).index("MISCONF") :]
         then = f", then run '{resume}'" if resume else ""
-        say(f"the Redis server cannot write to its disk, so it refuses writes: {e}{then}")
+        say(f"the Redis server cannot write to its disk, so it refuses writes: {reply}{then}")
         return int(ExitStatus.REDIS_UNAVAILABLE)
     if isinstance(e, redis.RedisError):
         if verbose:

@@ -25,7 +25,7 @@ from orchestrator.exitcodes import ExitStatus
 from orchestrator.memory import trim_now_and_then
 from orchestrator.server import DEQUEUE_TIMEOUT, RECONNECT_FOR, SOCKET_TIMEOUT, AnnouncedRetry
 from orchestrator.settings import url_secrets
-from tasks.errors import PipelineError
+from tasks.errors import PipelineError, RedisUnavailable
 from tasks.keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -410,6 +410,14 @@ class WorkerPool:
             code = proc.poll()
             if code is None:
                 continue
+            if code == ExitStatus.REDIS_UNAVAILABLE:
+                # It said why on stderr (Redis gone past the deadline, or refusing writes):
+                # the same holds for this command, and a new worker would only die too.
+                msg = (
+                    f"worker process {proc.pid} stopped: Redis cannot be used (its reason is "
+                    f"above); committed epochs are kept, 'resume' continues once Redis is back"
+                )
+                raise RedisUnavailable(msg)
             lived = time.monotonic() - self._started.pop(proc.pid, 0.0)
             quick = lived < CRASH_LOOP_SECONDS and not _registered(r, proc.pid)
             self._quick_deaths = self._quick_deaths + 1 if quick else 0

@@ -26,7 +26,7 @@ from orchestrator.embedded import die_with_parent
 from tasks.keys import Keys
 
 from conftest import REPO, cli_env, new_namespace
-from helpers import committed_states
+from helpers import committed_states, merge_outputs
 from reference import reference_run
 
 pytestmark = pytest.mark.integration
@@ -253,3 +253,42 @@ def test_a_server_that_refuses_writes_misconf_is_one_line_and_exit_3(own_redis, 
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith("orchestrator: "), run.stderr
     assert "MISCONF" in lines[0] and "persist on disk" in lines[0], run.stderr
+
+
+def test_a_server_that_starts_refusing_writes_mid_run_stops_it_with_exit_3(own_redis, tmp_path):
+    client = redis.Redis.from_url(own_redis.url)
+    lines = list(generate(3_000, 200, seed=5))
+    path = tmp_path / "events.json"
+    _write_input(path, lines)
+    ns = new_namespace()
+    args = ["--redis-url", own_redis.url, "--namespace", ns, "--workers", "2"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "ingest", str(path), *args,
+         "--flow", "tests.flows.slow_cart:flow", "--batch-events", "200"],
+        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while int(client.hget(f"{ns}:meta", "committed") or -1) < 500:
+            assert time.monotonic() < deadline and driver.poll() is None
+            time.sleep(0.02)
+        _fail_saves(client, tmp_path / "gone")
+        first, stderr = driver.communicate(timeout=60)
+    finally:
+        client.config_set("save", "")
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    assert driver.returncode == 3, stderr
+    assert "Traceback" not in stderr
+    assert "MISCONF" in stderr, stderr
+    client.config_set("stop-writes-on-bgsave-error", "no")  # writes are taken again
+    resumed = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "resume", str(path), *args],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    client.close()
+    assert resumed.returncode == 0, resumed.stderr
+    expected_out, expected_states = reference_run(lines)
+    assert merge_outputs(first, resumed.stdout) == expected_out
+    assert committed_states(own_redis.url, ns) == expected_states
