@@ -35,3 +35,14 @@ def merge_outputs(*outputs: str) -> str:
             epoch = int(line.split(" ", 1)[0])
             assert by_epoch.setdefault(epoch, line) == line, f"epoch {epoch} printed differently"
     return "".join(by_epoch[e] for e in sorted(by_epoch))
+
+
+def committed_epoch(url: str, namespace: str) -> int:
+    """The namespace's recorded committed epoch; -1 if none, or if Redis cannot be reached."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        return int(client.hget(Keys(namespace).meta, "committed") or -1)
+    except redis.RedisError:
+        return -1
+    finally:
+        client.close()

@@ -20,7 +20,7 @@ from orchestrator.embedded import redis_server_binary
 from tasks.keys import Keys
 
 from conftest import REPO, cli_env, new_namespace, run_cli
-from helpers import committed_states, merge_outputs
+from helpers import committed_epoch, committed_states, merge_outputs
 from proxy import Proxy
 from reference import reference_run
 
@@ -36,19 +36,10 @@ def popen_cli(*args, stdout=subprocess.DEVNULL, env=None):
     )  # fmt: skip
 
 
-def committed(url, ns):
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        return int(client.hget(Keys(ns).meta, "committed") or -1)
-    except redis.RedisError:
-        return -1
-    finally:
-        client.close()
-
 
 def wait_committed(url, ns, epoch, driver, timeout=60):
     deadline = time.monotonic() + timeout
-    while committed(url, ns) < epoch:
+    while committed_epoch(url, ns) < epoch:
         assert driver.poll() is None, driver.communicate()[1]
         assert time.monotonic() < deadline, "the run did not get that far"
         time.sleep(0.01)

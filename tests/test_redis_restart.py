@@ -5,26 +5,15 @@ import sys
 import time
 
 import pytest
-import redis
 
 from bench.generate import generate
-from tasks.keys import Keys
 
 from conftest import REPO, cli_env, new_namespace, run_cli
-from helpers import committed_states, merge_outputs
+from helpers import committed_epoch, committed_states, merge_outputs
 from reference import reference_run
 
 pytestmark = pytest.mark.integration
 
-
-def committed(url, ns):
-    client = redis.Redis.from_url(url)
-    try:
-        return int(client.hget(Keys(ns).meta, "committed") or -1)
-    except redis.ConnectionError:
-        return -1
-    finally:
-        client.close()
 
 
 def test_redis_killed_and_restarted_mid_run(own_redis, tmp_path):
@@ -40,7 +29,7 @@ def test_redis_killed_and_restarted_mid_run(own_redis, tmp_path):
             cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 60
-        while (before := committed(own_redis.url, ns)) < 1_500:
+        while (before := committed_epoch(own_redis.url, ns)) < 1_500:
             assert time.monotonic() < deadline and driver.poll() is None
             time.sleep(0.02)
         assert before < len(lines) - 1  # the restart comes mid-run
@@ -49,7 +38,7 @@ def test_redis_killed_and_restarted_mid_run(own_redis, tmp_path):
         own_redis.start()
         _, stderr = driver.communicate(timeout=180)
     # No epoch reported committed before the restart is lost.
-    assert committed(own_redis.url, ns) >= before
+    assert committed_epoch(own_redis.url, ns) >= before
     assert "lost the connection to Redis" in stderr
     # The run either rode the restart out or stopped with a clear message (exit 3).
     assert driver.returncode in (0, 3), stderr

@@ -27,10 +27,9 @@ from orchestrator.embedded import redis_server_binary
 from orchestrator.recovery import RedisRecoveryConfig
 from orchestrator.sentinel import parse_sentinel_url
 from orchestrator.server import RedisUrlError, client_for
-from tasks.keys import Keys
 
 from conftest import REPO, cli_env, new_namespace, run_cli
-from helpers import committed_states, merge_outputs
+from helpers import committed_epoch, committed_states, merge_outputs
 from reference import reference_run
 
 SERVICE = "pipeline"
@@ -199,16 +198,6 @@ def test_sentinel_urls_parse():
         assert "secret" not in str(e.value)
 
 
-def committed_epoch(port: int, ns: str) -> int:
-    client = redis.Redis(port=port, socket_timeout=1)
-    try:
-        return int(client.hget(Keys(ns).meta, "committed") or -1)
-    except redis.RedisError:
-        return -1
-    finally:
-        client.close()
-
-
 @pytest.mark.integration
 def test_run_follows_a_sentinel_failover(sentinel_setup, tmp_path):
     lines = list(generate(4_000, 300, seed=12))
@@ -224,7 +213,7 @@ def test_run_follows_a_sentinel_failover(sentinel_setup, tmp_path):
             cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 30
-        while (before := committed_epoch(sentinel_setup.primary, ns)) < 800:
+        while (before := committed_epoch(f"redis://127.0.0.1:{sentinel_setup.primary}/0", ns)) < 800:
             assert time.monotonic() < deadline and driver.poll() is None, driver.stderr.read()
             time.sleep(0.02)
         assert before < len(lines) - 1  # the failover comes mid-run

@@ -19,19 +19,13 @@ from orchestrator.server import RECONNECT_FOR, AnnouncedRetry
 from tasks.keys import Keys
 
 from conftest import REPO, cli_env, new_namespace
+from helpers import committed_epoch
 
 pytestmark = pytest.mark.integration
 
 LIMIT = 35.0  # seconds from the server's death to the exit
 REDIS_PY_READ_TIMEOUT = 5  # redis-py 8's default socket timeout
 
-
-def committed(url: str, ns: str) -> int:
-    client = redis.Redis.from_url(url)
-    try:
-        return int(client.hget(Keys(ns).meta, "committed") or -1)
-    finally:
-        client.close()
 
 
 def orchestrator(*args: str, stdout, stderr) -> subprocess.Popen:
@@ -74,7 +68,7 @@ def test_driver_and_idle_worker_exit_3_when_redis_stays_away(own_redis, tmp_path
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         deadline = time.monotonic() + 60
-        while committed(own_redis.url, ns) < 500:
+        while committed_epoch(own_redis.url, ns) < 500:
             assert time.monotonic() < deadline and driver.poll() is None
             time.sleep(0.05)
         own_redis.kill()
