@@ -291,6 +291,21 @@ def _mask_in_own_cmdline(secrets: list[str]) -> None:
         pass
 
 
+def _refuses_writes(r: Redis | None) -> bool:
+    """Whether the server refuses writes because its last save to disk failed (MISCONF)."""
+    if r is None:
+        return False
+    try:
+        info = r.info("persistence")
+        stops = r.config_get("stop-writes-on-bgsave-error")
+    except redis.RedisError:
+        return False
+    name = "stop-writes-on-bgsave-error"
+    stop_value = stops.get(name) or stops.get(name.encode())
+    rdb_failed = info.get("rdb_last_bgsave_status") == "err" and stop_value in ("yes", b"yes")
+    return bool(rdb_failed or info.get("aof_last_write_status") == "err")
+
+
 def _argv_holds_secret(url: str) -> bool:
     """Whether this process's command line holds a password of ``url``."""
     secrets = url_secrets(url)
@@ -410,12 +425,14 @@ class WorkerPool:
             code = proc.poll()
             if code is None:
                 continue
-            if code == ExitStatus.REDIS_UNAVAILABLE:
-                # It said why on stderr (Redis gone past the deadline, or refusing writes):
-                # the same holds for this command, and a new worker would only die too.
+            if code == ExitStatus.REDIS_UNAVAILABLE and _refuses_writes(r):
+                # It said why on stderr: a new worker would only die too. (Status 3 alone
+                # proves nothing: a flow may exit with it. A Redis gone for good ends this
+                # command on its own, at the deadline.)
                 msg = (
-                    f"worker process {proc.pid} stopped: Redis cannot be used (its reason is "
-                    f"above); committed epochs are kept, 'resume' continues once Redis is back"
+                    f"worker process {proc.pid} stopped: the Redis server refuses writes (its "
+                    f"last save to disk failed: MISCONF); committed epochs are kept, 'resume' "
+                    f"continues once it takes writes again"
                 )
                 raise RedisUnavailable(msg)
             lived = time.monotonic() - self._started.pop(proc.pid, 0.0)
