@@ -245,7 +245,7 @@ class Committer:
             RedisLostData: Redis no longer holds what the driver saw committed.
         """
         if self.evictions is not None:
-            self.evictions.check()
+            self.evictions.check(now=final)  # the last record always looks
         now = time.monotonic()
         fields: dict[str, Any] = {"committed": committed, "offset": offset, "at": time.time()}
         fields["floors"] = json.dumps([min(f, committed) for f in floors])

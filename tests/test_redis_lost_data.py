@@ -306,7 +306,7 @@ def test_keys_evicted_under_allow_eviction_stop_the_run_and_every_later_resume(s
     client = server.client()
     client.mset({f"filler:{i}": b"x" * 1000 for i in range(3_000)})
     used = client.info("memory")["used_memory"]
-    client.config_set("maxmemory", used + 300_000)  # the run's writes push keys out
+    client.config_set("maxmemory", used + 50_000)  # the run's first writes push keys out
     client.config_set("maxmemory-policy", "allkeys-lru")
     ns = new_namespace()
     args = [*run_args(server.url, ns), "--allow-eviction"]
@@ -315,8 +315,11 @@ def test_keys_evicted_under_allow_eviction_stop_the_run_and_every_later_resume(s
     one_line_error(run.stderr, "evicted", "key(s) during the run")
     client.config_set("maxmemory", 0)  # room again: still, nobody may build on what is left
     resumed = run_cli("resume", str(path), *args, cwd=REPO)
-    assert resumed.returncode == 3, resumed.stderr
-    one_line_error(resumed.stderr, "evicted", "during an earlier run", "reset")
+    if resumed.returncode == 2:  # the eviction took the namespace's meta hash itself
+        one_line_error(resumed.stderr, "has no data in this Redis")
+    else:
+        assert resumed.returncode == 3, resumed.stderr
+        one_line_error(resumed.stderr, "evicted", "during an earlier run", "reset")
     assert run_cli("reset", "--yes", "--redis-url", server.url, "--namespace", ns, cwd=REPO).returncode == 0
     again = run_cli("ingest", str(path), *run_args(server.url, ns), "--output", "/dev/null", cwd=REPO)
     assert again.returncode == 2  # the policy is still allkeys-lru: refused without the flag
