@@ -45,6 +45,9 @@ class Start:
     epoch: int
     offset: int
     checkpoint: Checkpoint = Checkpoint(0, 0, 0)
+    # the run reads again the committed last line that had no newline: its output file is cut
+    # back to before that epoch (as a replay from it would)
+    reopens: bool = False
 
 
 def plan_start(
@@ -83,6 +86,13 @@ def plan_start(
         if committed == NOTHING:
             say(f"namespace {keys.namespace!r} has no committed epochs: starting at epoch 0")
             return Start(0, 0)
+        if info.open_line is not None and info.open_line[0] <= committed:
+            # The last line had no newline (cut mid-write, or more lines came after it):
+            # its effects are undone, and it is read again from its start.
+            epoch, offset = info.open_line
+            seek_epoch(f, path, epoch, offset, epoch)
+            check_unchanged(f, path, info)
+            return Start(epoch, offset, checkpoint_at_or_before(r, keys, epoch), reopens=True)
         offset = seek_epoch(f, path, committed + 1, info.offset, committed + 1)
         check_unchanged(f, path, info)
         return Start(committed + 1, offset)
@@ -215,7 +225,8 @@ def _drive(
     check_server(r, settings, embedded)
     if mode != "ingest":
         check_consistency(r, keys, info.floors, start.epoch, info.evicted_keys)
-    with open_sink(settings.output, mode, info, start.checkpoint, start.epoch) as sink:
+    sink_mode: Mode = "replay" if start.reopens else mode
+    with open_sink(settings.output, sink_mode, info, start.checkpoint, start.epoch) as sink:
         fence = start_run(
             r,
             keys,
@@ -274,6 +285,7 @@ def _drive(
             [],
             floors=driver.after,
             output_length=driver.output_length(),
+            open_line=driver.open_line_through(result.committed),
             final=True,
         )
     return result

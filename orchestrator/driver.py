@@ -174,6 +174,9 @@ class Driver:
         self.recorded_at = 0.0
         self.started_at = time.monotonic()
         self.read_through = -1
+        # (epoch, offset) of the input's last line when it has no newline: a resume reads it
+        # again (it may have been cut mid-write, or be followed by more lines).
+        self.open_line: tuple[int, int] | None = None
 
     # ----------------------------------------------------------------- the loop
 
@@ -235,6 +238,8 @@ class Driver:
             size, oversized = len(data), None
             if size > limit and data[-1:] != b"\n":
                 data, size, oversized = finish_oversized(source.file, data, limit)
+            elif data[-1:] != b"\n":  # the last line, unterminated (perhaps still being written)
+                self.open_line = (epoch, offset)
             if data.strip():  # blank lines are skipped silently and keep their epoch number
                 text = data[:-1] if data[-1:] == b"\n" else data
                 try:
@@ -290,6 +295,12 @@ class Driver:
             "events_per_s": round(result.events / max(now - self.started_at, 1e-6), 1),
             "backlog": {p: n for p, n in backlog.items() if n},
         }
+
+    def open_line_through(self, committed: int) -> tuple[int, int] | None:
+        """The unterminated last line, if it is committed: the resume point is then its start."""
+        if self.open_line is not None and self.open_line[0] <= committed:
+            return self.open_line
+        return None
 
     def output_length(self) -> int | None:
         """The output file's length, synced to disk (None for a stream such as stdout).
@@ -460,6 +471,7 @@ class Driver:
             floors=list(self.after),
             output_length=self.output_length(),
             progress=self._progress(result, now),
+            open_line=self.open_line_through(committed),
         )
         self.recorded, self.recorded_at = committed, now
 

@@ -46,6 +46,8 @@ class NamespaceInfo:
     # recorded (capped at ``committed``): Redis must hold at least that much of each.
     floors: tuple[int, ...] | None = None
     evicted_keys: int = 0  # keys the server evicted during a run (--allow-eviction)
+    # (epoch, offset) of a committed last line that had no newline: resume reads it again
+    open_line: tuple[int, int] | None = None
 
     @property
     def exists(self) -> bool:
@@ -73,7 +75,15 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         fingerprint_end=int(meta.get("fingerprint_end", 0)),
         floors=tuple(json.loads(meta["floors"])) if "floors" in meta else None,
         evicted_keys=int(meta.get("evicted_keys", 0)),
+        open_line=_epoch_offset(meta.get("open_line")),
     )
+
+
+def _epoch_offset(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    epoch, _, offset = text.partition(":")
+    return int(epoch), int(offset)
 
 
 def check_compatible(info: NamespaceInfo, partitions: int | None, flow: str | None) -> int:
@@ -232,12 +242,15 @@ class Committer:
         floors: list[int],
         output_length: int | None = None,
         progress: dict[str, Any] | None = None,
+        open_line: tuple[int, int] | None = None,
         final: bool = False,
     ) -> None:
         """Record that every epoch up to ``committed`` is committed and its output written.
 
         ``output_length`` is the length of the output file once those lines are in
-        it (and synced): a resume truncates the file back to it. ``floors`` is, for
+        it (and synced): a resume truncates the file back to it. ``open_line`` is the
+        (epoch, offset) of a committed last line that had no newline: a resume starts
+        again at it. ``floors`` is, for
         each partition, the epoch through which the driver saw it commit.
 
         Raises:
@@ -249,6 +262,7 @@ class Committer:
         now = time.monotonic()
         fields: dict[str, Any] = {"committed": committed, "offset": offset, "at": time.time()}
         fields["floors"] = json.dumps([min(f, committed) for f in floors])
+        fields["open_line"] = "" if open_line is None else f"{open_line[0]}:{open_line[1]}"
         if output_length is not None:
             fields["output_length"] = output_length
         if self.retain_epochs is not None:
