@@ -4,6 +4,7 @@ The rule every test here checks: each fault ends in the exact result (after a fi
 `resume`) or in a clear refusal — never in exit 0 with a wrong output or state.
 """
 
+import contextlib
 import glob
 import os
 import signal
@@ -241,6 +242,17 @@ def short_lock():
     return cli_env(ORCHESTRATOR_DRIVER_LOCK_TTL="2")
 
 
+@contextlib.contextmanager
+def paused_past_its_lock(driver):
+    """SIGSTOP a driver until its lock (2 s TTL) has expired; SIGCONT it on leaving."""
+    os.kill(driver.pid, signal.SIGSTOP)
+    try:
+        time.sleep(3)
+        yield
+    finally:
+        os.kill(driver.pid, signal.SIGCONT)
+
+
 def test_a_driver_paused_past_its_lock_writes_nothing_when_it_wakes(
     own_redis, events, tmp_path, short_lock
 ):
@@ -249,9 +261,7 @@ def test_a_driver_paused_past_its_lock_writes_nothing_when_it_wakes(
     url = own_redis.url
     paused = slow_ingest(path, url, ns, out, env=short_lock)
     wait_committed(url, ns, 800, paused)
-    os.kill(paused.pid, signal.SIGSTOP)
-    try:
-        time.sleep(3)  # past the lock's TTL
+    with paused_past_its_lock(paused):
         # The paused driver still holds its output file: no other run may cut or write it.
         same_file = run_cli(
             "resume", str(path), *run_args(url, ns), "--output", str(out), cwd=REPO, env=short_lock
@@ -263,8 +273,6 @@ def test_a_driver_paused_past_its_lock_writes_nothing_when_it_wakes(
         client = redis.Redis.from_url(url)
         keys = Keys(ns)
         before = [client.hgetall(keys.meta)] + [client.hgetall(keys.progress(p)) for p in range(3)]
-    finally:
-        os.kill(paused.pid, signal.SIGCONT)
     _, stderr = paused.communicate(timeout=60)
     assert paused.returncode == 75, stderr
     one_line_error(stderr, "another driver took over", "without writing anything more")
@@ -284,13 +292,9 @@ def test_reset_under_a_paused_driver_stops_it_when_it_wakes(own_redis, events, t
     url = own_redis.url
     paused = slow_ingest(path, url, ns, out, env=short_lock)
     wait_committed(url, ns, 500, paused)
-    os.kill(paused.pid, signal.SIGSTOP)
-    try:
-        time.sleep(3)
+    with paused_past_its_lock(paused):
         wiped = run_cli("reset", "--yes", "--redis-url", url, "--namespace", ns, cwd=REPO)
         assert wiped.returncode == 0, wiped.stderr
-    finally:
-        os.kill(paused.pid, signal.SIGCONT)
     _, stderr = paused.communicate(timeout=60)
     assert paused.returncode == 3, stderr
     one_line_error(stderr, "is gone from Redis")
