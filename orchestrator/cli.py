@@ -578,6 +578,14 @@ def _resume_command(args: argparse.Namespace, settings: Settings | None) -> str 
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM: stop as an interrupted run, once.
+
+    The command then stops its workers, releases the namespace and leaves the
+    embedded server: a second Ctrl-C during that would only cut it short (the
+    next command would wait for the driver lock to expire), so it is ignored.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -593,7 +601,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.set_threshold(100_000, 50, 100)
         tune_allocator()
     if args.command != "worker":  # RQ's worker handles SIGTERM itself (finish the job, exit)
-        # SIGTERM stops like Ctrl-C: workers stopped, server stopped, namespace released.
+        # SIGTERM stops like Ctrl-C: workers stopped, server left, namespace released.
+        signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _interrupt)
     settings = None
     try:
@@ -608,7 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, where a reader that left is handled
         return status
     except KeyboardInterrupt:
-        say("interrupted; committed epochs are kept: run 'resume' to continue")
+        resume = _resume_command(args, settings)
+        kept = f"; committed epochs are kept: '{resume}' continues" if resume else ""
+        say(f"interrupted{kept}")
         return int(ExitStatus.INTERRUPTED)
     except BrokenPipeError:
         # Nothing to say to a reader that left; stdout goes to /dev/null so that

@@ -165,7 +165,13 @@ def run_pipeline(
         # The worker processes start first: forked before the driver lock starts its
         # thread, they begin with everything imported (a resume's fixed cost is mostly
         # start-up time). Refused by the lock, the run stops them again.
-        pool = WorkerPool(settings.worker_count, conn.url, keys.namespace, verbose=settings.verbose)
+        pool = WorkerPool(
+            settings.worker_count,
+            conn.url,
+            keys.namespace,
+            verbose=settings.verbose,
+            client=conn.client,
+        )
         pool.start()
         try:
             with DriverLock(conn.client, keys) as lock:
@@ -329,6 +335,6 @@ def worker(settings: Settings, *, burst: bool = False, announce_wait: bool = Tru
             keys,
             burst=burst,
             verbose=settings.verbose,
-            owner_pid=conn.owner_pid,
+            embedded=None if conn.server_pid is None else (conn.server_pid, settings.data_dir),
             announce_wait=announce_wait,
         )

@@ -18,14 +18,14 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tasks.errors import RedisUnavailable
+from tasks.errors import PipelineError, RedisUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -125,47 +125,16 @@ def is_redis_server(pid: int) -> bool:
         return False
 
 
-@dataclass
-class StartedServer:
-    """A redis-server this command started on a data directory it has locked."""
-
-    lock_file: IO[Any]
-    process: subprocess.Popen[bytes]
-    socket_dir: str
-
-    @property
-    def url(self) -> str:
-        return f"unix://{os.path.join(self.socket_dir, 'redis.sock')}"
+class DataDirError(PipelineError):
+    """Raised when the data directory cannot hold the embedded server (missing, read-only)."""
 
 
-def lock_data_dir(data_dir: Path) -> IO[Any] | None:
-    """Lock the data directory for this command; None if another command holds it.
-
-    Raises:
-        RedisUnavailable: the directory cannot be created.
-    """
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        msg = f"cannot create the data directory {data_dir}: {e.strerror}"
-        raise RedisUnavailable(msg) from None
-    lock_file = open(data_dir / "server.lock", "a+")  # noqa: SIM115
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.close()
-        return None
-    return lock_file
-
-
-def launch(data_dir: Path, lock_file: IO[Any], *, persistent: bool) -> StartedServer:
-    """Start redis-server on a locked data directory (after any orphan of it has exited)."""
-    _stop_orphan(data_dir / "server.json")
-    socket_dir = tempfile.mkdtemp(prefix="orchestrator-")
-    args = [
+def server_args(data_dir: Path, socket_path: str, *, persistent: bool) -> list[str]:
+    """The embedded redis-server's command line."""
+    return [
         redis_server_binary(),
         "--port", "0",
-        "--unixsocket", os.path.join(socket_dir, "redis.sock"),
+        "--unixsocket", socket_path,
         "--unixsocketperm", "700",
         "--dir", str(data_dir),
         "--appendonly", "yes" if persistent else "no",
@@ -186,25 +155,243 @@ def launch(data_dir: Path, lock_file: IO[Any], *, persistent: bool) -> StartedSe
         "--logfile", "redis.log",
         "--daemonize", "no",
     ]  # fmt: skip
-    logger.debug("starting %s", " ".join(args))
-    process = subprocess.Popen(
-        args,
-        cwd=data_dir,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=die_with_parent,  # noqa: PLW1509
-        env=server_environment(),
+
+
+# The files of a data directory that coordinate the commands using its server:
+SERVER_LOCK = "server.lock"  # held (exclusive) by the keeper process while it runs the server
+ATTACH_LOCK = "attach.lock"  # held (shared) by every command attached to the server
+SERVER_INFO = "server.json"  # the running server: its pid, its keeper's, its socket
+KEEPER_LOG = "keeper.log"  # what a keeper that failed said
+
+ATTACH_TIMEOUT = 150.0  # how long a command waits for a server that is stopping (compaction)
+
+
+@dataclass
+class Attachment:
+    """This command's use of the embedded server of a data directory.
+
+    The server belongs to none of the commands that use it: a small keeper
+    process (``orchestrator.keeper``) started in its own session runs it, so the
+    terminal's Ctrl-C, which reaches every process of the foreground group, does
+    not reach the server, and a command that ends leaves it to the others. Each
+    command holds a shared lock on ``attach.lock`` while it uses the server; the
+    last one to leave stops the server (after compacting its append-only file),
+    and if every command was killed, the keeper finds the lock free and stops
+    the server itself.
+    """
+
+    data_dir: Path
+    attach_file: IO[Any]
+    url: str
+    server_pid: int
+    keeper_pid: int
+    keeper: subprocess.Popen[bytes] | None = None  # when this command started the keeper
+
+
+def _open_lock(path: Path) -> IO[Any]:
+    try:
+        return open(path, "a+")  # noqa: SIM115
+    except OSError as e:
+        raise _data_dir_error(path.parent, e) from None
+
+
+def _data_dir_error(data_dir: Path, e: OSError) -> DataDirError:
+    what = e.strerror or str(e)
+    msg = (
+        f"cannot use the data directory {data_dir}: {what[:1].lower() + what[1:]} (the embedded "
+        f"server keeps its data there: give a writable --data-dir, or --redis-url)"
     )
-    return StartedServer(lock_file, process, socket_dir)
+    return DataDirError(msg)
 
 
-def _stop_orphan(info_path: Path) -> None:
-    # A server whose owner died without stopping it (it gets SIGTERM then, and may still
-    # be writing its append-only file) must be gone before a new one opens the same data.
+def _try_lock(f: IO[Any], how: int) -> bool:
+    try:
+        fcntl.flock(f, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _wait_lock(f: IO[Any], how: int, timeout: float, waiting: str) -> None:
+    """Take a lock, waiting up to ``timeout`` s; says ``waiting`` on stderr after a second."""
+    deadline = time.monotonic() + timeout
+    said_at = time.monotonic() + 1.0
+    while not _try_lock(f, how):
+        now = time.monotonic()
+        if now > deadline:
+            msg = f"{waiting}: still not done after {timeout:.0f}s"
+            raise RedisUnavailable(msg)
+        if said_at is not None and now > said_at:
+            print(f"orchestrator: {waiting}...", file=sys.stderr)
+            said_at = None
+        time.sleep(0.02)
+
+
+def read_server_info(data_dir: Path) -> dict[str, Any] | None:
+    """The running server of ``data_dir`` as its keeper recorded it, or None."""
+    try:
+        info = json.loads((data_dir / SERVER_INFO).read_text())
+        return {"url": str(info["url"]), "pid": int(info["pid"]), "keeper": int(info["keeper"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def attach(data_dir: Path, *, persistent: bool = True) -> Attachment:
+    """Attach this command to the data directory's server, starting one if none runs.
+
+    Raises:
+        DataDirError: the data directory cannot be created or written.
+        RedisUnavailable: no server could be started (no binary, it failed to start).
+    """
+    data_dir = data_dir.resolve()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _data_dir_error(data_dir, e) from None
+    attach_file = _open_lock(data_dir / ATTACH_LOCK)
+    try:
+        # (A stop in progress holds it exclusively: this waits for the server to be gone.)
+        waiting = f"waiting for the embedded server in {data_dir} to stop"
+        _wait_lock(attach_file, fcntl.LOCK_SH, ATTACH_TIMEOUT, waiting)
+        return _find_or_start(data_dir, attach_file, persistent=persistent)
+    except BaseException:
+        attach_file.close()
+        raise
+
+
+def _find_or_start(data_dir: Path, attach_file: IO[Any], *, persistent: bool) -> Attachment:
+    deadline = time.monotonic() + START_TIMEOUT
+    keeper: subprocess.Popen[bytes] | None = None
+    while True:
+        if keeper is None:
+            server_lock = _open_lock(data_dir / SERVER_LOCK)
+            try:
+                if _try_lock(server_lock, fcntl.LOCK_EX):  # no keeper runs: start one
+                    keeper = _start_keeper(data_dir, server_lock, persistent=persistent)
+            finally:
+                server_lock.close()  # (the keeper holds the lock now, through its own copy)
+        info = read_server_info(data_dir)
+        if info is not None and (keeper is None or info["keeper"] == keeper.pid):
+            if is_redis_server(info["pid"]):
+                return Attachment(
+                    data_dir, attach_file, info["url"], info["pid"], info["keeper"], keeper
+                )
+        if keeper is not None and keeper.poll() is not None:
+            raise _keeper_failed(data_dir, keeper.returncode)
+        if time.monotonic() > deadline:
+            msg = (
+                f"the embedded redis-server in {data_dir} did not start within {START_TIMEOUT:.0f}s"
+            )
+            raise RedisUnavailable(msg)
+        # (Another keeper is starting its server, or has just stopped one and is leaving.)
+        time.sleep(0.01)
+
+
+START_TIMEOUT = 15.0
+
+
+def _start_keeper(
+    data_dir: Path, server_lock: IO[Any], *, persistent: bool
+) -> subprocess.Popen[bytes]:
+    """Start the keeper process that runs the server, handing it the server lock."""
+    redis_server_binary()  # (no binary: say so here, not in the keeper's log)
+    args = [
+        sys.executable, "-m", "orchestrator.keeper", str(data_dir),
+        "--lock-fd", str(server_lock.fileno()),
+    ]  # fmt: skip
+    if not persistent:
+        args.append("--no-persistence")
+    try:
+        log = open(data_dir / KEEPER_LOG, "ab")  # noqa: SIM115
+    except OSError as e:
+        raise _data_dir_error(data_dir, e) from None
+    with log:
+        return subprocess.Popen(
+            args,
+            cwd=data_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(server_lock.fileno(),),
+            start_new_session=True,  # out of the terminal's process group: Ctrl-C passes it by
+        )
+
+
+def _keeper_failed(data_dir: Path, status: int) -> RedisUnavailable:
+    lines = _log_tail(data_dir / KEEPER_LOG)
+    last = next((line for line in reversed(lines) if line.strip()), "")
+    if isinstance(error := stop_reason(data_dir, status), ServerStopped) and not last:
+        return error
+    msg = f"the embedded redis-server in {data_dir} could not start: {last or f'status {status}'}"
+    return RedisUnavailable(msg)
+
+
+def join_running(data_dir: Path) -> dict[str, Any] | None:
+    """The running server of ``data_dir`` for a worker that only uses it (None: none runs)."""
+    info = read_server_info(data_dir.resolve())
+    if info is None or not is_redis_server(info["pid"]):
+        return None
+    return info
+
+
+def detach(attachment: Attachment, stop: Any, *, wait: float = 30.0) -> None:
+    """Leave the server; the last command to leave stops it, by calling ``stop(attachment)``.
+
+    ``stop`` asks the server to exit (or does nothing if it is gone); this then
+    waits for the server and its keeper to be gone, so that the next command
+    finds the data directory free.
+    """
+    f = attachment.attach_file
+    try:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        if _try_lock(f, fcntl.LOCK_EX):  # nobody else is attached: this command stops it
+            try:
+                stop(attachment)
+            finally:
+                _wait_gone(attachment, wait)
+        elif not _try_lock(f, fcntl.LOCK_SH):
+            # The keeper found the lock free first and is stopping the server: wait for it.
+            waiting = f"waiting for the embedded server in {attachment.data_dir} to stop"
+            _wait_lock(f, fcntl.LOCK_SH, ATTACH_TIMEOUT, waiting)
+    finally:
+        f.close()
+        if attachment.keeper is not None and attachment.keeper.poll() is None:
+            attachment.keeper.returncode = None  # (reaped by the keeper's own exit, or later)
+
+
+def _wait_gone(attachment: Attachment, wait: float) -> None:
+    """Wait for the server to exit (killing it after ``wait`` s), then for its keeper to leave."""
+    deadline = time.monotonic() + wait
+    while is_redis_server(attachment.server_pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(OSError):
+                os.kill(attachment.server_pid, signal.SIGKILL)
+        time.sleep(0.005)
+    # The keeper leaves within its poll interval; its server lock is free then.
+    server_lock = _open_lock(attachment.data_dir / SERVER_LOCK)
+    try:
+        with contextlib.suppress(RedisUnavailable):
+            _wait_lock(server_lock, fcntl.LOCK_EX, 5.0, "waiting for the server's keeper to exit")
+    finally:
+        server_lock.close()
+    if attachment.keeper is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            attachment.keeper.wait(timeout=1.0)
+
+
+def terminate_server(attachment: Attachment) -> None:
+    """A ``stop`` for ``detach`` that needs no client: SIGTERM (the server flushes and exits)."""
+    with contextlib.suppress(OSError):
+        if is_redis_server(attachment.server_pid):
+            os.kill(attachment.server_pid, signal.SIGTERM)
+
+
+def stop_orphan(info_path: Path) -> None:
+    """Wait for the server of a keeper that died (it gets SIGTERM then, and may still be
+    writing its append-only file) to be gone, before a new one opens the same data."""
     try:
         pid = int(json.loads(info_path.read_text())["pid"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return
     deadline = time.monotonic() + STOP_ORPHAN_TIMEOUT
     while is_redis_server(pid):
@@ -251,6 +438,14 @@ def stop_reason(data_dir: Path, returncode: int | None, pid: int | None = None) 
     return ServerStopped(data_dir, reason, no_space=False)
 
 
+def ended_normally(data_dir: Path, pid: int) -> bool:
+    """Whether the server ``pid`` of ``data_dir`` exited by a shutdown (its log says so)."""
+    return any(
+        line.startswith(f"{pid}:") and "ready to exit" in line
+        for line in _log_tail(data_dir / "redis.log")
+    )
+
+
 def _log_tail(path: Path) -> list[str]:
     try:
         with open(path, "rb") as f:
@@ -275,7 +470,7 @@ SERVER_DIED = threading.Event()
 
 
 class ExitWatch:
-    """Notices that a server process exited while its command uses it.
+    """Notices that the server exited while its command uses it.
 
     Asked by a client whose connection failed (``owned_server_died``), so that the
     command stops within moments of its server's death instead of retrying the
@@ -283,11 +478,11 @@ class ExitWatch:
     workers only while it runs no other thread.)
     """
 
-    active: set[ExitWatch] = set()  # the servers this process (or, in a fork, its parent) owns
+    active: set[ExitWatch] = set()  # the servers this process (or, in a fork, its parent) uses
 
-    def __init__(self, process: subprocess.Popen[bytes], on_exit: Any) -> None:
-        self.process = process
-        self.on_exit = on_exit  # called once, with the exit status if known
+    def __init__(self, pid: int, on_exit: Any) -> None:
+        self.pid = pid
+        self.on_exit = on_exit  # called once
         self.owner = os.getpid()
         self.seen = False
         self._lock = threading.Lock()
@@ -296,14 +491,14 @@ class ExitWatch:
     def exited(self, wait: float) -> bool:
         """Whether the server has exited (waiting up to ``wait`` s for one that is going)."""
         with self._lock:
-            if not self.seen and _gone_within(self.process.pid, wait):
-                self.report(_exit_status(self.process.pid))
+            if not self.seen and _gone_within(self.pid, wait):
+                self.report()
             return self.seen
 
-    def report(self, status: int | None) -> None:
+    def report(self) -> None:
         if not self.seen:
             self.seen = True
-            self.on_exit(status)
+            self.on_exit()
 
     def close(self) -> None:
         """The server is being stopped on purpose (or is gone): stop watching."""
@@ -311,36 +506,27 @@ class ExitWatch:
 
 
 def owned_server_died(wait: float = 0.2) -> bool:
-    """Whether an embedded server this process (or its parent) owns has exited under it.
+    """Whether an embedded server this process (or its parent) uses has exited under it.
 
     A client sees the connection close a moment before the process has exited:
     this waits up to ``wait`` seconds for the exit of a server that is going.
 
-    In a worker process forked by the command that owns the server, a dead server
-    leaves nothing to do: the worker waits quietly (instead of announcing a
-    reconnect that cannot come) until its command, which reports why, stops it;
-    returns True if that has not happened within WORKER_WAITS_FOR seconds.
+    In a worker process forked by the command, a dead server leaves nothing to
+    do: the worker waits quietly (instead of announcing a reconnect that cannot
+    come) until its command, which reports why, stops it; returns True if that
+    has not happened within WORKER_WAITS_FOR seconds.
     """
     pid = os.getpid()
     for watch in list(ExitWatch.active):
         if watch.owner == pid:
             if watch.exited(wait):
                 return True
-        elif _gone_within(watch.process.pid, wait):
+        elif _gone_within(watch.pid, wait):
             deadline = time.monotonic() + WORKER_WAITS_FOR
             while os.getppid() == watch.owner and time.monotonic() < deadline:
                 time.sleep(0.05)
             return True
     return False
-
-
-def _exit_status(pid: int) -> int | None:
-    # WNOWAIT leaves the child to be reaped by Popen (its wait and poll keep working).
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return None
-    return info.si_status if info is not None else None
 
 
 WORKER_WAITS_FOR = 10.0
@@ -355,36 +541,24 @@ def _gone_within(pid: int, wait: float) -> bool:
     return True
 
 
-# Servers started by ``prestart``, waiting for their EmbeddedServer (one per data dir).
-PRESTARTED: dict[Path, StartedServer] = {}
+# Attachments made by ``prestart``, waiting for their EmbeddedServer (one per data dir).
+PRESTARTED: dict[Path, Attachment] = {}
 
 
 def stop_prestarted() -> None:
-    """Stop servers started early that no command adopted (it failed before reaching Redis)."""
+    """Leave servers attached early that no command adopted (it failed before reaching Redis)."""
     while PRESTARTED:
-        _, started = PRESTARTED.popitem()
-        started.process.terminate()
-        try:
-            started.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            started.process.kill()
-            started.process.wait()
-        shutil.rmtree(started.socket_dir, ignore_errors=True)
-        started.lock_file.close()
+        _, attachment = PRESTARTED.popitem()
+        detach(attachment, terminate_server)
 
 
 def prestart(data_dir: Path) -> None:
-    """Start the data directory's server now, if this command will own it.
+    """Attach to the data directory's server now, starting it if none runs, so that it
+    loads its data while the command imports the rest.
 
-    Anything unusual (the directory locked by another command, no binary) is
-    left for ``EmbeddedServer`` to find again and report.
+    Anything unusual (no binary, a read-only directory) is left for
+    ``EmbeddedServer`` to find again and report.
     """
     data_dir = data_dir.resolve()
-    with contextlib.suppress(RedisUnavailable, OSError):
-        lock_file = lock_data_dir(data_dir)
-        if lock_file is not None:
-            try:
-                PRESTARTED[data_dir] = launch(data_dir, lock_file, persistent=True)
-            except BaseException:
-                lock_file.close()
-                raise
+    with contextlib.suppress(RedisUnavailable, PipelineError, OSError):
+        PRESTARTED[data_dir] = attach(data_dir)

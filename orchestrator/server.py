@@ -12,12 +12,8 @@ running one and says so.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -34,12 +30,16 @@ from redis.retry import Retry
 from orchestrator.embedded import (
     PRESTARTED,
     SERVER_DIED,
+    Attachment,
     ExitWatch,
     ServerStopped,
-    launch,
-    lock_data_dir,
+    attach,
+    detach,
+    is_redis_server,
+    join_running,
     owned_server_died,
     stop_reason,
+    terminate_server,
 )
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
 from orchestrator.settings import Settings, redact_text, redact_url
@@ -57,8 +57,8 @@ class Connection:
     client: Redis
     url: str
     embedded: bool
-    # the process that owns the embedded server this command joined, if it joined one
-    owner_pid: int | None = None
+    # the embedded server's process (None with --redis-url)
+    server_pid: int | None = None
 
 
 RECONNECT_FOR = 30.0  # seconds of retrying before a lost Redis is an error
@@ -285,7 +285,7 @@ def connect(settings: Settings, *, join_only: bool = False) -> Iterator[Connecti
         _ping(url, f"the embedded server in {settings.data_dir}")
         client = client_for(url)
         try:
-            yield Connection(client, url, embedded=True, owner_pid=server.joined_owner)
+            yield Connection(client, url, embedded=True, server_pid=server.server_pid)
         finally:
             client.close()
 
@@ -302,89 +302,76 @@ def _ping(url: str, where: str) -> None:
 
 
 class EmbeddedServer:
-    """Context manager: own (start and stop) or join the embedded server of a data directory."""
+    """Context manager: use the embedded server of a data directory, starting it if none runs.
+
+    The server is shared: every command on the data directory attaches to the
+    one running (``orchestrator.embedded.attach``), and the last to leave stops
+    it. With ``join_only`` (an ``orchestrator worker``) the command only uses a
+    server that another command runs, and does not keep it running.
+    """
 
     def __init__(self, data_dir: Path, *, join_only: bool = False, persistent: bool = True) -> None:
         self.data_dir = data_dir.resolve()
         self.join_only = join_only
         self.persistent = persistent
-        self.joined_owner: int | None = None
-        self.info_path = self.data_dir / "server.json"
-        self._lock_file: Any = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._socket_dir: str | None = None
+        self.server_pid: int | None = None
+        self._attachment: Attachment | None = None
         self._watch: ExitWatch | None = None
         self.stopped: ServerStopped | None = None  # why the server exited under the command
 
     def __enter__(self) -> str:
-        started = None if self.join_only else PRESTARTED.pop(self.data_dir, None)
-        if started is None:
-            self._lock_file = lock_data_dir(self.data_dir)
-            if self._lock_file is None:  # another command owns the server: use it
-                return self._join_running()
-            if self.join_only:
-                self.__exit__(None, None, None)
-                msg = (
-                    f"no command is running an embedded server in {self.data_dir}: start the "
-                    f"driver first (it starts its own workers), or use --redis-url"
-                )
-                raise RedisUnavailable(msg)
-            try:
-                started = launch(self.data_dir, self._lock_file, persistent=self.persistent)
-            except BaseException:
-                self.__exit__(None, None, None)
-                raise
-        self._lock_file, self._process, self._socket_dir = (
-            started.lock_file,
-            started.process,
-            started.socket_dir,
-        )
+        if self.join_only:
+            return self._join_running()
+        attachment = PRESTARTED.pop(self.data_dir, None)
+        if attachment is None:
+            attachment = attach(self.data_dir, persistent=self.persistent)
+        self._attachment = attachment
+        self.server_pid = attachment.server_pid
         try:
-            self._wait_ready(started.url)
-            self.info_path.write_text(
-                json.dumps({"owner": os.getpid(), "url": started.url, "pid": started.process.pid})
-            )
+            self._wait_ready(attachment.url)
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        self._watch = ExitWatch(started.process, self._on_server_exit)
-        return started.url
+        self._watch = ExitWatch(attachment.server_pid, self._on_server_exit)
+        return attachment.url
 
-    def _on_server_exit(self, status: int | None) -> None:
+    def _on_server_exit(self) -> None:
         """The server exited while the command uses it.
 
         Every client of the process stops retrying (the server is not coming
         back), so the command fails within moments; ``__exit__`` then reports why.
         """
-        assert self._process is not None
-        self.stopped = stop_reason(self.data_dir, status, self._process.pid)
+        assert self.server_pid is not None
+        self.stopped = stop_reason(self.data_dir, None, self.server_pid)
         self._gave_up_before = AnnouncedRetry.give_up
         AnnouncedRetry.give_up = True
         SERVER_DIED.set()
         logger.debug("%s", self.stopped)
 
     def _join_running(self) -> str:
-        try:
-            info = json.loads(self.info_path.read_text())
-        except (OSError, ValueError):
-            msg = f"the embedded server in {self.data_dir} is starting or stopping; try again"
-            raise RedisUnavailable(msg) from None
+        info = join_running(self.data_dir)
+        if info is None:
+            msg = (
+                f"no command is running an embedded server in {self.data_dir}: start the "
+                f"driver first (it starts its own workers), or use --redis-url"
+            )
+            raise RedisUnavailable(msg)
         print(
-            f"orchestrator: using the embedded server of the command running in "
-            f"{self.data_dir} (pid {info['owner']})",
+            f"orchestrator: using the embedded server in {self.data_dir} (pid {info['pid']}) "
+            f"while commands run there",
             file=sys.stderr,
         )
-        self.joined_owner = int(info["owner"])
+        self.server_pid = info["pid"]
         return str(info["url"])
 
     def _wait_ready(self, url: str) -> None:
-        assert self._process is not None
+        assert self.server_pid is not None
         deadline = time.monotonic() + START_TIMEOUT
         client = client_for(url, retry=False)
         try:
             while True:
-                if self._process.poll() is not None:
-                    raise stop_reason(self.data_dir, self._process.returncode, self._process.pid)
+                if not is_redis_server(self.server_pid):
+                    raise stop_reason(self.data_dir, None, self.server_pid)
                 with contextlib.suppress(redis.RedisError):
                     if client.ping():
                         return
@@ -396,26 +383,22 @@ class EmbeddedServer:
             client.close()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._watch is not None and self._process is not None:
-            if self._process.poll() is not None:  # it exited under the command: say why
-                self._watch.report(self._process.returncode)
+        if self._watch is not None and self.server_pid is not None:
+            if not is_redis_server(self.server_pid):  # it exited under the command: say why
+                self._watch.report()
             self._watch.close()  # (any exit that follows is ours)
         stopped = self.stopped
-        if self._process is not None:
-            if stopped is None:
-                self._compact_append_only_file()
-                self._stop_process(self._process, self._socket_dir)
-            else:
-                self._process.wait()
-            self._process = None
-            with contextlib.suppress(OSError):
-                self.info_path.unlink()
-        if self._socket_dir is not None:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            self._socket_dir = None
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        attachment, self._attachment = self._attachment, None
+        if attachment is not None:
+            interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+
+            def stop(a: Attachment) -> None:
+                if stopped is None and is_redis_server(a.server_pid):
+                    if not interrupted:  # (an interrupted command leaves at once)
+                        self._compact_append_only_file(a.url)
+                    self._shutdown(a)
+
+            detach(attachment, stop)
         if stopped is not None:
             self._watch, self.stopped = None, None
             AnnouncedRetry.give_up = self._gave_up_before
@@ -425,15 +408,15 @@ class EmbeddedServer:
                 raise stopped from exc
             logger.warning("%s", stopped)
 
-    def _compact_append_only_file(self) -> None:
+    def _compact_append_only_file(self, url: str) -> None:
         """Rewrite a grown append-only file before stopping, so that the next start loads fast.
 
         During a run, rewrites start only at 1 GB (each forks and writes the whole
         dataset); at the end one rewrite makes the file about the size of the data.
         """
-        if not self.persistent or self._socket_dir is None:
+        if not self.persistent:
             return
-        client = client_for(f"unix://{os.path.join(self._socket_dir, 'redis.sock')}", retry=False)
+        client = client_for(url, retry=False)
         try:
             info = client.info("persistence")
             if info.get("aof_current_size", 0) <= max(64 << 20, 2 * info.get("aof_base_size", 0)):
@@ -451,22 +434,15 @@ class EmbeddedServer:
             client.close()
 
     @staticmethod
-    def _stop_process(process: subprocess.Popen[bytes], socket_dir: str | None) -> None:
+    def _shutdown(attachment: Attachment) -> None:
         # SHUTDOWN (or else SIGTERM) makes redis-server flush its append-only file and exit
         # cleanly; SHUTDOWN does it at once, SIGTERM at the server's next cron tick (up to
-        # 100 ms later: most of a short resume's shutdown).
+        # 20 ms later at --hz 50).
         try:
-            if socket_dir is None:
-                raise redis.ConnectionError("no socket")
-            client = client_for(f"unix://{os.path.join(socket_dir, 'redis.sock')}", retry=False)
+            client = client_for(attachment.url, retry=False)
             try:
                 client.shutdown(nosave=True)  # (its reply is the connection closing)
             finally:
                 client.close()
         except redis.RedisError:
-            process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            terminate_server(attachment)

@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 import traceback
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -20,7 +22,13 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from orchestrator.embedded import SERVER_DIED, die_with_parent
+from orchestrator.embedded import (
+    SERVER_DIED,
+    ExitWatch,
+    die_with_parent,
+    ended_normally,
+    stop_reason,
+)
 from orchestrator.exitcodes import ExitStatus
 from orchestrator.memory import trim_now_and_then
 from orchestrator.server import DEQUEUE_TIMEOUT, RECONNECT_FOR, SOCKET_TIMEOUT, AnnouncedRetry
@@ -39,10 +47,52 @@ class WorkerDied(PipelineError):
     """Raised when the worker processes started by the command keep dying."""
 
 
+# An idle worker heartbeats after every BLPOP (DEQUEUE_TIMEOUT s); one silent this long is
+# dead (RQ keeps the registration of a killed worker until its key expires, minutes later).
+STALE_AFTER = 60.0
+
+
 def listening_workers(r: Redis, keys: Keys, partitions: int) -> int:
-    """How many RQ workers listen on at least one partition queue of the namespace."""
+    """How many live RQ workers listen on at least one partition queue of the namespace."""
     names = set(keys.queue_names(partitions))
-    return sum(1 for w in SimpleWorker.all(connection=r) if names & set(w.queue_names()))
+    return sum(
+        1 for w in SimpleWorker.all(connection=r) if names & set(w.queue_names()) and _alive(w)
+    )
+
+
+def _alive(worker: Any) -> bool:
+    """Whether a registered RQ worker still runs: not a dead process of this host, and not
+    silent for STALE_AFTER s while idle (a busy worker heartbeats only between jobs)."""
+    if worker.hostname == socket.gethostname() and worker.pid and not _pid_alive(worker.pid):
+        return False
+    if worker.get_state() == WorkerStatus.BUSY or worker.last_heartbeat is None:
+        return True
+    age = datetime.now(UTC) - worker.last_heartbeat.replace(tzinfo=UTC)
+    return age.total_seconds() < STALE_AFTER
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unregister(r: Redis | None, pids: list[int]) -> None:
+    """Remove the RQ registrations of this host's worker processes ``pids`` (killed: they
+    could not), so that no dead worker shows as listening. Best effort, never waits for Redis."""
+    if r is None or not pids or SERVER_DIED.is_set() or AnnouncedRetry.outage_since is not None:
+        return
+    host = socket.gethostname()
+    try:
+        for w in SimpleWorker.all(connection=r):
+            if w.pid in pids and w.hostname == host:
+                w.register_death()
+    except redis.RedisError:
+        pass
 
 
 def _registered(r: Redis | None, pid: int) -> bool:
@@ -167,24 +217,48 @@ def run_worker(
     *,
     burst: bool = False,
     verbose: bool = False,
-    owner_pid: int | None = None,
+    embedded: tuple[int, Path] | None = None,
     announce_wait: bool = True,
 ) -> None:
     """Work on every partition queue of the namespace until stopped (SIGTERM finishes the job).
 
-    With ``owner_pid`` (a worker that joined another command's embedded server)
-    the worker also stops when that command ends, since its server ends with it.
+    With ``embedded`` (the pid and data directory of an embedded server that
+    other commands run) the worker also ends when that server ends: quietly
+    with status 0 when it was stopped because its last command finished, with
+    status 3 and the reason when it died.
     """
     AnnouncedRetry.on_deadline = _exit_unreachable
+    if embedded is not None:
+        _end_with_server(*embedded)
     partitions = wait_for_partitions(r, keys, announce=announce_wait)
     queues = [
         Queue(name, connection=r, serializer=JSONSerializer)
         for name in keys.queue_names(partitions)
     ]
-    if owner_pid is not None:
-        _stop_when_gone(owner_pid)
     worker = PipelineWorker(queues, connection=r, serializer=JSONSerializer)
     worker.work(burst=burst, logging_level="INFO" if verbose else "WARNING")
+
+
+def _end_with_server(server_pid: int, data_dir: Path) -> None:
+    """Exit when the embedded server ``server_pid`` ends (seen by a failing call or a thread)."""
+
+    def server_ended() -> None:
+        if ended_normally(data_dir, server_pid):
+            logger.info("the embedded server stopped: its last command finished")
+            status = ExitStatus.OK
+        else:
+            print(f"orchestrator: {stop_reason(data_dir, None, server_pid)}", file=sys.stderr)
+            status = ExitStatus.REDIS_UNAVAILABLE
+        sys.stderr.flush()
+        os._exit(int(status))  # (RQ would try to write its bookkeeping to the server)
+
+    watch = ExitWatch(server_pid, server_ended)
+
+    def poll() -> None:
+        while not watch.exited(0.0):
+            time.sleep(0.2)
+
+    threading.Thread(target=poll, name="server-watch", daemon=True).start()
 
 
 def _exit_unreachable(error: Exception) -> None:
@@ -201,26 +275,6 @@ def _exit_unreachable(error: Exception) -> None:
     )
     sys.stderr.flush()
     os._exit(int(ExitStatus.REDIS_UNAVAILABLE))
-
-
-def _stop_when_gone(pid: int) -> None:
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                print(
-                    f"orchestrator: the command that owns the embedded server (pid {pid}) ended; "
-                    "stopping",
-                    file=sys.stderr,
-                )
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            except PermissionError:
-                pass
-
-    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
 
 
 class ForkedProcess:
@@ -322,8 +376,17 @@ def _argv_holds_secret(url: str) -> bool:
 class WorkerPool:
     """Worker processes started and stopped by a command (``--workers N``)."""
 
-    def __init__(self, count: int, url: str, namespace: str, *, verbose: bool = False) -> None:
+    def __init__(
+        self,
+        count: int,
+        url: str,
+        namespace: str,
+        *,
+        verbose: bool = False,
+        client: Redis | None = None,
+    ) -> None:
         self.count = count
+        self.client = client  # to remove the RQ registrations of workers that were killed
         self.url = url
         self.namespace = namespace
         self.verbose = verbose
@@ -369,11 +432,15 @@ class WorkerPool:
             try:
                 die_with_parent()
                 if os.getppid() == parent:
+                    # (the driver's handlers: RQ's worker installs its own when it starts)
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
                     os.environ["REDIS_URL"] = self.url
                     os.environ.pop("RQ_REDIS_URL", None)
                     self._hide_driver_argv()
                     status = cli.main(self._worker_args())
+            except KeyboardInterrupt:  # Ctrl-C before RQ's worker took over its signals
+                status = int(ExitStatus.INTERRUPTED)
             except BaseException:  # noqa: BLE001 - the child must reach os._exit
                 traceback.print_exc()
             finally:
@@ -435,6 +502,7 @@ class WorkerPool:
                     f"continues once it takes writes again"
                 )
                 raise RedisUnavailable(msg)
+            _unregister(r or self.client, [proc.pid])
             lived = time.monotonic() - self._started.pop(proc.pid, 0.0)
             quick = lived < CRASH_LOOP_SECONDS and not _registered(r, proc.pid)
             self._quick_deaths = self._quick_deaths + 1 if quick else 0
@@ -470,10 +538,14 @@ class WorkerPool:
                 proc.send_signal(signal.SIGTERM)
         # (Without its server a worker's job cannot finish: it would only retry Redis.)
         deadline = time.monotonic() + (0.0 if SERVER_DIED.is_set() else STOP_TIMEOUT)
+        killed = []
         for proc in self.processes:
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                code = proc.wait()
+            if code < 0:
+                killed.append(proc.pid)
+        _unregister(self.client, killed)
         self.processes = []
