@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -158,26 +159,26 @@ def server_args(data_dir: Path, socket_path: str, *, persistent: bool) -> list[s
 
 
 # The files of a data directory that coordinate the commands using its server:
-SERVER_LOCK = "server.lock"  # held (exclusive) by the keeper process while it runs the server
+SERVER_LOCK = "server.lock"  # held (exclusive) by the keeper process of the running server
 ATTACH_LOCK = "attach.lock"  # held (shared) by every command attached to the server
 SERVER_INFO = "server.json"  # the running server: its pid, its keeper's, its socket
 KEEPER_LOG = "keeper.log"  # what a keeper that failed said
 
 ATTACH_TIMEOUT = 150.0  # how long a command waits for a server that is stopping (compaction)
+START_TIMEOUT = 15.0
 
 
 @dataclass
 class Attachment:
     """This command's use of the embedded server of a data directory.
 
-    The server belongs to none of the commands that use it: a small keeper
-    process (``orchestrator.keeper``) started in its own session runs it, so the
-    terminal's Ctrl-C, which reaches every process of the foreground group, does
-    not reach the server, and a command that ends leaves it to the others. Each
-    command holds a shared lock on ``attach.lock`` while it uses the server; the
-    last one to leave stops the server (after compacting its append-only file),
-    and if every command was killed, the keeper finds the lock free and stops
-    the server itself.
+    The server belongs to none of the commands that use it. It runs in a
+    session of its own, so the terminal's Ctrl-C, which reaches every process
+    of the foreground group, does not reach it, and a command that ends leaves
+    it to the others. Each command holds a shared lock on ``attach.lock`` while
+    it uses the server; the last one to leave stops it (after compacting its
+    append-only file). A small keeper process (``orchestrator.keeper``), also in
+    a session of its own, stops it if every command was killed instead.
     """
 
     data_dir: Path
@@ -185,7 +186,9 @@ class Attachment:
     url: str
     server_pid: int
     keeper_pid: int
-    keeper: subprocess.Popen[bytes] | None = None  # when this command started the keeper
+    # the processes this command started (to reap them), if it started the server
+    server: subprocess.Popen[bytes] | None = None
+    keeper: subprocess.Popen[bytes] | None = None
 
 
 def _open_lock(path: Path) -> IO[Any]:
@@ -215,7 +218,7 @@ def _try_lock(f: IO[Any], how: int) -> bool:
 def _wait_lock(f: IO[Any], how: int, timeout: float, waiting: str) -> None:
     """Take a lock, waiting up to ``timeout`` s; says ``waiting`` on stderr after a second."""
     deadline = time.monotonic() + timeout
-    said_at = time.monotonic() + 1.0
+    said_at: float | None = time.monotonic() + 1.0
     while not _try_lock(f, how):
         now = time.monotonic()
         if now > deadline:
@@ -224,11 +227,11 @@ def _wait_lock(f: IO[Any], how: int, timeout: float, waiting: str) -> None:
         if said_at is not None and now > said_at:
             print(f"orchestrator: {waiting}...", file=sys.stderr)
             said_at = None
-        time.sleep(0.02)
+        time.sleep(0.002)
 
 
 def read_server_info(data_dir: Path) -> dict[str, Any] | None:
-    """The running server of ``data_dir`` as its keeper recorded it, or None."""
+    """The data directory's server as recorded when it started, or None."""
     try:
         info = json.loads((data_dir / SERVER_INFO).read_text())
         return {"url": str(info["url"]), "pid": int(info["pid"]), "keeper": int(info["keeper"])}
@@ -261,46 +264,71 @@ def attach(data_dir: Path, *, persistent: bool = True) -> Attachment:
 
 def _find_or_start(data_dir: Path, attach_file: IO[Any], *, persistent: bool) -> Attachment:
     deadline = time.monotonic() + START_TIMEOUT
-    keeper: subprocess.Popen[bytes] | None = None
     while True:
-        if keeper is None:
-            server_lock = _open_lock(data_dir / SERVER_LOCK)
-            try:
-                if _try_lock(server_lock, fcntl.LOCK_EX):  # no keeper runs: start one
-                    keeper = _start_keeper(data_dir, server_lock, persistent=persistent)
-            finally:
-                server_lock.close()  # (the keeper holds the lock now, through its own copy)
+        server_lock = _open_lock(data_dir / SERVER_LOCK)
+        try:
+            if _try_lock(server_lock, fcntl.LOCK_EX):  # no keeper runs: this command starts one
+                return _start(data_dir, attach_file, server_lock, persistent=persistent)
+        finally:
+            server_lock.close()  # (a keeper started holds the lock now, through its own copy)
         info = read_server_info(data_dir)
-        if info is not None and (keeper is None or info["keeper"] == keeper.pid):
-            if is_redis_server(info["pid"]):
-                return Attachment(
-                    data_dir, attach_file, info["url"], info["pid"], info["keeper"], keeper
-                )
-        if keeper is not None and keeper.poll() is not None:
-            raise _keeper_failed(data_dir, keeper.returncode)
+        if info is not None and is_redis_server(info["pid"]):
+            return Attachment(data_dir, attach_file, info["url"], info["pid"], info["keeper"])
         if time.monotonic() > deadline:
-            msg = (
-                f"the embedded redis-server in {data_dir} did not start within {START_TIMEOUT:.0f}s"
-            )
+            msg = f"the embedded redis-server in {data_dir} did not start in {START_TIMEOUT:.0f}s"
             raise RedisUnavailable(msg)
-        # (Another keeper is starting its server, or has just stopped one and is leaving.)
-        time.sleep(0.01)
+        # (Another command is starting the server, or its keeper is leaving after a stop.)
+        time.sleep(0.002)
 
 
-START_TIMEOUT = 15.0
+def _start(
+    data_dir: Path, attach_file: IO[Any], server_lock: IO[Any], *, persistent: bool
+) -> Attachment:
+    """Start the server (or adopt one whose keeper died) and a keeper that holds the lock."""
+    info = read_server_info(data_dir)
+    server = None
+    if info is not None and is_redis_server(info["pid"]):
+        url, pid = info["url"], info["pid"]  # its keeper died; the server still runs
+    else:
+        stop_strays(data_dir)
+        socket_dir = tempfile.mkdtemp(prefix="orchestrator-")
+        socket_path = os.path.join(socket_dir, "redis.sock")
+        server = subprocess.Popen(
+            server_args(data_dir, socket_path, persistent=persistent),
+            cwd=data_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=server_environment(),
+            start_new_session=True,  # out of the terminal's process group: Ctrl-C passes it by
+        )
+        url, pid = f"unix://{socket_path}", server.pid
+        _record(data_dir, pid, 0, url)  # (so that it is found if this command dies now)
+    try:
+        keeper = _start_keeper(data_dir, server_lock, pid, url)
+    except BaseException:
+        if server is not None:
+            server.kill()
+            server.wait()
+        raise
+    _record(data_dir, pid, keeper.pid, url)
+    return Attachment(data_dir, attach_file, url, pid, keeper.pid, server, keeper)
+
+
+def _record(data_dir: Path, pid: int, keeper: int, url: str) -> None:
+    partial = data_dir / (SERVER_INFO + ".tmp")
+    partial.write_text(json.dumps({"pid": pid, "keeper": keeper, "url": url}))
+    partial.replace(data_dir / SERVER_INFO)  # (readers never see half a record)
 
 
 def _start_keeper(
-    data_dir: Path, server_lock: IO[Any], *, persistent: bool
+    data_dir: Path, server_lock: IO[Any], server_pid: int, url: str
 ) -> subprocess.Popen[bytes]:
-    """Start the keeper process that runs the server, handing it the server lock."""
-    redis_server_binary()  # (no binary: say so here, not in the keeper's log)
+    """Start the keeper of server ``server_pid``, handing it the server lock."""
     args = [
         sys.executable, "-m", "orchestrator.keeper", str(data_dir),
-        "--lock-fd", str(server_lock.fileno()),
+        "--lock-fd", str(server_lock.fileno()), "--server-pid", str(server_pid), "--url", url,
     ]  # fmt: skip
-    if not persistent:
-        args.append("--no-persistence")
     try:
         log = open(data_dir / KEEPER_LOG, "ab")  # noqa: SIM115
     except OSError as e:
@@ -313,17 +341,8 @@ def _start_keeper(
             stdout=log,
             stderr=log,
             pass_fds=(server_lock.fileno(),),
-            start_new_session=True,  # out of the terminal's process group: Ctrl-C passes it by
+            start_new_session=True,
         )
-
-
-def _keeper_failed(data_dir: Path, status: int) -> RedisUnavailable:
-    lines = _log_tail(data_dir / KEEPER_LOG)
-    last = next((line for line in reversed(lines) if line.strip()), "")
-    if isinstance(error := stop_reason(data_dir, status), ServerStopped) and not last:
-        return error
-    msg = f"the embedded redis-server in {data_dir} could not start: {last or f'status {status}'}"
-    return RedisUnavailable(msg)
 
 
 def join_running(data_dir: Path) -> dict[str, Any] | None:
@@ -334,12 +353,12 @@ def join_running(data_dir: Path) -> dict[str, Any] | None:
     return info
 
 
-def detach(attachment: Attachment, stop: Any, *, wait: float = 30.0) -> None:
+def detach(attachment: Attachment, stop: Any) -> None:
     """Leave the server; the last command to leave stops it, by calling ``stop(attachment)``.
 
-    ``stop`` asks the server to exit (or does nothing if it is gone); this then
-    waits for the server and its keeper to be gone, so that the next command
-    finds the data directory free.
+    ``stop`` asks the server to exit (it does nothing if the server is gone);
+    this then waits for the server and its keeper to be gone, so that nothing of
+    the data directory runs once the last command has ended.
     """
     f = attachment.attach_file
     try:
@@ -348,35 +367,48 @@ def detach(attachment: Attachment, stop: Any, *, wait: float = 30.0) -> None:
             try:
                 stop(attachment)
             finally:
-                _wait_gone(attachment, wait)
+                _stopped(attachment)
         elif not _try_lock(f, fcntl.LOCK_SH):
             # The keeper found the lock free first and is stopping the server: wait for it.
             waiting = f"waiting for the embedded server in {attachment.data_dir} to stop"
             _wait_lock(f, fcntl.LOCK_SH, ATTACH_TIMEOUT, waiting)
     finally:
         f.close()
-        if attachment.keeper is not None and attachment.keeper.poll() is None:
-            attachment.keeper.returncode = None  # (reaped by the keeper's own exit, or later)
 
 
-def _wait_gone(attachment: Attachment, wait: float) -> None:
-    """Wait for the server to exit (killing it after ``wait`` s), then for its keeper to leave."""
+def _stopped(attachment: Attachment, wait: float = 30.0) -> None:
+    """After a stop: wait for the server's exit (SIGKILL after ``wait`` s), clear its record,
+    and end its keeper."""
     deadline = time.monotonic() + wait
     while is_redis_server(attachment.server_pid):
         if time.monotonic() > deadline:
             with contextlib.suppress(OSError):
                 os.kill(attachment.server_pid, signal.SIGKILL)
-        time.sleep(0.005)
-    # The keeper leaves within its poll interval; its server lock is free then.
-    server_lock = _open_lock(attachment.data_dir / SERVER_LOCK)
+        time.sleep(0.002)
+    if attachment.server is not None:
+        attachment.server.wait()
+    forget_server(attachment.data_dir, attachment.server_pid, attachment.url)
+    with contextlib.suppress(OSError):
+        os.kill(attachment.keeper_pid, signal.SIGTERM)
+    if attachment.keeper is not None:
+        attachment.keeper.wait()
+        return
+    server_lock = _open_lock(attachment.data_dir / SERVER_LOCK)  # free once the keeper is gone
     try:
         with contextlib.suppress(RedisUnavailable):
             _wait_lock(server_lock, fcntl.LOCK_EX, 5.0, "waiting for the server's keeper to exit")
     finally:
         server_lock.close()
-    if attachment.keeper is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            attachment.keeper.wait(timeout=1.0)
+
+
+def forget_server(data_dir: Path, server_pid: int, url: str) -> None:
+    """Remove the record and the socket directory of a server that has exited."""
+    info = read_server_info(data_dir)
+    if info is not None and info["pid"] == server_pid:
+        with contextlib.suppress(OSError):
+            (data_dir / SERVER_INFO).unlink()
+    if url.startswith("unix://"):
+        shutil.rmtree(os.path.dirname(url[len("unix://") :]), ignore_errors=True)
 
 
 def terminate_server(attachment: Attachment) -> None:
@@ -386,16 +418,27 @@ def terminate_server(attachment: Attachment) -> None:
             os.kill(attachment.server_pid, signal.SIGTERM)
 
 
-def stop_orphan(info_path: Path) -> None:
-    """Wait for the server of a keeper that died (it gets SIGTERM then, and may still be
-    writing its append-only file) to be gone, before a new one opens the same data."""
-    try:
-        pid = int(json.loads(info_path.read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
+def servers_running_in(data_dir: Path) -> list[int]:
+    """The redis-server processes whose working directory is ``data_dir``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry}/cwd") == str(data_dir) and is_redis_server(
+                    int(entry)
+                ):
+                    found.append(int(entry))
+    return found
+
+
+def stop_strays(data_dir: Path) -> None:
+    """Stop any server still running on ``data_dir`` that no keeper watches (its command died
+    before it started one), before a new one opens the same data."""
     deadline = time.monotonic() + STOP_ORPHAN_TIMEOUT
-    while is_redis_server(pid):
-        os.kill(pid, signal.SIGKILL if time.monotonic() > deadline else signal.SIGTERM)
+    while strays := servers_running_in(data_dir):
+        for pid in strays:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL if time.monotonic() > deadline else signal.SIGTERM)
         time.sleep(0.05)
 
 

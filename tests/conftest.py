@@ -181,8 +181,10 @@ def stderr_lines(run) -> list[str]:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """Environment for CLI subprocesses: no Redis URL unless given."""
+    """Environment for CLI subprocesses: no Redis URL unless given, and this checkout's code
+    first (an installed copy, editable or not, may be another checkout's)."""
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RQ_REDIS_URL")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import psutil
 import redis
 
 from tasks.keys import Keys
@@ -46,3 +47,28 @@ def committed_epoch(url: str, namespace: str) -> int:
         return -1
     finally:
         client.close()
+
+
+def servers_in(data_dir) -> list[int]:
+    """The pids of the redis-servers running in ``data_dir`` (an embedded server's directory)."""
+    found = []
+    for proc in psutil.process_iter(["name", "cwd"]):
+        try:
+            if "redis-server" in (proc.info["name"] or "") and proc.info["cwd"] == str(data_dir):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def keepers_of(data_dir) -> list[int]:
+    """The pids of the keeper processes running the embedded server of ``data_dir``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            if "orchestrator.keeper" in cmdline and str(data_dir) in cmdline:
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found

@@ -3,13 +3,13 @@
 import subprocess
 import sys
 
-import psutil
 import pytest
 
 from orchestrator.embedded import JEMALLOC_SONAME, server_allocator
 from orchestrator.server import EmbeddedServer, client_for
 
 from conftest import REPO, SEED_INPUT, cli_env, run_cli
+from helpers import servers_in
 
 
 def test_the_cli_module_imports_neither_redis_nor_rq():
@@ -19,17 +19,6 @@ def test_the_cli_module_imports_neither_redis_nor_rq():
         [sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
-
-
-def servers_in(data_dir):
-    found = []
-    for proc in psutil.process_iter(["name", "cwd"]):
-        try:
-            if "redis-server" in (proc.info["name"] or "") and proc.info["cwd"] == str(data_dir):
-                found.append(proc.pid)
-        except psutil.Error:
-            continue
-    return found
 
 
 def test_a_run_that_fails_before_reaching_redis_stops_the_server_it_started(tmp_path):

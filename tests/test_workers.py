@@ -65,7 +65,7 @@ def test_a_worker_joins_the_embedded_server_of_a_running_driver(events, tmp_path
         worker_err = stop(worker)
     assert driver.returncode == 0, stderr
     assert stdout == expected
-    assert "using the embedded server of the command running in" in worker_err
+    assert "using the embedded server in" in worker_err
 
 
 def test_a_worker_without_a_running_embedded_server_says_what_to_do(tmp_path):

@@ -1,0 +1,138 @@
+"""Several commands on one data directory share its embedded server.
+
+The server stays up while any command is attached to it and stops when the last
+one leaves; a command killed with SIGKILL leaves nothing running; an
+``orchestrator worker`` that joined it ends quietly with it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from bench.generate import generate
+
+from conftest import cli_env, run_cli
+from helpers import keepers_of, servers_in
+from reference import reference_run
+
+pytestmark = pytest.mark.integration
+
+
+def write_events(path, events, seed):
+    lines = list(generate(events, 2_000, seed=seed))
+    path.write_text("\n".join(lines) + "\n")
+    return reference_run(lines)[0]
+
+
+def start(*args, cwd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for(condition, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_second_ingest_on_the_data_directory_outlives_the_first(tmp_path):
+    first_expected = write_events(tmp_path / "first.json", 100_000, seed=1)
+    second_expected = write_events(tmp_path / "second.json", 250_000, seed=2)
+    first = start("ingest", "first.json", "--namespace", "n1", "--output", "n1.txt", cwd=tmp_path)
+    wait_for(lambda: (tmp_path / "n1.txt").exists() and (tmp_path / "n1.txt").stat().st_size, "n1")
+
+    second = start("ingest", "second.json", "--namespace", "n2", "--output", "n2.txt", cwd=tmp_path)
+    _, first_err = first.communicate(timeout=120)
+    first_ended = time.monotonic()
+    assert second.poll() is None, "the second run must still be running when the first ends"
+    _, second_err = second.communicate(timeout=120)
+
+    assert first.returncode == 0, first_err
+    assert second.returncode == 0, second_err
+    assert time.monotonic() > first_ended
+    assert "lost the connection" not in first_err + second_err
+    assert (tmp_path / "n1.txt").read_text() == first_expected
+    assert (tmp_path / "n2.txt").read_text() == second_expected
+    data_dir = (tmp_path / ".orchestrator").resolve()
+    assert servers_in(data_dir) == [] and keepers_of(data_dir) == []
+
+
+def test_status_calls_beside_ingest_starts_never_fail(tmp_path):
+    expected = write_events(tmp_path / "events.json", 3_000, seed=3)
+    statuses: list[subprocess.CompletedProcess] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            statuses.append(run_cli("status", cwd=tmp_path))
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    try:
+        runs = []
+        for i in range(5):
+            runs.append(run_cli("ingest", "events.json", "--namespace", f"s{i}", cwd=tmp_path))
+            time.sleep(0.05 * i)  # ingests start at varied points of a status call
+    finally:
+        stop.set()
+        asker.join()
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == expected
+    assert len(statuses) >= 3
+    for status in statuses:
+        assert status.returncode == 0, status.stderr
+
+
+def test_a_joined_worker_exits_0_quietly_when_the_run_ends(tmp_path):
+    expected = write_events(tmp_path / "events.json", 20_000, seed=4)
+    driver = start("ingest", "events.json", "--workers", "0", cwd=tmp_path)
+    wait_for(lambda: (tmp_path / ".orchestrator" / "server.json").exists(), "the server")
+    worker = start("worker", cwd=tmp_path)
+
+    stdout, driver_err = driver.communicate(timeout=120)
+    _, worker_err = worker.communicate(timeout=30)
+
+    assert driver.returncode == 0, driver_err
+    assert stdout == expected
+    assert worker.returncode == 0, worker_err
+    assert worker_err.splitlines() == [
+        f"orchestrator: using the embedded server in {(tmp_path / '.orchestrator').resolve()} "
+        f"(pid {json_pid(driver_err, worker_err)}) while commands run there"
+    ]
+
+
+def json_pid(*texts):
+    """The server pid the worker named (it is gone by now; the line says which it was)."""
+    for text in texts:
+        for line in text.splitlines():
+            if "(pid " in line:
+                return int(line.split("(pid ", 1)[1].split(")", 1)[0])
+    raise AssertionError("no pid in the worker's line")
+
+
+def test_a_killed_command_leaves_no_server_and_no_listening_worker(tmp_path):
+    write_events(tmp_path / "events.json", 200_000, seed=5)
+    run = start("ingest", "events.json", "--output", "out.txt", cwd=tmp_path)
+    wait_for(lambda: (tmp_path / "out.txt").exists() and (tmp_path / "out.txt").stat().st_size, "out")
+    run.send_signal(signal.SIGKILL)  # its workers get SIGTERM when it dies; its server is left
+    run.communicate(timeout=30)
+
+    data_dir = (tmp_path / ".orchestrator").resolve()
+    wait_for(lambda: not servers_in(data_dir) and not keepers_of(data_dir), "the keeper", 10)
+
+    status = run_cli("status", "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["workers"] == 0
+    resumed = run_cli("resume", "events.json", "--output", "out.txt", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
