@@ -495,6 +495,7 @@ def print_state(found: dict[str, Any], *, as_json: bool) -> None:
 
 def _exit_status(e: PipelineError) -> ExitStatus:
     from orchestrator.dispatch import WorkerFailed
+    from orchestrator.embedded import DataDirError
     from orchestrator.lock import DriverLocked
     from orchestrator.output import OutputError
     from orchestrator.reader import InputError
@@ -507,6 +508,7 @@ def _exit_status(e: PipelineError) -> ExitStatus:
         (FlowError, ExitStatus.USAGE),
         (InputError, ExitStatus.NO_INPUT),
         (OutputError, ExitStatus.NO_INPUT),
+        (DataDirError, ExitStatus.NO_INPUT),
         (DriverLocked, ExitStatus.LOCKED),
         (Superseded, ExitStatus.LOCKED),
         (RedisUnavailable, ExitStatus.REDIS_UNAVAILABLE),
@@ -559,6 +561,8 @@ def _disk_advice(e: PipelineError, resume: str | None) -> str:
     if resume is None:
         return ""
     if isinstance(e, ServerStopped):
+        if not e.disk:
+            return f"; run '{resume}' to continue"
         free = "free space there" if e.no_space else "fix its disk"
         return f"; {free}, then run '{resume}'"
     if isinstance(e, OutputError) and e.disk_error:

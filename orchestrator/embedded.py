@@ -44,10 +44,11 @@ class ServerStopped(RedisUnavailable):
     whatever it acknowledged is on disk and a later ``resume`` continues from it.
     """
 
-    def __init__(self, data_dir: Path, reason: str, *, no_space: bool) -> None:
+    def __init__(self, data_dir: Path, reason: str, *, no_space: bool, disk: bool) -> None:
         self.data_dir = data_dir
         self.reason = reason
         self.no_space = no_space
+        self.disk = disk  # it could not write to its disk (else it was killed, or crashed)
         super().__init__(f"the embedded redis-server stopped: {reason}")
 
 
@@ -460,9 +461,12 @@ def stop_reason(data_dir: Path, returncode: int | None, pid: int | None = None) 
 
     The log is kept across runs: only the lines of that process count (``PID:M ...``).
     """
-    warnings = [line for line in _log_tail(data_dir / "redis.log") if " # " in line]
+    lines = _log_tail(data_dir / "redis.log")
     if pid is not None:
-        warnings = [line for line in warnings if line.startswith(f"{pid}:")]
+        lines = [line for line in lines if line.startswith(f"{pid}:")]
+    # (what it said before it took connections is about its start: the overcommit warning)
+    ready = next((i for i, x in enumerate(lines) if "ready to accept connections" in x.lower()), -1)
+    warnings = [line for line in lines[ready + 1 :] if " # " in line]
     aof = next((w for w in reversed(warnings) if any(f in w for f in AOF_FAILURES)), None)
     free = free_bytes(data_dir)
     if aof is not None:
@@ -471,14 +475,19 @@ def stop_reason(data_dir: Path, returncode: int | None, pid: int | None = None) 
         no_space = short or cause in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
         what = "no space left on device" if no_space else cause[:1].lower() + cause[1:]
         reason = f"{what} for its append-only file in {data_dir}"
-        return ServerStopped(data_dir, reason, no_space=no_space)
+        return ServerStopped(data_dir, reason, no_space=no_space, disk=True)
     if free is not None and free < LOW_SPACE_BYTES:
         reason = f"its disk is full ({free:,} bytes free in {data_dir})"
-        return ServerStopped(data_dir, reason, no_space=True)
-    status = f"exit status {returncode}" if returncode is not None else "it is gone"
+        return ServerStopped(data_dir, reason, no_space=True, disk=True)
+    if returncode is None:
+        status = "it exited"
+    elif returncode < 0:
+        status = f"killed by signal {-returncode}"
+    else:
+        status = f"exit status {returncode}"
     last = warnings[-1].split(" # ", 1)[-1] if warnings else "no reason in its log"
     reason = f"{status}: {last} (see {data_dir / 'redis.log'})"
-    return ServerStopped(data_dir, reason, no_space=False)
+    return ServerStopped(data_dir, reason, no_space=False, disk=False)
 
 
 def ended_normally(data_dir: Path, pid: int) -> bool:

@@ -342,7 +342,9 @@ class EmbeddedServer:
         back), so the command fails within moments; ``__exit__`` then reports why.
         """
         assert self.server_pid is not None
-        self.stopped = stop_reason(self.data_dir, None, self.server_pid)
+        server = self._attachment.server if self._attachment is not None else None
+        status = server.poll() if server is not None else None  # (known if it is our child)
+        self.stopped = stop_reason(self.data_dir, status, self.server_pid)
         self._gave_up_before = AnnouncedRetry.give_up
         AnnouncedRetry.give_up = True
         SERVER_DIED.set()

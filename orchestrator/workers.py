@@ -502,9 +502,9 @@ class WorkerPool:
                     f"continues once it takes writes again"
                 )
                 raise RedisUnavailable(msg)
-            _unregister(r or self.client, [proc.pid])
             lived = time.monotonic() - self._started.pop(proc.pid, 0.0)
             quick = lived < CRASH_LOOP_SECONDS and not _registered(r, proc.pid)
+            _unregister(r or self.client, [proc.pid])  # (it could not: it died)
             self._quick_deaths = self._quick_deaths + 1 if quick else 0
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             if self._quick_deaths >= CRASH_LOOP_DEATHS:

@@ -90,3 +90,14 @@ def test_another_exit_gives_the_last_warning_of_the_log(tmp_path):
         "exit status 1: Fatal error loading the DB: Invalid argument. Exiting. "
         f"(see {tmp_path / 'redis.log'})"
     )
+
+
+def test_a_killed_server_is_not_blamed_on_what_it_said_at_its_start(tmp_path):
+    with open(tmp_path / "redis.log", "w") as log:
+        log.write(
+            "7:M 29 Nov 2026 07:00:00.000 # WARNING Memory overcommit must be enabled!\n"
+            "7:M 29 Nov 2026 07:00:00.001 * Ready to accept connections\n"
+        )
+    stopped = stop_reason(tmp_path, -9, pid=7)
+    assert not stopped.disk
+    assert stopped.reason == f"killed by signal 9: no reason in its log (see {tmp_path / 'redis.log'})"

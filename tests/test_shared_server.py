@@ -15,8 +15,10 @@ import threading
 import time
 
 import pytest
+import redis
 
 from bench.generate import generate
+from tasks.keys import Keys
 
 from conftest import cli_env, run_cli
 from helpers import keepers_of, servers_in
@@ -97,7 +99,7 @@ def test_status_calls_beside_ingest_starts_never_fail(tmp_path):
 def test_a_joined_worker_exits_0_quietly_when_the_run_ends(tmp_path):
     expected = write_events(tmp_path / "events.json", 20_000, seed=4)
     driver = start("ingest", "events.json", "--workers", "0", cwd=tmp_path)
-    wait_for(lambda: (tmp_path / ".orchestrator" / "server.json").exists(), "the server")
+    wait_for(lambda: started_run(tmp_path / ".orchestrator"), "the run to start")
     worker = start("worker", cwd=tmp_path)
 
     stdout, driver_err = driver.communicate(timeout=120)
@@ -108,11 +110,26 @@ def test_a_joined_worker_exits_0_quietly_when_the_run_ends(tmp_path):
     assert worker.returncode == 0, worker_err
     assert worker_err.splitlines() == [
         f"orchestrator: using the embedded server in {(tmp_path / '.orchestrator').resolve()} "
-        f"(pid {json_pid(driver_err, worker_err)}) while commands run there"
+        f"(pid {named_pid(driver_err, worker_err)}) while commands run there"
     ]
 
 
-def json_pid(*texts):
+def started_run(data_dir) -> bool:
+    """Whether the run on the embedded server of ``data_dir`` has set up its namespace."""
+    try:
+        url = json.loads((data_dir / "server.json").read_text())["url"]
+    except (OSError, ValueError, KeyError):
+        return False
+    client = redis.Redis.from_url(url)
+    try:
+        return client.hget(Keys("cart-join").meta, "partitions") is not None
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def named_pid(*texts):
     """The server pid the worker named (it is gone by now; the line says which it was)."""
     for text in texts:
         for line in text.splitlines():
@@ -124,7 +141,9 @@ def json_pid(*texts):
 def test_a_killed_command_leaves_no_server_and_no_listening_worker(tmp_path):
     write_events(tmp_path / "events.json", 200_000, seed=5)
     run = start("ingest", "events.json", "--output", "out.txt", cwd=tmp_path)
-    wait_for(lambda: (tmp_path / "out.txt").exists() and (tmp_path / "out.txt").stat().st_size, "out")
+    wait_for(
+        lambda: (tmp_path / "out.txt").exists() and (tmp_path / "out.txt").stat().st_size, "out"
+    )
     run.send_signal(signal.SIGKILL)  # its workers get SIGTERM when it dies; its server is left
     run.communicate(timeout=30)
 
