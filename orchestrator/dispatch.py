@@ -24,9 +24,9 @@ from rq.serializers import JSONSerializer
 from orchestrator.fence import Fence, refusal_error
 from tasks.batch import Batch
 from tasks.errors import PipelineError
-from tasks.keys import PROCESS_BATCH, Keys
+from tasks.keys import PROCESS_BATCH, Keys, rq_job_key
 from tasks.scripts import Refusal
-from tasks.store import NOTHING
+from tasks.store import PROGRESS_FIELDS, decode_progress
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Dispatcher:
         pipe = self.r.pipeline(transaction=False)
         pipe.delete(self.keys.successor(self.generation, b.partition))
         pipe.delete(self.keys.batch(self.generation, b.partition, b.last_epoch))
-        pipe.delete(f"rq:job:{flight.job_id}")
+        pipe.delete(rq_job_key(flight.job_id))
         pipe.execute()
 
     def new_flight(self, batch: Batch, offsets: list[int], events: int, size: int) -> InFlight:
@@ -167,8 +167,8 @@ class Dispatcher:
             p = f.batch.partition
             pipe.lpos(self.queues[p].key, f.job_id)
             pipe.exists(self.keys.lease(p))
-            pipe.hmget(self.keys.progress(p), ["generation", "applied"])
-            pipe.hget(f"rq:job:{f.job_id}", "status")
+            pipe.hmget(self.keys.progress(p), PROGRESS_FIELDS)
+            pipe.hget(rq_job_key(f.job_id), "status")
         pipe.exists(self.keys.meta)
         *replies, meta_exists = pipe.execute()
         if not meta_exists:
@@ -176,8 +176,8 @@ class Dispatcher:
             raise refusal_error(gone, self.keys, Fence(self.generation, "", 0))
         lost = []
         for i, f in enumerate(flights):
-            queued, leased, (owner, applied), status = replies[4 * i : 4 * i + 4]
-            applied_through = self._check_partition(f, owner, applied)
+            queued, leased, progress, status = replies[4 * i : 4 * i + 4]
+            applied_through = self._check_partition(f, *decode_progress(progress))
             if status == b"failed":
                 raise WorkerFailed(self._failure(f))
             # (a batch stopped by a bad event under fail commits short of its last epoch)
@@ -203,7 +203,7 @@ class Dispatcher:
             )
         self.send(lost, at_front=True)
 
-    def _check_partition(self, flight: InFlight, owner: bytes | None, applied: bytes | None) -> int:
+    def _check_partition(self, flight: InFlight, owner: int | None, found: int) -> int:
         """How far the partition of a batch in flight has applied; raise if it went back in time
         or changed hands.
 
@@ -211,8 +211,7 @@ class Dispatcher:
         less means Redis lost an acknowledged commit (the batch would then wait forever).
         """
         p, generation = flight.batch.partition, self.generation
-        found_owner = -1 if owner is None else int(owner)
-        found = NOTHING if applied is None else int(applied)
+        found_owner = -1 if owner is None else owner
         refusal = None
         if found_owner > generation:
             refusal = Refusal("superseded", p, str(found_owner), str(generation))

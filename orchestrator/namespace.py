@@ -345,7 +345,7 @@ def reset(r: Redis, keys: Keys) -> int:
     """
     # RQ's set of all queues is shared: only this namespace's queues leave it.
     queues = [
-        q for q in r.sscan_iter(Queue.redis_queues_keys, match=f"rq:queue:{keys.namespace}-*")
+        q for q in r.sscan_iter(Queue.redis_queues_keys, match=keys.queues_pattern)
         if keys.owns(q.decode())
     ]  # fmt: skip
     if queues:

@@ -26,6 +26,16 @@ def partition_of(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions
 
 
+def rq_queue_key(name: str) -> str:
+    """The Redis list RQ keeps the job ids of queue ``name`` in."""
+    return f"rq:queue:{name}"
+
+
+def rq_job_key(job_id: str) -> str:
+    """The Redis hash RQ keeps job ``job_id`` in (its status, data, timestamps)."""
+    return f"rq:job:{job_id}"
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names of one namespace."""
@@ -129,7 +139,12 @@ class Keys:
 
     def queue_key(self, partition: int) -> str:
         """The Redis list of the partition's RQ queue (RQ names it ``rq:queue:<queue name>``)."""
-        return f"rq:queue:{self.queue_name(partition)}"
+        return rq_queue_key(self.queue_name(partition))
+
+    @property
+    def queues_pattern(self) -> str:
+        """SCAN/SSCAN pattern of RQ queue keys that may be the namespace's (``owns`` tells)."""
+        return rq_queue_key(f"{self.namespace}-*")
 
     def queue_names(self, partitions: int) -> list[str]:
         """The RQ queues of all partitions, in partition order."""

@@ -34,13 +34,26 @@ logger = logging.getLogger(__name__)
 NOTHING = -1  # the "applied"/"committed" value of a partition or namespace with nothing yet
 
 
-class CommitOutcome(enum.IntEnum):
+class CommitOutcome(enum.Enum):
     """What a commit did with a batch."""
 
-    COMMITTED = 1
-    DUPLICATE = 0  # the partition had applied this batch already: nothing written
-    STALE = -1  # a newer driver run owns the partition: nothing written
-    OUT_OF_ORDER = -2  # the batch before this one is not committed yet: nothing written
+    COMMITTED = "committed"
+    DUPLICATE = "duplicate"  # the partition had applied this batch already: nothing written
+    STALE = "stale"  # a newer driver run owns the partition: nothing written
+    OUT_OF_ORDER = "out_of_order"  # the batch before this one is not committed yet: nothing written
+
+
+# The fields of a partition's progress hash that say who may commit and how far it applied.
+PROGRESS_FIELDS = ["generation", "applied"]
+
+
+def decode_progress(reply: list[Any]) -> tuple[int | None, int]:
+    """A partition's (owning generation or None, applied epoch) from HMGET of PROGRESS_FIELDS."""
+    generation, applied = reply
+    return (
+        None if generation is None else int(generation),
+        NOTHING if applied is None else int(applied),
+    )
 
 
 @dataclass(frozen=True)
@@ -100,17 +113,12 @@ class PartitionTransaction:
         connection read it.
         """
         with self.r.pipeline(transaction=False) as reads:
-            reads.hmget(self.keys.progress(self.partition), ["generation", "applied"])
+            reads.hmget(self.keys.progress(self.partition), PROGRESS_FIELDS)
             if wanted:
                 reads.hmget(self.keys.state(self.partition), wanted)
             replies = reads.execute()
-        generation, applied = replies[0]
         states = dict(zip(wanted, replies[1], strict=True)) if wanted else {}
-        return Loaded(
-            None if generation is None else int(generation),
-            NOTHING if applied is None else int(applied),
-            states,
-        )
+        return Loaded(*decode_progress(replies[0]), states)
 
     def commit(
         self, target: CommitTarget, applied: AppliedBatch, notice: bytes = b""
@@ -149,14 +157,10 @@ class PartitionTransaction:
             outcome = CommitOutcome.COMMITTED
         except WatchError:
             # Something changed the partition since the load: say what, from a fresh read.
-            generation, applied_now = self.r.hmget(keys.progress(p), ["generation", "applied"])
-            refused = outcome_of(
-                target,
-                None if generation is None else int(generation),
-                NOTHING if applied_now is None else int(applied_now),
-            )
-            # (DUPLICATE is 0: compare with None, not by truth.) A progress hash that
-            # changed and came back to the same values is out of order all the same.
+            progress = decode_progress(self.r.hmget(keys.progress(p), PROGRESS_FIELDS))
+            refused = outcome_of(target, *progress)
+            # A progress hash that changed and came back to the same values is out of
+            # order all the same.
             outcome = CommitOutcome.OUT_OF_ORDER if refused is None else refused
         logger.debug(
             "partition %d epochs %d..%d: %s",
@@ -180,8 +184,8 @@ def applied_epochs(r: Redis, keys: Keys, partitions: int) -> list[int]:
     """The epoch through which each partition has applied its events."""
     pipe = r.pipeline(transaction=False)
     for p in range(partitions):
-        pipe.hget(keys.progress(p), "applied")
-    return [NOTHING if v is None else int(v) for v in pipe.execute()]
+        pipe.hmget(keys.progress(p), PROGRESS_FIELDS)
+    return [decode_progress(reply)[1] for reply in pipe.execute()]
 
 
 def restore_partition(
@@ -208,10 +212,10 @@ def restore_partition(
     progress = keys.progress(partition)
     with r.pipeline(transaction=True) as pipe:
         pipe.watch(progress)
-        owner, applied = pipe.hmget(progress, ["generation", "applied"])
-        if generation is not None and (owner is None or int(owner) != generation):
+        owner, applied = decode_progress(pipe.hmget(progress, PROGRESS_FIELDS))
+        if generation is not None and owner != generation:
             raise _superseded(keys, partition, generation, owner)
-        if applied is None or int(applied) <= epoch:
+        if applied <= epoch:
             return 0
         records = pipe.zrangebyscore(keys.undo(partition), f"({epoch}", "+inf")
         restore: dict[str, bytes | None] = {}  # key -> the JSON of its state, or None
@@ -243,13 +247,15 @@ def restore_partition(
         partition,
         epoch,
         len(restore),
-        applied.decode(),
+        applied,
     )
     return len(restore)
 
 
-def _superseded(keys: Keys, partition: int, generation: int | None, owner: Any) -> Superseded:
-    now = "changed" if owner is None else f"belongs to generation {int(owner)}"
+def _superseded(
+    keys: Keys, partition: int, generation: int | None, owner: int | None
+) -> Superseded:
+    now = "changed" if owner is None else f"belongs to generation {owner}"
     msg = (
         f"partition {partition} of namespace {keys.namespace!r} {now} while run "
         f"{generation} was restoring it: another driver took over"
