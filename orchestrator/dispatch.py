@@ -25,6 +25,7 @@ from orchestrator.fence import Fence, refusal_error
 from tasks.batch import Batch
 from tasks.errors import PipelineError
 from tasks.keys import PROCESS_BATCH, Keys, rq_job_key
+from tasks.rqcompat import partition_queues
 from tasks.scripts import Refusal
 from tasks.store import PROGRESS_FIELDS, decode_progress
 
@@ -72,10 +73,7 @@ class Dispatcher:
         self.r = r
         self.keys = keys
         self.generation = generation
-        self.queues = [
-            Queue(name, connection=r, serializer=JSONSerializer)
-            for name in keys.queue_names(partitions)
-        ]
+        self.queues = partition_queues(r, keys, partitions)
         self.reruns = 0
         self._watched_at = time.monotonic()
 

@@ -29,7 +29,6 @@ import orjson
 from redis import Redis
 
 from orchestrator.dispatch import Dispatcher, InFlight
-from orchestrator.memory import trim_now_and_then
 from orchestrator.notices import NoticeReader
 from orchestrator.output import OutputMerger, synced_length, write_lines
 from orchestrator.progress import Progress
@@ -41,6 +40,7 @@ from tasks.errors import InvalidEvent
 from tasks.flow import load_flow, make_router
 from tasks.keys import Keys, partition_of
 from tasks.store import applied_epochs
+from tasks.tuning import trim_now_and_then
 
 logger = logging.getLogger(__name__)
 

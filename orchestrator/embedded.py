@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tasks.errors import PipelineError, RedisUnavailable
+from tasks.tuning import enabled
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def server_allocator() -> str | None:
     ``=PATH`` names the library (a path that does not exist keeps libc malloc too).
     """
     choice = os.environ.get("ORCHESTRATOR_SERVER_JEMALLOC", "")
-    if choice in ("0", "no", "off"):
+    if choice in ("0", "no", "off") or not enabled("jemalloc"):
         return None
     if choice and choice not in ("1", "yes", "on"):
         return choice if os.path.exists(choice) else None
@@ -133,7 +134,7 @@ class DataDirError(PipelineError):
 
 def server_args(data_dir: Path, socket_path: str, *, persistent: bool) -> list[str]:
     """The embedded redis-server's command line."""
-    return [
+    args = [
         redis_server_binary(),
         "--port", "0",
         "--unixsocket", socket_path,
@@ -141,22 +142,24 @@ def server_args(data_dir: Path, socket_path: str, *, persistent: bool) -> list[s
         "--dir", str(data_dir),
         "--appendonly", "yes" if persistent else "no",
         "--appendfsync", "always",
-        # Rewrite the append-only file only once it is large: a rewrite forks and
-        # writes the whole dataset, which on 2 cores competes with the pipeline.
-        "--auto-aof-rewrite-min-size", "1gb",
         "--save", "",
-        # The server notices that a rewrite has ended at its cron ticks: 10 per second
-        # by default, which made the end-of-run compaction wait up to 0.1 s for
-        # nothing; 50 ticks a second cost nothing measurable.
-        "--hz", "50",
-        # The end-of-run rewrite writes the data as an RDB preamble: uncompressed it
-        # took ~0.12 s instead of ~0.15 s for a 1M-event run (file 21 MB, not 13 MB),
-        # and loads no slower at the next start.
-        "--rdbcompression", "no",
         "--maxmemory-policy", "noeviction",
         "--logfile", "redis.log",
         "--daemonize", "no",
     ]  # fmt: skip
+    if enabled("server"):
+        args += [
+            # Rewrite the append-only file only once it is large: a rewrite forks and
+            # writes the whole dataset, which on 2 cores competes with the pipeline.
+            "--auto-aof-rewrite-min-size", "1gb",
+            # The server notices that a rewrite has ended at its cron ticks (10 a second by
+            # default): the end-of-run compaction waited up to 0.1 s for nothing.
+            "--hz", "50",
+            # The end-of-run rewrite writes the data as an RDB preamble, faster uncompressed
+            # and no slower to load.
+            "--rdbcompression", "no",
+        ]  # fmt: skip
+    return args
 
 
 # The files of a data directory that coordinate the commands using its server:

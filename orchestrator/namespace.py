@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from rq import Queue
-from rq.serializers import JSONSerializer
 
 from orchestrator.fence import EvictionWatch, Fence, refusal_error
 from orchestrator.reader import fingerprint
@@ -19,6 +17,7 @@ from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks import scripts
 from tasks.errors import NamespaceError, Superseded
 from tasks.keys import Keys
+from tasks.rqcompat import RQ_QUEUES_SET, partition_queues, register_queues
 from tasks.store import NOTHING, applied_epochs, restore_partition
 
 logger = logging.getLogger(__name__)
@@ -160,14 +159,10 @@ def start_run(
     )
     for p in range(partitions):
         restore_partition(r, keys, p, start_epoch - 1, generation=generation)
-    queues = [
-        Queue(name, connection=r, serializer=JSONSerializer)
-        for name in keys.queue_names(partitions)
-    ]
+    queues = partition_queues(r, keys, partitions)
     for queue in queues:
         queue.empty()
-    # Registered with RQ from the start, so that `rq info` lists every partition queue.
-    r.sadd(Queue.redis_queues_keys, *[queue.key for queue in queues])
+    register_queues(r, queues)
     # Only older runs' keys: a driver paused here must not delete a newer run's notices.
     stale = _run_keys(r, keys, lambda g: g < generation)
     if stale:
@@ -345,11 +340,11 @@ def reset(r: Redis, keys: Keys) -> int:
     """
     # RQ's set of all queues is shared: only this namespace's queues leave it.
     queues = [
-        q for q in r.sscan_iter(Queue.redis_queues_keys, match=keys.queues_pattern)
+        q for q in r.sscan_iter(RQ_QUEUES_SET, match=keys.queues_pattern)
         if keys.owns(q.decode())
     ]  # fmt: skip
     if queues:
-        r.srem(Queue.redis_queues_keys, *queues)
+        r.srem(RQ_QUEUES_SET, *queues)
     deleted = 0
     for pattern in (keys.pattern, keys.rq_pattern):
         batch: list[bytes] = []

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 from redis import Redis
-from rq import Queue, SimpleWorker
+from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
@@ -30,11 +30,11 @@ from orchestrator.embedded import (
     stop_reason,
 )
 from orchestrator.exitcodes import ExitStatus
-from orchestrator.memory import trim_now_and_then
 from orchestrator.server import DEQUEUE_TIMEOUT, RECONNECT_FOR, SOCKET_TIMEOUT, AnnouncedRetry
 from orchestrator.settings import url_secrets
 from tasks.errors import PipelineError, RedisUnavailable
 from tasks.keys import Keys
+from tasks.rqcompat import LeanWorker, partition_queues
 
 logger = logging.getLogger(__name__)
 
@@ -123,36 +123,13 @@ def wait_for_partitions(r: Redis, keys: Keys, poll: float = 0.1, *, announce: bo
         time.sleep(poll)
 
 
-HEARTBEAT_EVERY = 1.0  # seconds between two heartbeats of an RQ worker outside a job
-MAINTENANCE_DELAY = 30.0  # seconds before a worker's first cleaning of RQ's registries
-
-
-class PipelineWorker(SimpleWorker):
-    """RQ's SimpleWorker (no fork per job: ~10 ms of CPU saved each, measured) that stops promptly.
+class PipelineWorker(LeanWorker):
+    """The pipeline's RQ worker: blocking reads that fit the client's timeouts, prompt stops.
 
     On SIGTERM while idle it stops retrying a lost Redis at once, so that a stop
     during an outage does not wait for the reconnect window; a running batch
     still finishes (and may retry its commit).
     """
-
-    _heartbeat_sent_at = -HEARTBEAT_EVERY
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._started_at = time.monotonic()
-
-    @property
-    def should_run_maintenance_tasks(self) -> bool:
-        """RQ's registry cleaning, but not in the first seconds of the worker.
-
-        RQ cleans its queues' registries when a worker starts (~40 commands per
-        worker, each write an fsync), which is exactly when a short run such as a
-        resume needs the CPU for its few batches. Nothing of ours depends on it:
-        it waits MAINTENANCE_DELAY, then runs every ``maintenance_interval`` as usual.
-        """
-        if time.monotonic() - self._started_at < MAINTENANCE_DELAY:
-            return False
-        return bool(super().should_run_maintenance_tasks)
 
     @property
     def dequeue_timeout(self) -> int:
@@ -175,41 +152,6 @@ class PipelineWorker(SimpleWorker):
             AnnouncedRetry.give_up = True
         super().request_stop(signum, frame)
 
-    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """RQ's heartbeat, sent at most once a second, in one round trip.
-
-        RQ calls it three times per job, each as three separate writes; under
-        ``appendfsync always`` each write is an fsync of its own (measured: ~17
-        fsyncs per job). The worker's key lives for minutes, so a heartbeat per
-        second keeps it alive all the same. Heartbeats that are part of one of
-        RQ's transactions (``pipeline`` given) go through unchanged.
-        """
-        if pipeline is not None:
-            super().heartbeat(timeout, pipeline=pipeline)
-            return
-        now = time.monotonic()
-        if timeout is None and now - self._heartbeat_sent_at < HEARTBEAT_EVERY:
-            return
-        with self.connection.pipeline(transaction=False) as pipe:
-            super().heartbeat(timeout, pipeline=pipe)
-            pipe.execute()
-        self._heartbeat_sent_at = now
-
-    def execute_job(self, job: Any, queue: Any) -> None:
-        super().execute_job(job, queue)
-        trim_now_and_then()
-
-    def set_state(self, state: str, pipeline: Any = None) -> None:
-        """RQ's set_state, without writing a state the worker is in already (one fsync each)."""
-        if pipeline is None and state == self.get_state():
-            return
-        super().set_state(state, pipeline=pipeline)
-
-    def subscribe(self) -> None:
-        # RQ's command channel (kill-horse, remote shutdown) has nothing to act on in a
-        # SimpleWorker stopped by SIGTERM, and its thread costs a 1 s join at every stop.
-        pass
-
 
 def run_worker(
     r: Redis,
@@ -231,10 +173,7 @@ def run_worker(
     if embedded is not None:
         _end_with_server(*embedded)
     partitions = wait_for_partitions(r, keys, announce=announce_wait)
-    queues = [
-        Queue(name, connection=r, serializer=JSONSerializer)
-        for name in keys.queue_names(partitions)
-    ]
+    queues = partition_queues(r, keys, partitions)
     worker = PipelineWorker(queues, connection=r, serializer=JSONSerializer)
     worker.work(burst=burst, logging_level="INFO" if verbose else "WARNING")
 
