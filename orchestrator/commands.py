@@ -36,6 +36,7 @@ from tasks.errors import NamespaceError, RedisLostData, Superseded
 from tasks.flow import load_flow
 from tasks.keys import Keys
 from tasks.store import NOTHING
+from tasks.tuning import trim_now_and_then
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ def _drive(
                 flow_path=flow,
                 on_error=settings.on_error,
                 out=sink.stream,
-                workers=pool,
+                housekeeping=RunHousekeeping(pool, r, keys, partitions),
                 progress=progress,
                 on_commit=committer.record,
                 batch_events=settings.batch_events,
@@ -295,6 +296,20 @@ def _drive(
             final=True,
         )
     return result
+
+
+class RunHousekeeping:
+    """Beside a run: replace worker processes that died, trim memory, say workers are missing."""
+
+    def __init__(self, pool: WorkerPool, r: Redis, keys: Keys, partitions: int) -> None:
+        self.pool, self.r, self.keys, self.partitions = pool, r, keys, partitions
+
+    def between_reads(self) -> None:
+        self.pool.supervise(self.r)
+        trim_now_and_then()
+
+    def batches_wait(self) -> None:
+        self.pool.note_if_none(self.r, self.keys, self.partitions)
 
 
 def describe_bad(path: Path, bad: BadLine) -> str:

@@ -23,7 +23,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import orjson
 from redis import Redis
@@ -33,14 +33,12 @@ from orchestrator.notices import NoticeReader
 from orchestrator.output import OutputMerger, synced_length, write_lines
 from orchestrator.progress import Progress
 from orchestrator.reader import LineSource, finish_oversized
-from orchestrator.workers import WorkerPool
 from tasks.apply import describe_exception
 from tasks.batch import Batch, CommitNotice, OnError, Rejection
 from tasks.errors import InvalidEvent
 from tasks.flow import load_flow, make_router
 from tasks.keys import Keys, partition_of
 from tasks.store import applied_epochs
-from tasks.tuning import trim_now_and_then
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +119,16 @@ class RunResult:
 OnCommit = Callable[..., None]
 
 
+class Housekeeping(Protocol):
+    """What the command that runs the driver does beside it (its worker processes, memory)."""
+
+    def between_reads(self) -> None:
+        """Called at every turn of the run loop (several times a second)."""
+
+    def batches_wait(self) -> None:
+        """Called when a batch has waited in its queue for a few seconds."""
+
+
 class Driver:
     """Runs one generation of the pipeline over one input file."""
 
@@ -134,7 +142,7 @@ class Driver:
         flow_path: str,
         on_error: OnError,
         out: BinaryIO,
-        workers: WorkerPool,
+        housekeeping: Housekeeping,
         progress: Progress,
         on_commit: OnCommit,
         batch_events: int,
@@ -157,7 +165,7 @@ class Driver:
         self.route = make_router(before, stateful)
         self.on_error = on_error
         self.out = out
-        self.workers = workers
+        self.housekeeping = housekeeping
         self.progress = progress
         self.on_commit = on_commit
         self.dispatcher = Dispatcher(r, keys, generation, partitions)
@@ -194,8 +202,7 @@ class Driver:
             idle = exhausted or result.failure is not None or self._full()
             for notice in self.notices.read(BLOCK_MS if idle and self.in_flight else None):
                 self._on_notice(notice, result)
-            self.workers.supervise(self.r)
-            trim_now_and_then()
+            self.housekeeping.between_reads()
             self.dispatcher.watch(self.in_flight)
             self._note_missing_workers()
             self._advance(result, read_through, read_offset)
@@ -316,7 +323,7 @@ class Driver:
         """Say (once) that batches wait for workers, when none came in a few seconds."""
         now = time.monotonic()
         if any(now - f.sent_at > WAITING_NOTE_AFTER for f in self.in_flight.values()):
-            self.workers.note_if_none(self.r, self.keys, self.partitions)
+            self.housekeeping.batches_wait()
 
     def _stops_at(self, bad: BadLine, result: RunResult) -> bool:
         """Reject a line read by the driver; whether the run stops there (``fail``)."""
