@@ -56,8 +56,8 @@ holds), or its disk is full (the embedded server's data directory, or MISCONF),
 --on-error fail, 66 input unreadable, changed, gzip-compressed or not a file
 (standard input and pipes are not supported yet), or the --output file cannot be
 written (a directory, a missing folder, a full disk), or the --data-dir cannot be
-(a read-only filesystem), 75 another driver runs on the namespace or took it over
-from this one, 130 interrupted.
+used (a read-only filesystem), 75 another driver runs on the namespace or took it
+over from this one, 130 interrupted.
 """
 
 
@@ -93,7 +93,7 @@ def _env(*names: str) -> str | None:
     return None
 
 
-def _at_least(minimum: int, maximum: int | None = None) -> Any:
+def _whole_number(minimum: int, maximum: int | None = None) -> Any:
     """An argparse type: a whole number >= ``minimum`` (and <= ``maximum``)."""
 
     def parse(text: str) -> int:
@@ -113,8 +113,8 @@ def _at_least(minimum: int, maximum: int | None = None) -> Any:
     return parse
 
 
-_positive, _non_negative = _at_least(1), _at_least(0)
-_partition_count = _at_least(1, MAX_PARTITIONS)
+_positive, _non_negative = _whole_number(1), _whole_number(0)
+_partition_count = _whole_number(1, MAX_PARTITIONS)
 
 
 def _seconds(text: str) -> float:
@@ -388,10 +388,23 @@ def configure_logging(verbose: bool, *, worker: bool = False) -> None:
     else:
         fmt, level = who + ": %(message)s", logging.WARNING
     # force: a worker forked from a driver replaces the driver's configuration
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, format=fmt, handlers=[_StderrHandler()], force=True)
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(OneLineFormatter(fmt))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log records on stderr, each after the progress line (if shown) is erased."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from orchestrator.progress import clear_line
+
+        clear_line()
+        super().emit(record)
 
 
 class OneLineFormatter(logging.Formatter):

@@ -339,6 +339,24 @@ def test_the_progress_line_names_one_batch_in_the_singular():
     assert "1 batch in flight" in terminal.getvalue()
 
 
+def test_a_message_on_stderr_erases_the_progress_line_first(capsys):
+    from orchestrator.messages import say
+    from orchestrator.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = Progress(enabled=True, stream=terminal)
+    progress.update(5, 2, 4, 1)
+    say("lost the connection to Redis")
+    assert terminal.getvalue().endswith(" in flight\x1b[K\r\x1b[K")
+    assert capsys.readouterr().err == "orchestrator: lost the connection to Redis\n"
+    say("again")  # nothing more to erase
+    assert terminal.getvalue().endswith(" in flight\x1b[K\r\x1b[K")
+
+
 PROGRESS = re.compile(rb"\r[\d,]+ events? read, [^\r\n]*? in flight\x1b\[K")
 
 
