@@ -11,17 +11,19 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 # Only light modules here: a run starts its embedded server (``prestart``) before
 # it imports redis-py, RQ and the driver (~0.2 s), which the server spends loading.
-from orchestrator.embedded import prestart, stop_prestarted
+from orchestrator.embedded import DataDirError, prestart, stop_prestarted
 from orchestrator.exitcodes import ExitStatus
-from orchestrator.messages import say
+from orchestrator.messages import counted, note, say, set_quiet
 from orchestrator.settings import (
     DEFAULT_DATA_DIR,
     DEFAULT_FLOW,
     DEFAULT_NAMESPACE,
+    DEFAULT_PARTITIONS,
+    MAX_PARTITIONS,
     Settings,
 )
 from tasks.errors import FlowError, NamespaceError, PipelineError, RedisUnavailable, Superseded
@@ -45,15 +47,41 @@ the system's jemalloc when there is one (ORCHESTRATOR_SERVER_JEMALLOC=0: not).
 """
 
 EPILOG = """\
-exit status: 0 ok, 1 internal error (a worker failed), 2 usage or namespace
-mismatch (or a server that can evict keys), 3 Redis unavailable or it lost data
-it had acknowledged (resume continues from what it holds), or its disk is full
-(the embedded server's data directory, or MISCONF), 65 bad input (or an event the
-flow timed out or killed its worker on) under --on-error fail, 66 input unreadable
-or changed, or the --output file cannot be written (a directory, a missing
-folder, a full disk), 75 another driver runs on the namespace or took it over
-from this one, 130 interrupted.
+exit status: 0 ok, 1 internal error (a worker failed), 2 usage (a bad option or
+Redis URL) or namespace mismatch (or a server that can evict keys), 3 Redis
+unavailable or it lost data it had acknowledged (resume continues from what it
+holds), or its disk is full (the embedded server's data directory, or MISCONF),
+65 bad input (or an event the flow timed out or killed its worker on) under
+--on-error fail, 66 input unreadable, changed, gzip-compressed or not a file
+(standard input and pipes are not supported yet), or the --output file cannot be
+written (a directory, a missing folder, a full disk), or the --data-dir cannot be
+used (a read-only filesystem), 75 another driver runs on the namespace or took it
+over from this one, 130 interrupted.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other refusal."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitStatus.USAGE, f"orchestrator: {message} (see '{self.prog} --help')\n")
+
+
+class _Version(argparse.Action):
+    """--version: read from the package's metadata only when asked (it costs a few ms)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("orchestrator")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            number = "unknown (not installed)"
+        print(f"orchestrator {number}")
+        parser.exit()
 
 
 def _env(*names: str) -> str | None:
@@ -64,8 +92,8 @@ def _env(*names: str) -> str | None:
     return None
 
 
-def _at_least(minimum: int) -> Any:
-    """An argparse type: a whole number >= ``minimum``."""
+def _whole_number(minimum: int, maximum: int | None = None) -> Any:
+    """An argparse type: a whole number >= ``minimum`` (and <= ``maximum``)."""
 
     def parse(text: str) -> int:
         try:
@@ -76,12 +104,16 @@ def _at_least(minimum: int) -> Any:
         if value < minimum:
             msg = f"must be at least {minimum}: {value}"
             raise argparse.ArgumentTypeError(msg)
+        if maximum is not None and value > maximum:
+            msg = f"must be at most {maximum}: {value}"
+            raise argparse.ArgumentTypeError(msg)
         return value
 
     return parse
 
 
-_positive, _non_negative = _at_least(1), _at_least(0)
+_positive, _non_negative = _whole_number(1), _whole_number(0)
+_partition_count = _whole_number(1, MAX_PARTITIONS)
 
 
 def _seconds(text: str) -> float:
@@ -130,10 +162,10 @@ def _json_option(parser: Any) -> None:
 
 
 def _connection_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = _Parser(add_help=False)
     group = parent.add_argument_group("where the pipeline lives")
     _option(
-        group, "--redis-url", env="REDIS_URL|RQ_REDIS_URL", metavar="URL",
+        group, "-u", "--redis-url", env="REDIS_URL|RQ_REDIS_URL", metavar="URL",
         help="Redis to use: a redis://, rediss:// or unix:// URL, or "
         "redis+sentinel://[:PASSWORD@]HOST:PORT[,...]/SERVICE "
         "(options ?db=N&sentinel_password=...) for the primary that Redis Sentinel names, "
@@ -166,13 +198,14 @@ def _flow_option(parser: Any) -> None:
 
 
 def _run_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = _Parser(add_help=False)
     group = parent.add_argument_group("how the run works")
     group.add_argument("file", type=Path, metavar="FILE", help="input: one JSON event per line")
     _flow_option(group)
     _option(
-        group, "--partitions", env="ORCHESTRATOR_PARTITIONS", type=_positive, metavar="P",
-        help="key partitions (RQ queues); fixed at the first ingest and stored (default 4)",
+        group, "--partitions", env="ORCHESTRATOR_PARTITIONS", type=_partition_count, metavar="P",
+        help=f"key partitions (RQ queues), 1 to {MAX_PARTITIONS}; fixed at the first ingest "
+        f"and stored (default {DEFAULT_PARTITIONS})",
     )  # fmt: skip
     _option(
         group, "--workers", env="ORCHESTRATOR_WORKERS", type=_non_negative, metavar="N",
@@ -223,7 +256,7 @@ def _run_options() -> argparse.ArgumentParser:
     )  # fmt: skip
     _option(
         group, "-q", "--quiet", env="ORCHESTRATOR_QUIET", action="store_true",
-        help="no progress line or summary on stderr",
+        help="errors only on stderr: no progress line, summary or note",
     )  # fmt: skip
     return parent
 
@@ -231,12 +264,13 @@ def _run_options() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``orchestrator`` command."""
     conn, run = _connection_options(), _run_options()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="orchestrator",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(
         "ingest",
@@ -266,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         parents=[conn],
         help="committed epoch, progress and backlog, queues, workers, rate, retention",
+        description="Show the namespace's committed and read epoch, the lag, the last run's "
+        "rate, each partition's progress and backlog, the queues and listening workers, "
+        "dead letters, the replay window, the running driver, and how to add workers.",
     )
     _json_option(status)
     state = sub.add_parser(
@@ -300,10 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
         "dead-letters",
         parents=[conn],
         help="list (or clear) the lines left out under --on-error dead-letter",
+        description="List the lines a run left out under --on-error dead-letter (file, line, "
+        "epoch, reason and the line itself, oldest first), or delete them all with 'clear'. "
+        "Control characters in the text are shown escaped (\\x1b); --json has them exact.",
     )
-    dead.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
+    dead.add_argument(
+        "action", nargs="?", choices=["list", "clear"], default="list",
+        help="list them (the default) or delete them",
+    )  # fmt: skip
     _json_option(dead)
-    reset = sub.add_parser("reset", parents=[conn], help="delete the namespace's data")
+    reset = sub.add_parser(
+        "reset",
+        parents=[conn],
+        help="delete the namespace's data",
+        description="Delete every key of the namespace: its state, progress, history, dead "
+        "letters, RQ queues and jobs (other namespaces are untouched). Refused while a driver "
+        "runs on it; needs --yes.",
+    )
     _option(reset, "--yes", env="ORCHESTRATOR_YES", action="store_true", help="really delete it")
     return parser
 
@@ -337,10 +387,23 @@ def configure_logging(verbose: bool, *, worker: bool = False) -> None:
     else:
         fmt, level = who + ": %(message)s", logging.WARNING
     # force: a worker forked from a driver replaces the driver's configuration
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, format=fmt, handlers=[_StderrHandler()], force=True)
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(OneLineFormatter(fmt))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log records on stderr, each after the progress line (if shown) is erased."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from orchestrator.progress import clear_line
+
+        clear_line()
+        super().emit(record)
 
 
 class OneLineFormatter(logging.Formatter):
@@ -366,7 +429,29 @@ def _one_line(e: BaseException) -> str:
 
 
 def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
-    """Run the command, without error handling."""
+    """Run the command, without error handling (but with the data directory's errors named)."""
+    if settings.quiet:
+        set_quiet(True)
+        logging.getLogger().setLevel(logging.ERROR)
+    try:
+        return _program(args, settings)
+    except OSError as e:
+        if e.filename is None or not _inside(e.filename, settings.data_dir):
+            raise
+        msg = (
+            f"cannot use the data directory {settings.data_dir}: {e.strerror} ({e.filename}); "
+            "the embedded server keeps its data there: use a writable --data-dir, "
+            "or --redis-url"
+        )
+        raise DataDirError(msg) from e
+
+
+def _inside(filename: Any, directory: Path) -> bool:
+    path, directory = Path(os.fsdecode(filename)).absolute(), directory.absolute()
+    return path == directory or directory in path.parents
+
+
+def _program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
     from orchestrator import commands, queries
 
     if args.command in ("ingest", "resume", "replay"):
@@ -389,7 +474,7 @@ def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
         say("reset deletes every key of the namespace: add --yes to do it")
         return ExitStatus.USAGE
     deleted = commands.reset_namespace(settings)
-    say(f"namespace {settings.namespace!r} reset ({deleted} keys deleted)")
+    note(f"namespace {settings.namespace!r} reset ({counted(deleted, 'key')} deleted)")
     return ExitStatus.OK
 
 
@@ -398,20 +483,28 @@ def dead_letters(settings: Settings, action: str, *, as_json: bool) -> ExitStatu
     from orchestrator import queries
 
     if action == "clear":
-        say(f"cleared {queries.clear_dead_letters(settings)} dead letter(s)")
+        note(f"cleared {counted(queries.clear_dead_letters(settings), 'dead letter')}")
         return ExitStatus.OK
     letters = queries.list_dead_letters(settings)
     for letter in letters:
         if as_json:
-            print(json.dumps(letter))
+            print(json.dumps(letter))  # exact: JSON escapes control characters itself
         else:
-            print(
-                f"{letter['input']}:{letter['line']} (epoch {letter['epoch']}): {letter['reason']}"
-            )
-            print(f"    {letter['raw']}")
+            where = f"{letter['input']}:{letter['line']} (epoch {letter['epoch']})"
+            print(escape_controls(f"{where}: {letter['reason']}"))
+            print(f"    {escape_controls(letter['raw'])}")
     if not as_json and not letters:
-        say("no dead letters")
+        note("no dead letters")
     return ExitStatus.OK
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every non-printable character escaped as Python writes it (``\\x1b``,
+    ``\\t``, ``\\u200b``): a bad input line may hold terminal escape sequences, which
+    must not reach the terminal that lists it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
@@ -421,13 +514,11 @@ def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
     if result.skipped:
         first = commands.describe_bad(path, result.skipped[0])
         more = f" (first: {first})" if len(result.skipped) > 1 else f": {first}"
+        lines = counted(len(result.skipped), "bad line")
         if settings.on_error == "dead-letter":
-            say(
-                f"dead-lettered {len(result.skipped)} bad line(s){more}; "
-                "list them with 'orchestrator dead-letters'"
-            )
+            note(f"dead-lettered {lines}{more}; list them with 'orchestrator dead-letters'")
         else:
-            say(f"skipped {len(result.skipped)} bad line(s){more}")
+            note(f"skipped {lines}{more}")
     if result.failure is not None:
         resume = commands.resume_hint(settings, path)
         if result.failure.kind == "rejected":
@@ -440,11 +531,10 @@ def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
             f"{result.committed}; {advice}"
         )
         return ExitStatus.DATA_ERROR
-    if not settings.quiet:
-        reruns = (
-            f", {result.reruns} batch(es) re-run after losing a worker" if result.reruns else ""
-        )
-        say(f"done: {result.events} events, committed through epoch {result.committed}{reruns}")
+    events = counted(result.events, "event")
+    reruns = counted(result.reruns, "batch", "batches")
+    more = f", {reruns} re-run after losing a worker" if result.reruns else ""
+    note(f"done: {events}, committed through epoch {result.committed}{more}")
     return ExitStatus.OK
 
 
@@ -464,7 +554,11 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
     print(
         f"committed epoch: {report['committed_epoch']} (next line at byte {report['next_offset']})"
     )
-    print(f"read epoch:      {report['read_epoch']} (lag {report['lag_epochs']} epochs)")
+    lag = report["lag_epochs"]
+    print(
+        f"read epoch:      {report['read_epoch']} "
+        f"(lag {'unknown' if lag is None else counted(lag, 'epoch')})"
+    )
     print(f"events/s:        {report['events_per_s']} (last run)")
     print(
         f"replayable from: epoch {retention['replayable_from']} "
@@ -477,10 +571,16 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
     for row in report["partition_progress"]:
         print(
             f"  p{row['partition']}: applied through epoch {row['applied_through']}, "
-            f"{row['backlog_events']} events waiting, {row['queued_jobs']} jobs queued"
+            f"{counted(row['backlog_events'], 'event')} waiting, "
+            f"{counted(row['queued_jobs'], 'job')} queued"
         )
-    note = " (while this embedded server runs)" if report["redis"].startswith("embedded") else ""
-    print(f"plain RQ worker: {report['rq_worker_command']}{note}")
+    if report["rq_worker_command"] is not None:
+        print(f"plain RQ worker: {report['rq_worker_command']}")
+    else:  # the embedded server lives only while a command uses it: no URL to give out
+        print(
+            f"more workers:    {report['worker_command']} (the embedded server runs only while "
+            "a command uses it: start them while a run is going)"
+        )
 
 
 def print_state(found: dict[str, Any], *, as_json: bool) -> None:
@@ -494,7 +594,6 @@ def print_state(found: dict[str, Any], *, as_json: bool) -> None:
 
 def _exit_status(e: PipelineError) -> ExitStatus:
     from orchestrator.dispatch import WorkerFailed
-    from orchestrator.embedded import DataDirError
     from orchestrator.lock import DriverLocked
     from orchestrator.output import OutputError
     from orchestrator.reader import InputError
@@ -549,6 +648,13 @@ def _report_error(e: Exception, verbose: bool, resume: str | None = None) -> int
             traceback.print_exc()
         say(str(e) + _disk_advice(e, resume))
         return int(_exit_status(e))
+    if isinstance(e, OSError) and e.filename is not None:
+        # A file the command needs (besides the input, the output and the data directory,
+        # which have their own messages): a read-only or full disk, permissions.
+        if verbose:
+            traceback.print_exc()
+        say(f"cannot use {os.fsdecode(e.filename)}: {e.strerror}")
+        return int(ExitStatus.NO_INPUT)
     raise e
 
 

@@ -487,7 +487,12 @@ def _reason(e: Exception) -> str:
     if isinstance(e, orjson.JSONDecodeError):
         if "UTF-8" in str(e):
             return "invalid UTF-8"
-        return f"invalid JSON: {e}"
+        # In words of our own, from where the parser stopped: orjson's wording differs
+        # between its versions ("unexpected character" became "..., expected a JSON value").
+        doc = e.doc or ""
+        if e.pos >= len(doc.rstrip()):
+            return "invalid JSON: the line ends inside a JSON value"
+        return f"invalid JSON: unexpected {doc[e.pos]!r} at column {e.pos + 1}"
     return describe_exception(e)
 
 

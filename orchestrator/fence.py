@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import redis
 from redis import Redis
 
+from orchestrator.messages import counted
 from tasks.errors import PipelineError, RedisLostData, Superseded
 from tasks.keys import Keys
 from tasks.scripts import Refusal
@@ -97,9 +98,9 @@ def check_consistency(
     """
     if evicted:
         msg = (
-            f"the Redis server evicted {evicted} key(s) during an earlier run of namespace "
-            f"{keys.namespace!r}: its state may be incomplete in ways a resume cannot see; "
-            f"start over with 'reset' (and run Redis with maxmemory-policy noeviction)"
+            f"the Redis server evicted {counted(evicted, 'key')} during an earlier run of "
+            f"namespace {keys.namespace!r}: its state may be incomplete in ways a resume "
+            f"cannot see; start over with 'reset' (and run Redis with maxmemory-policy noeviction)"
         )
         raise RedisLostData(msg)
     if floors is None:
@@ -167,7 +168,7 @@ class EvictionWatch:
             # Marked, so that no later run builds on what may be left (check_consistency).
             self.r.hset(self.keys.meta, "evicted_keys", evicted)
             msg = (
-                f"the Redis server evicted {evicted} key(s) during the run (its "
+                f"the Redis server evicted {counted(evicted, 'key')} during the run (its "
                 f"maxmemory-policy allows it); some may be the pipeline's state or progress, "
                 f"so this driver stopped without writing anything more"
             )

@@ -8,6 +8,7 @@ from bisect import bisect_left, bisect_right
 from operator import itemgetter
 from typing import Any, BinaryIO
 
+from orchestrator.progress import clear_line
 from tasks.errors import PipelineError
 
 # Errors after which the same command, run again, can succeed once the disk is fixed.
@@ -98,6 +99,7 @@ def write_lines(out: BinaryIO, lines: list[bytes]) -> None:
         OutputError: the write failed (a full disk); BrokenPipeError is left as it is.
     """
     if lines:
+        clear_line(out)  # (a stdout on the terminal of the progress line)
         try:
             out.write(b"\n".join(lines))
             out.write(b"\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Any
 
@@ -12,7 +13,7 @@ from orchestrator.lock import driver_running
 from orchestrator.namespace import NamespaceInfo, read_info, require_committed
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url
 from orchestrator.server import connect
-from orchestrator.settings import Settings, redact_url
+from orchestrator.settings import DEFAULT_DATA_DIR, DEFAULT_NAMESPACE, Settings, redact_url
 from orchestrator.workers import listening_workers
 from tasks.errors import NamespaceError
 from tasks.keys import Keys, partition_of
@@ -35,8 +36,25 @@ def rq_worker_command(url: str, keys: Keys, partitions: int) -> str:
             f"rq worker -c SETTINGS --serializer json {queues}  "
             f"(SETTINGS: a module with SENTINEL = {settings!r}{auth})"
         )
-    shown = url if redact_url(url) == url else "$REDIS_URL"  # never print a password
-    return f"rq worker --url {shlex.quote(shown)} --serializer json {queues}"
+    # Double quotes, so that a pasted "$REDIS_URL" is expanded (never print a password).
+    if redact_url(url) != url:
+        shown = '"$REDIS_URL"'
+    else:
+        shown = '"' + _SHELL_SPECIAL.sub(r"\\\g<0>", url) + '"'
+    return f"rq worker --url {shown} --serializer json {queues}"
+
+
+_SHELL_SPECIAL = re.compile(r'["$`\\]')  # what a backslash escapes inside double quotes
+
+
+def orchestrator_worker_command(settings: Settings) -> str:
+    """The ``orchestrator worker`` command line that joins this embedded server."""
+    command = "orchestrator worker"
+    if settings.data_dir != DEFAULT_DATA_DIR:
+        command += f" --data-dir {shlex.quote(str(settings.data_dir))}"
+    if settings.namespace != DEFAULT_NAMESPACE:
+        command += f" --namespace {shlex.quote(settings.namespace)}"
+    return command
 
 
 def status(settings: Settings) -> dict[str, Any]:
@@ -71,7 +89,11 @@ def status(settings: Settings) -> dict[str, Any]:
         report["partition_progress"] = _partitions(r, keys, info.partitions)
         report["workers"] = listening_workers(r, keys, info.partitions)
         report["queues"] = keys.queue_names(info.partitions)
-        report["rq_worker_command"] = rq_worker_command(conn.url, keys, info.partitions)
+        if conn.embedded:  # its unix socket is gone when the command that started it ends
+            report["rq_worker_command"] = None
+            report["worker_command"] = orchestrator_worker_command(settings)
+        else:
+            report["rq_worker_command"] = rq_worker_command(conn.url, keys, info.partitions)
         return report
 
 

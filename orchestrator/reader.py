@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -32,13 +33,50 @@ class LineSource:
         self.file.seek(self.offset)
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+NOT_A_FILE = (
+    "reading the input from {what} is not supported yet: the resume point is a byte "
+    "offset to seek to, so save the input to a file and pass its name"
+)
+
+
 def open_input(path: Path) -> BinaryIO:
-    """Open an input file for reading, with a clear error."""
+    """Open an input file for reading, with a clear error.
+
+    Raises:
+        InputError: it cannot be opened, it is standard input or a pipe (a run seeks
+            to its resume point), or it is gzip-compressed.
+    """
+    if str(path) == "-":
+        raise InputError(NOT_A_FILE.format(what="standard input ('-')"))
     try:
-        return open(path, "rb")  # noqa: SIM115
+        f = open(path, "rb")  # noqa: SIM115 - the caller closes it
     except OSError as e:
         msg = f"cannot read {path}: {e.strerror}"
         raise InputError(msg) from None
+    try:
+        _check_readable(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _check_readable(f: BinaryIO, path: Path) -> None:
+    if not f.seekable():  # a pipe (`cat f | orchestrator ingest /dev/stdin`), a FIFO, a tty
+        raise InputError(NOT_A_FILE.format(what=f"a pipe ({path})"))
+    try:
+        magic = f.read(len(GZIP_MAGIC))
+    except OSError as e:
+        msg = f"cannot read {path}: {e.strerror}"
+        raise InputError(msg) from None
+    if magic == GZIP_MAGIC:  # (no JSON line starts with these bytes)
+        name = shlex.quote(str(path))
+        how = f"gunzip -k {name}" if path.suffix == ".gz" else f"gunzip -c {name} > events.json"
+        msg = f"{path}: gzip-compressed input: decompress it first (e.g. {how})"
+        raise InputError(msg)
+    f.seek(0)
 
 
 def finish_oversized(f: BinaryIO, start: bytes, max_line_bytes: int) -> tuple[bytes, int, str]:

@@ -51,7 +51,7 @@ def test_skip_leaves_out_exactly_the_bad_lines(dirty, redis_url, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout == cart_model([x.encode() for x in lines]).output
-    assert "skipped 4 bad line(s) (first: " in run.stderr
+    assert "skipped 4 bad lines (first: " in run.stderr
     assert f"{path}:1001 (epoch 1000): invalid JSON" in run.stderr
 
 

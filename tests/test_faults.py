@@ -227,7 +227,7 @@ def test_dead_letters_are_recorded_once_and_listed(redis_url, tmp_path):
     args = ["--redis-url", redis_url, "--namespace", ns, "--workers", "1"]
     run = run_cli("ingest", str(path), *args, "--on-error", "dead-letter", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "dead-lettered 3 bad line(s)" in run.stderr
+    assert "dead-lettered 3 bad lines" in run.stderr
     listed = run_cli("dead-letters", "--json", *args[:4], cwd=tmp_path)
     letters = [json.loads(x) for x in listed.stdout.splitlines()]
     assert [(d["line"], d["epoch"]) for d in letters] == [(6, 5), (9, 8), (10, 9)]
@@ -242,6 +242,6 @@ def test_dead_letters_are_recorded_once_and_listed(redis_url, tmp_path):
     again = run_cli("dead-letters", "--json", *args[:4], cwd=tmp_path)
     assert [json.loads(x)["line"] for x in again.stdout.splitlines()] == [6, 9, 10]
     cleared = run_cli("dead-letters", "clear", *args[:4], cwd=tmp_path)
-    assert "cleared 3 dead letter(s)" in cleared.stderr
+    assert "cleared 3 dead letters" in cleared.stderr
     assert run_cli("dead-letters", "--json", *args[:4], cwd=tmp_path).stdout == ""
     assert redis.Redis.from_url(redis_url).xlen(Keys(ns).dead_letters) == 0

@@ -178,7 +178,8 @@ def test_skip_leaves_out_exactly_the_bad_lines(lines, redis_url, base_dir):
     assert "Traceback" not in run.stderr, explain(run)
     assert run.stdout == expected.output, explain(run)
     if expected.bad:
-        assert f"skipped {len(expected.bad)} bad line(s)" in run.stderr, explain(run)
+        n = len(expected.bad)
+        assert f"skipped {n} bad line{'s' if n > 1 else ''}" in run.stderr, explain(run)
     assert committed_states(redis_url, ns) == expected.states
 
 

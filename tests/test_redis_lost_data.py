@@ -316,7 +316,7 @@ def test_keys_evicted_under_allow_eviction_stop_the_run_and_every_later_resume(s
     args = [*run_args(server.url, ns), "--allow-eviction"]
     run = run_cli("ingest", str(path), *args, cwd=REPO)
     assert run.returncode == 3, run.stderr
-    one_line_error(run.stderr, "evicted", "key(s) during the run")
+    one_line_error(run.stderr, "evicted", "keys during the run")
     client.config_set("maxmemory", 0)  # room again: still, nobody may build on what is left
     resumed = run_cli("resume", str(path), *args, cwd=REPO)
     if resumed.returncode == 2:  # the eviction took the namespace's meta hash itself

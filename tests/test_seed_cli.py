@@ -53,7 +53,7 @@ def test_replay_from_epoch_1_prints_the_seeds_six_resumed_lines(crashed):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout == SEED_RESUMED_RUN
-    assert "skipped 1 bad line(s): cart-join.json:6 (epoch 5)" in run.stderr
+    assert "skipped 1 bad line: cart-join.json:6 (epoch 5)" in run.stderr
 
 
 def test_resume_with_skip_prints_epochs_6_and_7(crashed):
