@@ -330,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit when the queues are empty",
     )  # fmt: skip
     _flow_option(worker)
+    _option(
+        worker, "-q", "--quiet", env="ORCHESTRATOR_QUIET", action="store_true",
+        help="errors only on stderr (no warnings)",
+    )  # fmt: skip
     # Set on the workers a driver command starts itself: they wait for its first
     # ingest without saying so (the driver is about to set the partitions).
     worker.add_argument("--started-by-driver", action="store_true", help=argparse.SUPPRESS)

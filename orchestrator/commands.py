@@ -13,7 +13,7 @@ from redis import Redis
 from orchestrator.driver import BadLine, Driver, RunResult
 from orchestrator.fence import EvictionWatch, check_consistency, eviction_problem
 from orchestrator.lock import DriverLock
-from orchestrator.messages import say
+from orchestrator.messages import note, say
 from orchestrator.namespace import (
     Checkpoint,
     Committer,
@@ -85,7 +85,7 @@ def plan_start(
             )
             raise NamespaceError(msg)
         if committed == NOTHING:
-            say(f"namespace {keys.namespace!r} has no committed epochs: starting at epoch 0")
+            note(f"namespace {keys.namespace!r} has no committed epochs: starting at epoch 0")
             return Start(0, 0)
         if info.open_line is not None and info.open_line[0] <= committed:
             # The last line had no newline (cut mid-write, or more lines came after it):
@@ -171,6 +171,7 @@ def run_pipeline(
             conn.url,
             keys.namespace,
             verbose=settings.verbose,
+            quiet=settings.quiet,
             client=conn.client,
         )
         pool.start()

@@ -15,9 +15,10 @@ class ExitStatus(enum.IntEnum):
     # the embedded server stopped (its data directory full), or MISCONF (refuses writes)
     REDIS_UNAVAILABLE = 3
     DATA_ERROR = 65  # bad input under --on-error fail (sysexits' EX_DATAERR)
-    # the input file cannot be read, or no longer matches the committed position; or the
-    # --output file cannot be opened or written (a directory, a missing folder, a full disk),
-    # or the data directory of the embedded server cannot be (a read-only file system)
+    # the input file cannot be read (missing, gzip-compressed, a pipe or stdin), or no longer
+    # matches the committed position; or the --output file cannot be opened or written (a
+    # directory, a missing folder, a full disk), or the embedded server's data directory
+    # cannot be (a read-only file system)
     NO_INPUT = 66
     LOCKED = 75  # another driver runs on the namespace (sysexits' EX_TEMPFAIL): try later
     INTERRUPTED = 130  # Ctrl-C; committed state is intact, resume continues

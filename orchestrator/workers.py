@@ -322,9 +322,11 @@ class WorkerPool:
         namespace: str,
         *,
         verbose: bool = False,
+        quiet: bool = False,
         client: Redis | None = None,
     ) -> None:
         self.count = count
+        self.quiet = quiet
         self.client = client  # to remove the RQ registrations of workers that were killed
         self.url = url
         self.namespace = namespace
@@ -357,6 +359,8 @@ class WorkerPool:
 
     def _worker_args(self) -> list[str]:
         args = ["worker", "--namespace", self.namespace, "--started-by-driver"]
+        if self.quiet:
+            args.append("--quiet")
         return [*args, "--verbose"] if self.verbose else args
 
     def _fork(self) -> WorkerProcess:
