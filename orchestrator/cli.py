@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 # Only light modules here: a run starts its embedded server (``prestart``) before
 # it imports redis-py, RQ and the driver (~0.2 s), which the server spends loading.
-from orchestrator.embedded import DataDirError, prestart, stop_prestarted
-from orchestrator.exitcodes import ExitStatus
-from orchestrator.messages import counted, note, say, set_quiet
+from orchestrator.embedded import prestart, stop_prestarted
+from orchestrator.errors import DataDirError
+from orchestrator.logs import configure_logging
+from orchestrator.messages import note, say, set_quiet
 from orchestrator.settings import (
     DEFAULT_DATA_DIR,
     DEFAULT_FLOW,
@@ -26,12 +25,15 @@ from orchestrator.settings import (
     MAX_PARTITIONS,
     Settings,
 )
-from tasks.errors import FlowError, NamespaceError, PipelineError, RedisUnavailable, Superseded
+from orchestrator.wording import counted
+from tasks.errors import (
+    ExitStatus,
+)
 from tasks.keys import Keys
 from tasks.tuning import enabled, tune_process
 
 if TYPE_CHECKING:
-    from orchestrator.driver import RunResult
+    pass
 
 DESCRIPTION = """\
 A recoverable, distributed stateful stream pipeline on Redis and RQ: the cart
@@ -226,9 +228,9 @@ def _run_options() -> argparse.ArgumentParser:
     )  # fmt: skip
     _option(
         group, "--retain-epochs", env="ORCHESTRATOR_RETAIN_EPOCHS", type=_positive,
-        default=100_000, metavar="N",
+        default=Settings.retain_epochs, metavar="N",
         help="keep the history needed to replay the last N epochs; older history is dropped, "
-        "the current state of every key is always kept (default 100000)",
+        f"the current state of every key is always kept (default {Settings.retain_epochs})",
     )  # fmt: skip
     _option(
         group, "--batch-events", env="ORCHESTRATOR_BATCH_EVENTS", type=_positive,
@@ -247,7 +249,8 @@ def _run_options() -> argparse.ArgumentParser:
     )  # fmt: skip
     _option(
         group, "--max-line-bytes", env="ORCHESTRATOR_MAX_LINE_BYTES", type=_positive,
-        default=1 << 20, metavar="B", help="a longer input line is a bad line (default 1 MiB)",
+        default=Settings.max_line_bytes, metavar="B",
+        help=f"a longer input line is a bad line (default {Settings.max_line_bytes >> 20} MiB)",
     )  # fmt: skip
     _option(
         group, "--allow-eviction", env="ORCHESTRATOR_ALLOW_EVICTION", action="store_true",
@@ -370,66 +373,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
         data_dir=args.data_dir,
         partitions=getattr(args, "partitions", None),
         workers=getattr(args, "workers", None),
-        on_error=getattr(args, "on_error", "fail"),
+        on_error=getattr(args, "on_error", Settings.on_error),
         output=getattr(args, "output", None),
         flow=getattr(args, "flow", None),
-        retain_epochs=getattr(args, "retain_epochs", 100_000),
-        max_line_bytes=getattr(args, "max_line_bytes", 1 << 20),
+        retain_epochs=getattr(args, "retain_epochs", Settings.retain_epochs),
+        max_line_bytes=getattr(args, "max_line_bytes", Settings.max_line_bytes),
         batch_events=getattr(args, "batch_events", Settings.batch_events),
         allow_eviction=getattr(args, "allow_eviction", False),
         batch_timeout=getattr(args, "batch_timeout", Settings.batch_timeout),
         verbose=args.verbose,
         quiet=getattr(args, "quiet", False),
     )
-
-
-def configure_logging(verbose: bool, *, worker: bool = False) -> None:
-    """Logs go to stderr, never into the output lines; warnings are one-line notes."""
-    who = "orchestrator worker %(process)d" if worker else "orchestrator"
-    if verbose:
-        fmt, level = "%(asctime)s " + who + " %(name)s %(levelname)s %(message)s", logging.DEBUG
-    else:
-        fmt, level = who + ": %(message)s", logging.WARNING
-    # force: a worker forked from a driver replaces the driver's configuration
-    logging.basicConfig(level=level, format=fmt, handlers=[_StderrHandler()], force=True)
-    if not verbose:
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(OneLineFormatter(fmt))
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Log records on stderr, each after the progress line (if shown) is erased."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from orchestrator.progress import clear_line
-
-        clear_line()
-        super().emit(record)
-
-
-class OneLineFormatter(logging.Formatter):
-    """Log records as one line each: an exception becomes its type and message, no traceback.
-
-    RQ logs a job's unexpected exception with its traceback (for example when Redis
-    lost the job while a worker ran it); without --verbose that is one line.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        exc = record.exc_info
-        if exc and exc[1] is not None:
-            record = logging.makeLogRecord(record.__dict__)
-            record.msg = f"{record.getMessage().splitlines()[0]} ({_one_line(exc[1])})"
-            record.args, record.exc_info, record.exc_text = None, None, None
-        text = super().format(record)
-        return text.splitlines()[0] if text else text
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
@@ -456,7 +410,8 @@ def _inside(filename: Any, directory: Path) -> bool:
 
 
 def _program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
-    from orchestrator import commands, queries
+    from orchestrator import commands, queries, workers
+    from orchestrator.render import dead_letters, print_state, print_status, report_run
 
     if args.command in ("ingest", "resume", "replay"):
         result = commands.run_pipeline(
@@ -470,7 +425,7 @@ def _program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
         print_state(queries.key_state(settings, args.key, args.at_epoch), as_json=args.json)
         return ExitStatus.OK
     if args.command == "worker":
-        commands.worker(settings, burst=args.burst, announce_wait=not args.started_by_driver)
+        workers.work(settings, burst=args.burst, announce_wait=not args.started_by_driver)
         return ExitStatus.OK
     if args.command == "dead-letters":
         return dead_letters(settings, args.action, as_json=args.json)
@@ -480,204 +435,6 @@ def _program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
     deleted = commands.reset_namespace(settings)
     note(f"namespace {settings.namespace!r} reset ({counted(deleted, 'key')} deleted)")
     return ExitStatus.OK
-
-
-def dead_letters(settings: Settings, action: str, *, as_json: bool) -> ExitStatus:
-    """List or clear the namespace's dead letters."""
-    from orchestrator import queries
-
-    if action == "clear":
-        note(f"cleared {counted(queries.clear_dead_letters(settings), 'dead letter')}")
-        return ExitStatus.OK
-    letters = queries.list_dead_letters(settings)
-    for letter in letters:
-        if as_json:
-            print(json.dumps(letter))  # exact: JSON escapes control characters itself
-        else:
-            where = f"{letter['input']}:{letter['line']} (epoch {letter['epoch']})"
-            print(escape_controls(f"{where}: {letter['reason']}"))
-            print(f"    {escape_controls(letter['raw'])}")
-    if not as_json and not letters:
-        note("no dead letters")
-    return ExitStatus.OK
-
-
-def escape_controls(text: str) -> str:
-    """``text`` with every non-printable character escaped as Python writes it (``\\x1b``,
-    ``\\t``, ``\\u200b``): a bad input line may hold terminal escape sequences, which
-    must not reach the terminal that lists it."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
-    """Summarize a run on stderr and choose its exit status."""
-    from orchestrator import commands
-
-    if result.skipped:
-        first = commands.describe_bad(path, result.skipped[0])
-        more = f" (first: {first})" if len(result.skipped) > 1 else f": {first}"
-        lines = counted(len(result.skipped), "bad line")
-        if settings.on_error == "dead-letter":
-            note(f"dead-lettered {lines}{more}; list them with 'orchestrator dead-letters'")
-        else:
-            note(f"skipped {lines}{more}")
-    if result.failure is not None:
-        resume = commands.resume_hint(settings, path)
-        if result.failure.kind == "rejected":
-            advice = f"fix the input and run '{resume}' (or add --on-error skip)"
-        else:  # the flow hung or killed its worker on a valid line: the input is not at fault
-            more = " with a higher --batch-timeout" if result.failure.kind == "timeout" else ""
-            advice = f"fix the flow, or run '{resume}'{more} or with --on-error skip or dead-letter"
-        say(
-            f"{commands.describe_bad(path, result.failure)}; committed through epoch "
-            f"{result.committed}; {advice}"
-        )
-        return ExitStatus.DATA_ERROR
-    events = counted(result.events, "event")
-    reruns = counted(result.reruns, "batch", "batches")
-    more = f", {reruns} re-run after losing a worker" if result.reruns else ""
-    note(f"done: {events}, committed through epoch {result.committed}{more}")
-    return ExitStatus.OK
-
-
-def print_status(report: dict[str, Any], *, as_json: bool) -> None:
-    """Print the status report."""
-    if as_json:
-        print(json.dumps(report))
-        return
-    print(f"namespace:       {report['namespace']} on {report['redis']}")
-    if report["partitions"] is None:
-        print("state:           empty (no ingest yet)")
-        return
-    retention = report["retention"]
-    print(f"input:           {report['input']}")
-    print(f"output file:     {report['output'] or '(stdout)'}")
-    print(f"flow:            {report['flow']}")
-    print(
-        f"committed epoch: {report['committed_epoch']} (next line at byte {report['next_offset']})"
-    )
-    lag = report["lag_epochs"]
-    print(
-        f"read epoch:      {report['read_epoch']} "
-        f"(lag {'unknown' if lag is None else counted(lag, 'epoch')})"
-    )
-    print(f"events/s:        {report['events_per_s']} (last run)")
-    print(
-        f"replayable from: epoch {retention['replayable_from']} "
-        f"(--retain-epochs {retention['retain_epochs']})"
-    )
-    print(f"dead letters:    {report['dead_letters']}")
-    print(f"driver:          {report['driver'] or 'not running'}")
-    print(f"workers:         {report['workers']} listening")
-    print(f"partitions:      {report['partitions']}")
-    for row in report["partition_progress"]:
-        print(
-            f"  p{row['partition']}: applied through epoch {row['applied_through']}, "
-            f"{counted(row['backlog_events'], 'event')} waiting, "
-            f"{counted(row['queued_jobs'], 'job')} queued"
-        )
-    if report["rq_worker_command"] is not None:
-        print(f"plain RQ worker: {report['rq_worker_command']}")
-    else:  # the embedded server lives only while a command uses it: no URL to give out
-        print(
-            f"more workers:    {report['worker_command']} (the embedded server runs only while "
-            "a command uses it: start them while a run is going)"
-        )
-
-
-def print_state(found: dict[str, Any], *, as_json: bool) -> None:
-    """Print one key's state."""
-    if as_json:
-        print(json.dumps(found))
-        return
-    state = "no state" if found["state"] is None else json.dumps(found["state"])
-    print(f"{found['key']} (partition {found['partition']}) as of epoch {found['epoch']}: {state}")
-
-
-def _exit_status(e: PipelineError) -> ExitStatus:
-    from orchestrator.dispatch import WorkerFailed
-    from orchestrator.lock import DriverLocked
-    from orchestrator.output import OutputError
-    from orchestrator.reader import InputError
-    from orchestrator.server import RedisUrlError
-    from orchestrator.workers import WorkerDied
-
-    statuses: list[tuple[type[BaseException], ExitStatus]] = [
-        (NamespaceError, ExitStatus.USAGE),
-        (RedisUrlError, ExitStatus.USAGE),
-        (FlowError, ExitStatus.USAGE),
-        (InputError, ExitStatus.NO_INPUT),
-        (OutputError, ExitStatus.NO_INPUT),
-        (DataDirError, ExitStatus.NO_INPUT),
-        (DriverLocked, ExitStatus.LOCKED),
-        (Superseded, ExitStatus.LOCKED),
-        (RedisUnavailable, ExitStatus.REDIS_UNAVAILABLE),
-        (WorkerFailed, ExitStatus.FAILED),
-        (WorkerDied, ExitStatus.FAILED),
-        (PipelineError, ExitStatus.FAILED),
-    ]
-    return next(code for cls, code in statuses if isinstance(e, cls))
-
-
-def _report_error(e: Exception, verbose: bool, resume: str | None = None) -> int:
-    """The one-line message and exit status of an expected error; others propagate.
-
-    ``resume`` is the command that continues the run, for errors that a fixed disk cures.
-    """
-    import redis
-
-    if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
-        from orchestrator.server import outage_note
-
-        say(f"lost the connection to Redis{outage_note()}: {e}")
-        return int(ExitStatus.REDIS_UNAVAILABLE)
-    if isinstance(e, redis.ResponseError) and "MISCONF" in str(e):
-        if verbose:
-            traceback.print_exc()
-        # The server refuses writes because it cannot persist them (a full or failing disk).
-        # (Inside a pipeline's error the reply comes after "Command # N (...) of pipeline".)
-        reply = str(e)[str(e).index("MISCONF") :]
-        then = f", then run '{resume}'" if resume else ""
-        say(f"the Redis server cannot write to its disk, so it refuses writes: {reply}{then}")
-        return int(ExitStatus.REDIS_UNAVAILABLE)
-    if isinstance(e, redis.RedisError):
-        if verbose:
-            traceback.print_exc()
-        say(f"Redis refused a command: {e}")
-        return int(ExitStatus.REDIS_UNAVAILABLE)
-    if isinstance(e, PipelineError):
-        if verbose:
-            traceback.print_exc()
-        say(str(e) + _disk_advice(e, resume))
-        return int(_exit_status(e))
-    if isinstance(e, OSError) and e.filename is not None:
-        # A file the command needs (besides the input, the output and the data directory,
-        # which have their own messages): a read-only or full disk, permissions.
-        if verbose:
-            traceback.print_exc()
-        say(f"cannot use {os.fsdecode(e.filename)}: {e.strerror}")
-        return int(ExitStatus.NO_INPUT)
-    raise e
-
-
-def _disk_advice(e: PipelineError, resume: str | None) -> str:
-    """What to do after a full disk: free space, then resume (which gives the exact result)."""
-    from orchestrator.embedded import ServerStopped
-    from orchestrator.output import OutputError
-
-    if resume is None:
-        return ""
-    if isinstance(e, ServerStopped):
-        if not e.disk:
-            return f"; run '{resume}' to continue"
-        free = "free space there" if e.no_space else "fix its disk"
-        return f"; {free}, then run '{resume}'"
-    if isinstance(e, OutputError) and e.disk_error:
-        cut = " (it cuts the file back to the committed epochs first)" if e.path else ""
-        return f"; free space (or fix the disk), then run '{resume}'{cut}"
-    return ""
 
 
 def _resume_command(args: argparse.Namespace, settings: Settings | None) -> str | None:
@@ -736,7 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitStatus.OUTPUT_CLOSED)
     except Exception as e:  # noqa: BLE001 - expected errors become one line; others propagate
-        return _report_error(e, args.verbose, _resume_command(args, settings))
+        from orchestrator.failures import report_error  # (imports redis-py: only when needed)
+
+        return report_error(e, args.verbose, _resume_command(args, settings))
     finally:
         stop_prestarted()
 

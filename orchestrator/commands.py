@@ -11,6 +11,7 @@ import redis
 from redis import Redis
 
 from orchestrator.driver import BadLine, Driver, RunResult
+from orchestrator.errors import InputError
 from orchestrator.fence import EvictionWatch, check_consistency, eviction_problem
 from orchestrator.lock import DriverLock
 from orchestrator.messages import note, say
@@ -27,11 +28,11 @@ from orchestrator.namespace import (
     start_run,
 )
 from orchestrator.progress import Progress
-from orchestrator.reader import InputError, LineSource, fingerprint, open_input, seek_epoch
+from orchestrator.reader import LineSource, fingerprint, open_input, seek_epoch
 from orchestrator.server import connect
 from orchestrator.settings import DEFAULT_FLOW, Mode, Settings
 from orchestrator.sink import open_sink
-from orchestrator.workers import WorkerPool, run_worker
+from orchestrator.workers import WorkerPool
 from tasks.errors import NamespaceError, RedisLostData, Superseded
 from tasks.flow import load_flow
 from tasks.keys import Keys
@@ -338,19 +339,3 @@ def reset_namespace(settings: Settings) -> int:
     keys = Keys(settings.namespace)
     with connect(settings) as conn, DriverLock(conn.client, keys):
         return reset(conn.client, keys)
-
-
-def worker(settings: Settings, *, burst: bool = False, announce_wait: bool = True) -> None:
-    """Run an RQ worker on every partition queue of the namespace."""
-    keys = Keys(settings.namespace)
-    if settings.flow is not None:
-        load_flow(settings.flow)  # fail now, not on the first batch
-    with connect(settings, join_only=True) as conn:
-        run_worker(
-            conn.client,
-            keys,
-            burst=burst,
-            verbose=settings.verbose,
-            embedded=None if conn.server_pid is None else (conn.server_pid, settings.data_dir),
-            announce_wait=announce_wait,
-        )

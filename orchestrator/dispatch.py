@@ -21,9 +21,9 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from orchestrator.errors import WorkerFailed
 from orchestrator.fence import Fence, refusal_error
 from tasks.batch import Batch
-from tasks.errors import PipelineError
 from tasks.keys import PROCESS_BATCH, Keys, rq_job_key
 from tasks.rqcompat import partition_queues
 from tasks.scripts import Refusal
@@ -41,10 +41,6 @@ BATCH_TTL = 7 * 24 * 3600  # a stored batch outlives any run that could still co
 FAILED_JOB_TTL = 7 * 24 * 3600
 WATCH_EVERY = 1.0  # seconds between two looks at the batches in flight
 LOST_AFTER = 2.0  # seconds a batch may look abandoned before it is sent again
-
-
-class WorkerFailed(PipelineError):
-    """Raised when a batch job failed in a worker for a reason other than the input."""
 
 
 @dataclass

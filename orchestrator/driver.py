@@ -146,8 +146,8 @@ class Driver:
         progress: Progress,
         on_commit: OnCommit,
         batch_events: int,
+        batch_timeout: float,
         output_is_file: bool = False,
-        batch_timeout: float = 60.0,
     ) -> None:
         self.r = r
         self.batch_timeout = batch_timeout

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from orchestrator.errors import DataDirError, ServerStopped
 from tasks.errors import PipelineError, RedisUnavailable
 from tasks.tuning import enabled
 
@@ -34,23 +35,6 @@ logger = logging.getLogger(__name__)
 STOP_ORPHAN_TIMEOUT = 15.0
 LOG_TAIL_BYTES = 16 << 10  # how much of the end of redis.log is read for the reason it stopped
 LOW_SPACE_BYTES = 1 << 20  # a data directory with less free space than this counts as full
-
-
-class ServerStopped(RedisUnavailable):
-    """Raised when the embedded redis-server this command owns exits while it is used.
-
-    It happens when the server cannot write its append-only file: with
-    ``appendfsync always`` redis-server exits rather than acknowledge a write it
-    could not persist ("Can't recover from AOF write error ... Exiting"), so
-    whatever it acknowledged is on disk and a later ``resume`` continues from it.
-    """
-
-    def __init__(self, data_dir: Path, reason: str, *, no_space: bool, disk: bool) -> None:
-        self.data_dir = data_dir
-        self.reason = reason
-        self.no_space = no_space
-        self.disk = disk  # it could not write to its disk (else it was killed, or crashed)
-        super().__init__(f"the embedded redis-server stopped: {reason}")
 
 
 def redis_server_binary() -> str:
@@ -126,10 +110,6 @@ def is_redis_server(pid: int) -> bool:
             return b"redis-server" in f.read()
     except OSError:
         return False
-
-
-class DataDirError(PipelineError):
-    """Raised when the data directory cannot hold the embedded server (missing, read-only)."""
 
 
 def server_args(data_dir: Path, socket_path: str, *, persistent: bool) -> list[str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import redis
 from redis import Redis
 
-from orchestrator.messages import counted
+from orchestrator.wording import counted
 from tasks.errors import PipelineError, RedisLostData, Superseded
 from tasks.keys import Keys
 from tasks.scripts import Refusal

@@ -12,6 +12,7 @@ import redis
 from redis import Redis
 from redis.lock import Lock
 
+from orchestrator.errors import DriverLocked
 from tasks.errors import PipelineError
 from tasks.keys import Keys
 
@@ -30,10 +31,6 @@ def lock_ttl() -> float:
     except ValueError:
         msg = f"{LOCK_TTL_ENV}={value!r} is not a number of seconds"
         raise PipelineError(msg) from None
-
-
-class DriverLocked(PipelineError):
-    """Raised when another driver is running on the namespace."""
 
 
 class DriverLock:

@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from bisect import bisect_left, bisect_right
 from operator import itemgetter
 from typing import Any, BinaryIO
 
+from orchestrator.errors import OutputError
 from orchestrator.progress import clear_line
-from tasks.errors import PipelineError
-
-# Errors after which the same command, run again, can succeed once the disk is fixed.
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
-
-
-class OutputError(PipelineError):
-    """Raised when the output (an --output file, or stdout) cannot be opened or written.
-
-    Nothing is recorded after a failed write or fsync, so the committed record
-    never claims more than the file holds; ``resume`` cuts the file back to it.
-    """
-
-    def __init__(self, path: str | None, error: OSError, doing: str = "write") -> None:
-        self.path = path
-        self.errno = error.errno
-        what = "standard output" if path is None else f"the output file {path}"
-        super().__init__(f"cannot {doing} {what}: {error.strerror or error}")
-
-    @property
-    def disk_error(self) -> bool:
-        """A full (or failing) disk: freeing space and resuming gives the exact file."""
-        return self.errno in DISK_ERRORS
 
 
 def output_name(out: BinaryIO) -> str | None:

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import IO, TextIO
 
-from orchestrator.messages import counted
+from orchestrator.wording import counted
 
 ERASE = "\r\x1b[K"  # back to the line's start, erase to its end
 

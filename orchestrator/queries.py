@@ -106,8 +106,8 @@ def _lag(info: NamespaceInfo) -> int | None:
 def _partitions(r: Redis, keys: Keys, partitions: int) -> list[dict[str, Any]]:
     applied = applied_epochs(r, keys, partitions)
     pipe = r.pipeline(transaction=False)
-    for name in keys.queue_names(partitions):
-        pipe.llen(f"rq:queue:{name}")
+    for partition in range(partitions):
+        pipe.llen(keys.queue_key(partition))
     pipe.hgetall(keys.backlog)
     *depths, backlog = pipe.execute()
     waiting = {int(p): int(n) for p, n in backlog.items()}

@@ -8,14 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from tasks.errors import PipelineError
+from orchestrator.errors import InputError
+from orchestrator.settings import Settings
 
-
-class InputError(PipelineError):
-    """Raised when the input file cannot be read or does not match the committed position."""
-
-
-DEFAULT_MAX_LINE_BYTES = 1 << 20
 FINGERPRINT_BLOCK = 4096
 FINGERPRINT_SAMPLES = 16
 
@@ -27,7 +22,7 @@ class LineSource:
     file: BinaryIO
     epoch: int
     offset: int
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_line_bytes: int = Settings.max_line_bytes
 
     def __post_init__(self) -> None:
         self.file.seek(self.offset)

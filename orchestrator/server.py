@@ -41,9 +41,10 @@ from orchestrator.embedded import (
     stop_reason,
     terminate_server,
 )
+from orchestrator.errors import RedisUrlError
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
 from orchestrator.settings import Settings, redact_text, redact_url
-from tasks.errors import PipelineError, RedisUnavailable
+from tasks.errors import RedisUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -218,10 +219,6 @@ def outage_note() -> str:
 
 
 URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
-
-
-class RedisUrlError(PipelineError):
-    """Raised when a Redis URL cannot be used (bad scheme, address or option)."""
 
 
 def client_for(url: str, *, retry: bool = True) -> Redis:

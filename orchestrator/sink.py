@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from orchestrator.lock import DriverLocked
+from orchestrator.errors import DriverLocked, InputError, OutputError
 from orchestrator.namespace import Checkpoint, NamespaceInfo
-from orchestrator.output import OutputError
-from orchestrator.reader import InputError
 from orchestrator.settings import Mode
 
 logger = logging.getLogger(__name__)

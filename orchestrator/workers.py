@@ -29,22 +29,28 @@ from orchestrator.embedded import (
     ended_normally,
     stop_reason,
 )
-from orchestrator.exitcodes import ExitStatus
-from orchestrator.server import DEQUEUE_TIMEOUT, RECONNECT_FOR, SOCKET_TIMEOUT, AnnouncedRetry
-from orchestrator.settings import url_secrets
-from tasks.errors import PipelineError, RedisUnavailable
+from orchestrator.errors import WorkerDied
+from orchestrator.failures import report_error
+from orchestrator.logs import configure_logging
+from orchestrator.server import (
+    DEQUEUE_TIMEOUT,
+    RECONNECT_FOR,
+    SOCKET_TIMEOUT,
+    AnnouncedRetry,
+    connect,
+)
+from orchestrator.settings import Settings, url_secrets
+from tasks.errors import ExitStatus, RedisUnavailable
+from tasks.flow import load_flow
 from tasks.keys import Keys
 from tasks.rqcompat import LeanWorker, partition_queues
+from tasks.tuning import tune_process
 
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 30.0
 CRASH_LOOP_SECONDS = 5.0  # a worker that dies sooner than this after its start...
 CRASH_LOOP_DEATHS = 3  # ...this many times in a row is not restarted again
-
-
-class WorkerDied(PipelineError):
-    """Raised when the worker processes started by the command keep dying."""
 
 
 # An idle worker heartbeats after every BLPOP (DEQUEUE_TIMEOUT s); one silent this long is
@@ -151,6 +157,38 @@ class PipelineWorker(LeanWorker):
         if self.get_state() != WorkerStatus.BUSY:
             AnnouncedRetry.give_up = True
         super().request_stop(signum, frame)
+
+
+def work(settings: Settings, *, burst: bool = False, announce_wait: bool = True) -> None:
+    """``orchestrator worker``: an RQ worker on every partition queue of the namespace."""
+    keys = Keys(settings.namespace)
+    if settings.flow is not None:
+        load_flow(settings.flow)  # fail now, not on the first batch
+    with connect(settings, join_only=True) as conn:
+        run_worker(
+            conn.client,
+            keys,
+            burst=burst,
+            verbose=settings.verbose,
+            embedded=None if conn.server_pid is None else (conn.server_pid, settings.data_dir),
+            announce_wait=announce_wait,
+        )
+
+
+def forked_worker_main(settings: Settings) -> int:
+    """The body of a worker process forked by a command; returns its exit status.
+
+    It has everything imported already; it sets up what ``orchestrator worker``
+    would (logging, tuning) and reports an expected error in one line.
+    """
+    configure_logging(settings.verbose, worker=True, quiet=settings.quiet)
+    tune_process()
+    try:
+        # (its command set the namespace up: nothing to announce while it waits)
+        work(settings, announce_wait=False)
+    except Exception as e:  # noqa: BLE001 - expected errors become one line; others propagate
+        return report_error(e, settings.verbose)
+    return int(ExitStatus.OK)
 
 
 def run_worker(
@@ -364,8 +402,6 @@ class WorkerPool:
         return [*args, "--verbose"] if self.verbose else args
 
     def _fork(self) -> WorkerProcess:
-        from orchestrator import cli  # imported by the time a pool starts (no import cycle)
-
         sys.stdout.flush()
         sys.stderr.flush()
         parent = os.getpid()
@@ -381,7 +417,13 @@ class WorkerPool:
                     os.environ["REDIS_URL"] = self.url
                     os.environ.pop("RQ_REDIS_URL", None)
                     self._hide_driver_argv()
-                    status = cli.main(self._worker_args())
+                    settings = Settings(
+                        redis_url=self.url,
+                        namespace=self.namespace,
+                        verbose=self.verbose,
+                        quiet=self.quiet,
+                    )
+                    status = forked_worker_main(settings)
             except KeyboardInterrupt:  # Ctrl-C before RQ's worker took over its signals
                 status = int(ExitStatus.INTERRUPTED)
             except BaseException:  # noqa: BLE001 - the child must reach os._exit

@@ -1,10 +1,36 @@
-"""The pipeline's errors: one base class and a few specific ones."""
+"""The pipeline's errors (one base class, a few specific ones) and the exit statuses they
+end a command with (``orchestrator/errors.py`` has the driver's own)."""
 
 from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+
+class ExitStatus(enum.IntEnum):
+    """Process exit codes."""
+
+    OK = 0
+    FAILED = 1  # an internal error: a worker failed, a bug; details with --verbose
+    USAGE = 2  # a bad option, or a command that does not fit the namespace's state
+    # Redis cannot be reached, or the embedded server cannot start; also Redis's disk:
+    # the embedded server stopped (its data directory full), or MISCONF (refuses writes)
+    REDIS_UNAVAILABLE = 3
+    DATA_ERROR = 65  # bad input under --on-error fail (sysexits' EX_DATAERR)
+    # the input file cannot be read (missing, gzip-compressed, a pipe or stdin), or no longer
+    # matches the committed position; or the --output file cannot be opened or written (a
+    # directory, a missing folder, a full disk), or the embedded server's data directory
+    # cannot be (a read-only file system)
+    NO_INPUT = 66
+    LOCKED = 75  # another driver runs on the namespace (sysexits' EX_TEMPFAIL): try later
+    INTERRUPTED = 130  # Ctrl-C; committed state is intact, resume continues
+    OUTPUT_CLOSED = 141  # the reader of stdout went away (`| head`), as SIGPIPE in a shell
 
 
 class PipelineError(Exception):
     """Base class of every error the pipeline raises on purpose."""
+
+    exit_status: ClassVar[ExitStatus] = ExitStatus.FAILED
 
 
 class InvalidEvent(PipelineError):
@@ -13,6 +39,8 @@ class InvalidEvent(PipelineError):
 
 class FlowError(PipelineError):
     """Raised when a flow is built wrongly or cannot be loaded by its import path."""
+
+    exit_status: ClassVar[ExitStatus] = ExitStatus.USAGE
 
 
 class StaleGeneration(PipelineError):
@@ -26,9 +54,13 @@ class OutOfOrder(PipelineError):
 class NamespaceError(PipelineError):
     """Raised when a command does not fit the namespace's stored state (partitions, epochs)."""
 
+    exit_status: ClassVar[ExitStatus] = ExitStatus.USAGE
+
 
 class RedisUnavailable(PipelineError):
     """Raised when Redis cannot be reached or the embedded server cannot start."""
+
+    exit_status: ClassVar[ExitStatus] = ExitStatus.REDIS_UNAVAILABLE
 
 
 class RedisLostData(RedisUnavailable):
@@ -38,3 +70,5 @@ class RedisLostData(RedisUnavailable):
 
 class Superseded(PipelineError):
     """Raised when another driver run has taken over the namespace from this one."""
+
+    exit_status: ClassVar[ExitStatus] = ExitStatus.LOCKED

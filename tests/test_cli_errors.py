@@ -19,7 +19,7 @@ import tomllib
 import pytest
 
 from bench.generate import generate
-from orchestrator.exitcodes import ExitStatus
+from tasks.errors import ExitStatus
 from tasks.keys import Keys
 
 from conftest import (

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.embedded import stop_reason
-from orchestrator.output import OutputError, synced_length, write_lines
+from orchestrator.errors import OutputError
+from orchestrator.output import synced_length, write_lines
 
 
 def _log(directory: Path, *warnings: str) -> None:
@@ -100,4 +101,6 @@ def test_a_killed_server_is_not_blamed_on_what_it_said_at_its_start(tmp_path):
         )
     stopped = stop_reason(tmp_path, -9, pid=7)
     assert not stopped.disk
-    assert stopped.reason == f"killed by signal 9: no reason in its log (see {tmp_path / 'redis.log'})"
+    assert (
+        stopped.reason == f"killed by signal 9: no reason in its log (see {tmp_path / 'redis.log'})"
+    )

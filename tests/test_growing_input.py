@@ -41,7 +41,12 @@ def cut_point(data: bytes, where: str) -> int:
 @pytest.mark.parametrize("on_error", ["fail", "skip", "dead-letter"])
 @pytest.mark.parametrize(
     "crlf, where",
-    [(False, "mid-line"), (False, "before-newline"), (False, "after-newline"), (True, "before-newline")],
+    [
+        (False, "mid-line"),
+        (False, "before-newline"),
+        (False, "after-newline"),
+        (True, "before-newline"),
+    ],
 )
 def test_append_then_resume_equals_one_clean_run(redis_url, tmp_path, on_error, crlf, where):
     data = final_file(crlf, with_bad=on_error != "fail")

@@ -310,7 +310,7 @@ def quick_deaths(fake, monkeypatch, *, registered):
 
 
 def test_workers_that_die_at_start_are_a_crash_loop(fake, monkeypatch):
-    from orchestrator.workers import WorkerDied
+    from orchestrator.errors import WorkerDied
 
     with pytest.raises(WorkerDied, match="keep dying at start"):
         quick_deaths(fake, monkeypatch, registered=False)

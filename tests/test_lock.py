@@ -5,7 +5,8 @@ import time
 import pytest
 
 import orchestrator.lock as lock_module
-from orchestrator.lock import DriverLock, DriverLocked
+from orchestrator.errors import DriverLocked
+from orchestrator.lock import DriverLock
 
 
 def test_the_heartbeat_keeps_the_lock_alive(r, keys, monkeypatch):

@@ -4,8 +4,9 @@ import io
 
 import pytest
 
+from orchestrator.errors import InputError
 from orchestrator.output import OutputMerger
-from orchestrator.reader import InputError, finish_oversized, seek_epoch
+from orchestrator.reader import finish_oversized, seek_epoch
 
 
 def test_lines_are_released_in_epoch_order_only_up_to_the_committed_epoch():

@@ -37,7 +37,6 @@ def popen_cli(*args, stdout=subprocess.DEVNULL, env=None):
     )  # fmt: skip
 
 
-
 def wait_committed(url, ns, epoch, driver, timeout=60):
     deadline = time.monotonic() + timeout
     while committed_epoch(url, ns) < epoch:
@@ -47,7 +46,9 @@ def wait_committed(url, ns, epoch, driver, timeout=60):
 
 
 def one_line_error(stderr, *needles):
-    errors = [x for x in stderr.splitlines() if x.startswith("orchestrator:") and "warning" not in x]
+    errors = [
+        x for x in stderr.splitlines() if x.startswith("orchestrator:") and "warning" not in x
+    ]
     assert "Traceback" not in stderr, stderr
     assert any(all(n in x for n in needles) for x in errors), stderr
 
@@ -203,7 +204,9 @@ def test_a_redis_restarted_empty_is_detected_and_resume_refuses(servers, events,
     assert driver.returncode == 3, stderr
     one_line_error(stderr, "is gone from Redis")
     written = out.read_bytes()
-    resumed = run_cli("resume", str(path), *run_args(server.url, ns), "--output", str(out), cwd=REPO)
+    resumed = run_cli(
+        "resume", str(path), *run_args(server.url, ns), "--output", str(out), cwd=REPO
+    )
     assert resumed.returncode == 2, resumed.stderr
     one_line_error(resumed.stderr, "has no data in this Redis", "ingest")
     assert out.read_bytes() == written  # nothing appended, nothing cut
@@ -286,7 +289,9 @@ def test_a_driver_paused_past_its_lock_writes_nothing_when_it_wakes(
     client.close()
 
 
-def test_reset_under_a_paused_driver_stops_it_when_it_wakes(own_redis, events, tmp_path, short_lock):
+def test_reset_under_a_paused_driver_stops_it_when_it_wakes(
+    own_redis, events, tmp_path, short_lock
+):
     path, _ = events
     ns, out = new_namespace(), tmp_path / "out.txt"
     url = own_redis.url
@@ -324,8 +329,13 @@ def test_keys_evicted_under_allow_eviction_stop_the_run_and_every_later_resume(s
     else:
         assert resumed.returncode == 3, resumed.stderr
         one_line_error(resumed.stderr, "evicted", "during an earlier run", "reset")
-    assert run_cli("reset", "--yes", "--redis-url", server.url, "--namespace", ns, cwd=REPO).returncode == 0
-    again = run_cli("ingest", str(path), *run_args(server.url, ns), "--output", "/dev/null", cwd=REPO)
+    assert (
+        run_cli("reset", "--yes", "--redis-url", server.url, "--namespace", ns, cwd=REPO).returncode
+        == 0
+    )
+    again = run_cli(
+        "ingest", str(path), *run_args(server.url, ns), "--output", "/dev/null", cwd=REPO
+    )
     assert again.returncode == 2  # the policy is still allkeys-lru: refused without the flag
     client.config_set("maxmemory-policy", "noeviction")
     clean = run_cli("ingest", str(path), *run_args(server.url, ns), cwd=REPO)
@@ -356,7 +366,11 @@ def test_a_worker_paused_mid_batch_wakes_up_to_a_refused_commit(redis_url, real,
             assert time.monotonic() < deadline and driver.poll() is None
             for p in range(2):
                 job_id = real.get(keys.lease(p))
-                running = [w for w in Worker.all(connection=real) if job_id and w.get_current_job_id() == job_id.decode()]
+                running = [
+                    w
+                    for w in Worker.all(connection=real)
+                    if job_id and w.get_current_job_id() == job_id.decode()
+                ]
                 if running:
                     paused = running[0].pid
                     break

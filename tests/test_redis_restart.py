@@ -15,7 +15,6 @@ from reference import reference_run
 pytestmark = pytest.mark.integration
 
 
-
 def test_redis_killed_and_restarted_mid_run(own_redis, tmp_path):
     lines = list(generate(6_000, 400, seed=33))
     path = tmp_path / "events.json"

@@ -24,9 +24,10 @@ import redis
 from bench.generate import generate
 from orchestrator import Dataflow, run_main
 from orchestrator.embedded import redis_server_binary
+from orchestrator.errors import RedisUrlError
 from orchestrator.recovery import RedisRecoveryConfig
 from orchestrator.sentinel import parse_sentinel_url
-from orchestrator.server import RedisUrlError, client_for
+from orchestrator.server import client_for
 
 from conftest import REPO, cli_env, new_namespace, run_cli
 from helpers import committed_epoch, committed_states, merge_outputs
@@ -213,7 +214,9 @@ def test_run_follows_a_sentinel_failover(sentinel_setup, tmp_path):
             cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 30
-        while (before := committed_epoch(f"redis://127.0.0.1:{sentinel_setup.primary}/0", ns)) < 800:
+        while (
+            before := committed_epoch(f"redis://127.0.0.1:{sentinel_setup.primary}/0", ns)
+        ) < 800:
             assert time.monotonic() < deadline and driver.poll() is None, driver.stderr.read()
             time.sleep(0.02)
         assert before < len(lines) - 1  # the failover comes mid-run

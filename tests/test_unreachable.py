@@ -27,7 +27,6 @@ LIMIT = 35.0  # seconds from the server's death to the exit
 REDIS_PY_READ_TIMEOUT = 5  # redis-py 8's default socket timeout
 
 
-
 def orchestrator(*args: str, stdout, stderr) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", *args],

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.exitcodes import ExitStatus
+from tasks.errors import ExitStatus
 
 from conftest import SEED_INPUT, cli_env
 
