@@ -163,7 +163,7 @@ def _json_option(parser: Any) -> None:
     )  # fmt: skip
 
 
-def _connection_options() -> argparse.ArgumentParser:
+def _connection_options() -> _Parser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("where the pipeline lives")
     _option(
@@ -199,7 +199,7 @@ def _flow_option(parser: Any) -> None:
     )  # fmt: skip
 
 
-def _run_options() -> argparse.ArgumentParser:
+def _run_options() -> _Parser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("how the run works")
     group.add_argument("file", type=Path, metavar="FILE", help="input: one JSON event per line")

@@ -131,7 +131,7 @@ def check_unchanged(f: Any, path: Path, info: NamespaceInfo) -> None:
 def persistence_warning(r: Redis) -> str | None:
     """A warning when the server's settings could lose acknowledged commits on a restart."""
     try:
-        config = r.config_get("appendonly") | r.config_get("appendfsync")
+        config: dict[Any, Any] = {**r.config_get("appendonly"), **r.config_get("appendfsync")}
     except redis.ResponseError:
         return (
             "cannot read the server's persistence settings (CONFIG is disabled): make sure it "

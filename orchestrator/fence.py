@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from redis import Redis
@@ -121,7 +122,7 @@ def check_consistency(
 def eviction_problem(r: Redis) -> str | None:
     """What is wrong with the server's eviction policy for this pipeline, if anything."""
     try:
-        reply = r.config_get("maxmemory-policy")
+        reply: dict[Any, Any] = r.config_get("maxmemory-policy")
     except redis.ResponseError:
         return None  # CONFIG disabled: nothing to check (the persistence warning says so)
     value = reply.get("maxmemory-policy") or reply.get(b"maxmemory-policy") or b"noeviction"

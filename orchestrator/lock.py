@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import uuid
+from typing import cast
 
 import redis
 from redis import Redis
@@ -114,5 +115,5 @@ class DriverLock:
 
 def driver_running(r: Redis, keys: Keys) -> str | None:
     """The token of the driver holding the namespace, if any."""
-    holder = r.get(keys.driver_lock)
+    holder = cast("bytes | None", r.get(keys.driver_lock))
     return holder.decode() if holder else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 from orchestrator.progress import clear_line
 
@@ -25,7 +26,7 @@ def configure_logging(verbose: bool, *, worker: bool = False, quiet: bool = Fals
         logging.getLogger().setLevel(logging.ERROR)
 
 
-class _StderrHandler(logging.StreamHandler):
+class _StderrHandler(logging.StreamHandler[TextIO]):
     """Log records on stderr, each after the progress line (if shown) is erased."""
 
     def __init__(self) -> None:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis import Redis
 
@@ -56,7 +56,8 @@ class NamespaceInfo:
 
 def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
     """Read the namespace's meta hash (one round trip)."""
-    meta = {k.decode(): v.decode() for k, v in r.hgetall(keys.meta).items()}
+    raw = cast("dict[bytes, bytes]", r.hgetall(keys.meta))
+    meta = {k.decode(): v.decode() for k, v in raw.items()}
     return NamespaceInfo(
         partitions=int(meta["partitions"]) if "partitions" in meta else None,
         flow=meta.get("flow"),
@@ -322,7 +323,7 @@ class Checkpoint:
 
 def checkpoint_at_or_before(r: Redis, keys: Keys, epoch: int) -> Checkpoint:
     """The nearest recorded checkpoint at or before ``epoch`` (the start of the input if none)."""
-    found = r.zrevrangebyscore(keys.checkpoints, epoch, "-inf", start=0, num=1)
+    found = cast("list[bytes]", r.zrevrangebyscore(keys.checkpoints, epoch, "-inf", start=0, num=1))
     if not found:
         return Checkpoint(0, 0, 0)
     e, offset, out = found[0].decode().split(":")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import IO, TextIO
+from typing import IO, Any, TextIO
 
 from orchestrator.wording import counted
 
@@ -68,7 +68,7 @@ class Progress:
         self.erase()
 
 
-def clear_line(out: IO | None = None) -> None:
+def clear_line(out: IO[Any] | None = None) -> None:
     """Erase the progress line before writing to ``out`` (default: the progress line's own
     stream), if ``out`` is the terminal it is shown on."""
     if _shown is None:
@@ -77,7 +77,7 @@ def clear_line(out: IO | None = None) -> None:
         _shown.erase()
 
 
-def same_terminal(a: IO, b: IO) -> bool:
+def same_terminal(a: IO[Any], b: IO[Any]) -> bool:
     """Whether two streams write to the same terminal device."""
     try:
         fa, fb = a.fileno(), b.fileno()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis import Redis
@@ -168,7 +168,9 @@ def list_dead_letters(settings: Settings) -> list[dict[str, Any]]:
     """The namespace's dead letters, oldest first."""
     keys = Keys(settings.namespace)
     with connect(settings) as conn:
-        entries = conn.client.xrange(keys.dead_letters)
+        entries = cast(
+            "list[tuple[bytes, dict[bytes, bytes]]]", conn.client.xrange(keys.dead_letters)
+        )
     return [
         {
             "id": entry_id.decode(),

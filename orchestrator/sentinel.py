@@ -119,7 +119,7 @@ class ConciseSentinel(Sentinel):
 
     def discover_master(self, service_name: str) -> Any:
         try:
-            return super().discover_master(service_name)
+            return super().discover_master(service_name)  # type: ignore[no-untyped-call]
         except MasterNotFoundError as e:
             reasons = sorted(set(re.findall(r" - (\w+:\w+)", str(e))))
             why = (
@@ -151,7 +151,7 @@ class FollowingConnection(SentinelManagedConnection):
     def _connect(self) -> Any:
         if self.connection_pool.is_master:
             self.host, self.port = self.connection_pool.get_master_address()
-        return super()._connect()
+        return super()._connect()  # type: ignore[no-untyped-call]
 
     def read_response(
         self,
@@ -191,8 +191,11 @@ def sentinel_client(address: SentinelAddress, **kwargs: Any) -> Redis:
     if address.sentinel_password is not None:
         sentinel_kwargs["password"] = address.sentinel_password
         sentinel_kwargs["username"] = address.sentinel_username
-    sentinel = ConciseSentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs)
-    return sentinel.master_for(
+    # (redis-py's Sentinel is unannotated)
+    sentinel = ConciseSentinel(  # type: ignore[no-untyped-call]
+        list(address.sentinels), sentinel_kwargs=sentinel_kwargs
+    )
+    primary: Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         address.service,
         db=address.db,
         username=address.username,
@@ -200,3 +203,4 @@ def sentinel_client(address: SentinelAddress, **kwargs: Any) -> Redis:
         connection_class=FollowingConnection,
         **kwargs,
     )
+    return primary

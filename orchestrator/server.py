@@ -32,7 +32,6 @@ from orchestrator.embedded import (
     SERVER_DIED,
     Attachment,
     ExitWatch,
-    ServerStopped,
     attach,
     detach,
     is_redis_server,
@@ -41,7 +40,7 @@ from orchestrator.embedded import (
     stop_reason,
     terminate_server,
 )
-from orchestrator.errors import RedisUrlError
+from orchestrator.errors import RedisUrlError, ServerStopped
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
 from orchestrator.settings import Settings, redact_text, redact_url
 from tasks.errors import RedisUnavailable

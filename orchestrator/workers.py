@@ -74,7 +74,7 @@ def _alive(worker: Any) -> bool:
     if worker.get_state() == WorkerStatus.BUSY or worker.last_heartbeat is None:
         return True
     age = datetime.now(UTC) - worker.last_heartbeat.replace(tzinfo=UTC)
-    return age.total_seconds() < STALE_AFTER
+    return bool(age.total_seconds() < STALE_AFTER)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -156,7 +156,7 @@ class PipelineWorker(LeanWorker):
     def request_stop(self, signum: Any, frame: Any) -> None:
         if self.get_state() != WorkerStatus.BUSY:
             AnnouncedRetry.give_up = True
-        super().request_stop(signum, frame)
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
 
 def work(settings: Settings, *, burst: bool = False, announce_wait: bool = True) -> None:
@@ -328,7 +328,7 @@ def _refuses_writes(r: Redis | None) -> bool:
         return False
     try:
         info = r.info("persistence")
-        stops = r.config_get("stop-writes-on-bgsave-error")
+        stops: dict[Any, Any] = r.config_get("stop-writes-on-bgsave-error")
     except redis.RedisError:
         return False
     name = "stop-writes-on-bgsave-error"

@@ -8,7 +8,7 @@ JSON-encoded a second time, only split with ``bytes.split`` at the other end.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 
@@ -20,7 +20,7 @@ def _frame(header: object, lines: list[bytes]) -> bytes:
     return orjson.dumps(header) + b"\n" + b"\n".join(lines)
 
 
-def _unframe(data: bytes) -> tuple[object, list[bytes]]:
+def _unframe(data: bytes) -> tuple[Any, list[bytes]]:
     header, _, body = data.partition(b"\n")
     return orjson.loads(header), body.split(b"\n")
 
@@ -69,7 +69,8 @@ class Batch:
     def decode(cls, data: bytes) -> Batch:
         """Decode a batch made by ``encode``."""
         header, lines = _unframe(data)
-        ns, gen, part, parts, after, last, flow, on_error, epochs, *rest = header  # type: ignore[misc]
+        ns, gen, part, parts, after, last, flow, on_error, epochs = header[:9]
+        rest = header[9:]
         lines = lines if epochs else []
         timeout = rest[0] if rest else 0.0  # (a batch stored before the timeout existed)
         return cls(ns, gen, part, parts, after, last, flow, on_error, epochs, lines, timeout)

@@ -16,7 +16,7 @@ joiner decides the cases two real streams produce:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from tasks.errors import InvalidEvent
 from tasks.flow import Dataflow
@@ -40,9 +40,11 @@ def validate_event(event: Any) -> dict[str, Any]:
             and type(event.get("user_id")) is str
             and type(event.get("order_id")) is int
         ):
-            return event
+            return cast(dict[str, Any], event)
     _explain_invalid(event)
-    return event  # unreachable: _explain_invalid raises for every invalid event
+    return cast(
+        dict[str, Any], event
+    )  # unreachable: _explain_invalid raises for every invalid event
 
 
 def _explain_invalid(event: Any) -> None:

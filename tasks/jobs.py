@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis import Redis
@@ -38,7 +38,7 @@ def process_batch(
     assert job is not None, "process_batch runs inside an RQ job"
     r = job.connection
     with partition_lease(r, Keys(namespace).lease(partition), job.id) as lease:
-        payload = r.get(batch_key)
+        payload = cast("bytes | None", r.get(batch_key))
         if payload is None:  # committed already (its commit deleted it), or a stale run's
             return {"partition": partition, "batch": batch_key, "outcome": "gone"}
         return run_batch(r, Batch.decode(payload), attempt=attempt, lease=lease)

@@ -102,4 +102,4 @@ class LeanWorker(SimpleWorker):
         # RQ's command channel (kill-horse, remote shutdown) has nothing to act on in a
         # SimpleWorker stopped by SIGTERM, and its thread costs a 1 s join at every stop.
         if not self._lean:
-            super().subscribe()
+            super().subscribe()  # type: ignore[no-untyped-call]

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis import Redis, WatchError
 from redis.client import Pipeline
@@ -217,7 +217,7 @@ def restore_partition(
             raise _superseded(keys, partition, generation, owner)
         if applied <= epoch:
             return 0
-        records = pipe.zrangebyscore(keys.undo(partition), f"({epoch}", "+inf")
+        records = cast("list[bytes]", pipe.zrangebyscore(keys.undo(partition), f"({epoch}", "+inf"))
         restore: dict[str, bytes | None] = {}  # key -> the JSON of its state, or None
         # Walk backwards so that the earliest event after `epoch` wins for each key.
         for record in reversed(records):
