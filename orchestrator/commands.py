@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import redis
 from redis import Redis
 
-from orchestrator.driver import BadLine, Driver, RunResult
+from orchestrator.driver import BadLine, Driver, Housekeeping, RunResult
 from orchestrator.errors import InputError
 from orchestrator.fence import EvictionWatch, check_consistency, eviction_problem
 from orchestrator.lock import DriverLock
@@ -179,7 +181,10 @@ def run_pipeline(
         try:
             with DriverLock(conn.client, keys) as lock:
                 r = conn.client
-                return _drive(settings, mode, path, from_epoch, f, r, conn.embedded, pool, lock)
+                housekeeping = partial(RunHousekeeping, pool, r)
+                return drive(
+                    settings, mode, path, from_epoch, f, r, conn.embedded, housekeeping, lock
+                )
         except RedisLostData as e:
             raise RedisLostData(f"{e}; {_what_resume_does(conn.client, keys, path)}") from e
         finally:
@@ -214,7 +219,7 @@ def check_server(r: Redis, settings: Settings, embedded: bool) -> None:
         say(f"warning: {warning}")
 
 
-def _drive(
+def drive(
     settings: Settings,
     mode: Mode,
     path: Path,
@@ -222,9 +227,14 @@ def _drive(
     f: Any,
     r: Redis,
     embedded: bool,
-    pool: WorkerPool,
+    housekeeping: Callable[[Keys, int], Housekeeping],
     lock: DriverLock,
 ) -> RunResult:
+    """A run on a connected Redis, holding the namespace's lock: plan where it starts, claim
+    the partitions, drive the batches to the end of the input, record the last commit.
+
+    ``housekeeping(keys, partitions)`` gives what runs beside the driver (worker processes).
+    """
     keys = Keys(settings.namespace)
     info = read_info(r, keys)
     partitions = check_compatible(info, settings.partitions, settings.flow)
@@ -272,7 +282,7 @@ def _drive(
                 flow_path=flow,
                 on_error=settings.on_error,
                 out=sink.stream,
-                housekeeping=RunHousekeeping(pool, r, keys, partitions),
+                housekeeping=housekeeping(keys, partitions),
                 progress=progress,
                 on_commit=committer.record,
                 batch_events=settings.batch_events,

@@ -12,13 +12,20 @@ from tasks.keys import Keys
 def committed_states(url: str, namespace: str) -> dict[str, object]:
     """Every key's committed state in a namespace, across its partitions."""
     client = redis.Redis.from_url(url)
+    try:
+        return states_in(client, namespace)
+    finally:
+        client.close()
+
+
+def states_in(client: redis.Redis, namespace: str) -> dict[str, object]:
+    """Every key's committed state in a namespace, read with ``client``."""
     keys = Keys(namespace)
     partitions = int(client.hget(keys.meta, "partitions"))
     states: dict[str, object] = {}
     for p in range(partitions):
         for key, value in client.hgetall(keys.state(p)).items():
             states[key.decode()] = orjson.loads(value)
-    client.close()
     return states
 
 

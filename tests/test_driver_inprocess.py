@@ -1,0 +1,100 @@
+"""The driver in-process on fakeredis, with RQ's own worker run in burst mode between its reads.
+
+No process and no server: the whole run (planning, claiming partitions, batches
+as real RQ jobs, the workers' commits, notices, the output file, the committed
+record) in a fraction of a second, for a fast inner loop. The integration
+tests run the same code through the CLI on a real redis-server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rq.serializers import JSONSerializer
+
+from bench.generate import generate
+from orchestrator.commands import drive
+from orchestrator.lock import DriverLock
+from orchestrator.namespace import read_info
+from orchestrator.settings import Settings
+from tasks.keys import Keys
+from tasks.rqcompat import LeanWorker, partition_queues
+
+from conftest import SEED_INPUT
+from helpers import states_in
+from reference import reference_run
+
+
+class BurstWorkers:
+    """Housekeeping that runs every queued batch job at once, in this process: an RQ
+    SimpleWorker in burst mode, so that the driver's batches commit between two reads."""
+
+    def __init__(self, r, keys: Keys, partitions: int) -> None:
+        self.r, self.queues = r, partition_queues(r, keys, partitions)
+        self.runs = 0
+
+    def between_reads(self) -> None:
+        worker = LeanWorker(self.queues, connection=self.r, serializer=JSONSerializer)
+        if worker.work(burst=True, logging_level="WARNING"):
+            self.runs += 1
+
+    def batches_wait(self) -> None:
+        raise AssertionError("a batch waited for workers: burst workers run them all at once")
+
+
+def run(fake, settings: Settings, mode: str, path: Path, from_epoch: int | None = None):
+    keys = Keys(settings.namespace)
+    workers: list[BurstWorkers] = []
+
+    def housekeeping(keys: Keys, partitions: int) -> BurstWorkers:
+        workers.append(BurstWorkers(fake, keys, partitions))
+        return workers[-1]
+
+    with open(path, "rb") as f, DriverLock(fake, keys) as lock:
+        result = drive(settings, mode, path, from_epoch, f, fake, True, housekeeping, lock)
+    assert workers[0].runs > 0
+    return result
+
+
+@pytest.fixture
+def events(tmp_path):
+    lines = list(generate(3_000, 200, seed=7))
+    path = tmp_path / "events.json"
+    path.write_text("\n".join(lines) + "\n")
+    return path, lines
+
+
+def test_an_ingest_gives_the_plain_loops_output_and_states(fake, tmp_path, events):
+    path, lines = events
+    settings = Settings(
+        namespace="inproc", partitions=3, batch_events=200, output=tmp_path / "out.txt"
+    )
+    result = run(fake, settings, "ingest", path)
+
+    expected_output, expected_states = reference_run(lines)
+    assert result.committed == len(lines) - 1
+    assert (tmp_path / "out.txt").read_text() == expected_output
+    assert states_in(fake, "inproc") == expected_states
+    assert read_info(fake, Keys("inproc")).committed == len(lines) - 1
+
+
+def test_a_replay_from_an_epoch_gives_the_same_file(fake, tmp_path, events):
+    path, lines = events
+    settings = Settings(
+        namespace="inproc", partitions=2, batch_events=150, output=tmp_path / "out.txt"
+    )
+    run(fake, settings, "ingest", path)
+    first = (tmp_path / "out.txt").read_text()
+
+    run(fake, settings, "replay", path, from_epoch=1_234)
+
+    assert (tmp_path / "out.txt").read_text() == first
+
+
+def test_the_seeds_bad_line_stops_the_run_after_everything_before_it(fake, tmp_path):
+    settings = Settings(namespace="seed", partitions=2, output=tmp_path / "out.txt")
+    result = run(fake, settings, "ingest", SEED_INPUT)
+    assert result.failure is not None and result.failure.epoch == 5
+    assert result.committed == 4
+    assert (tmp_path / "out.txt").read_text().splitlines()[-1].startswith("4 ")
