@@ -358,6 +358,9 @@ def detach(attachment: Attachment, stop: Any) -> None:
             _wait_lock(f, fcntl.LOCK_SH, ATTACH_TIMEOUT, waiting)
     finally:
         f.close()
+        for child in (attachment.server, attachment.keeper):
+            if child is not None:
+                child.poll()  # (reaped if it has exited: a long-lived process keeps no zombie)
 
 
 def _stopped(attachment: Attachment, wait: float = 30.0) -> None:
