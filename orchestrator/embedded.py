@@ -104,12 +104,20 @@ def die_with_parent() -> None:
 
 
 def is_redis_server(pid: int) -> bool:
-    """Whether ``pid`` is a running redis-server."""
+    """Whether ``pid`` is a running redis-server (not exited, not a zombie).
+
+    By the process's name in /proc/PID/stat, which exec sets: not by its command
+    line, which redis-server rewrites at its start (its title), and which reads
+    as anything in between.
+    """
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"redis-server" in f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
     except OSError:
         return False
+    name, _, rest = stat.partition(b"(")[2].rpartition(b")")
+    state = rest.split()[:1]
+    return name == b"redis-server" and state not in ([b"Z"], [b"X"], [])
 
 
 def server_args(data_dir: Path, socket_path: str, *, persistent: bool) -> list[str]:

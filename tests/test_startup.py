@@ -56,3 +56,20 @@ def test_the_embedded_server_keeps_libc_malloc_when_told_to(tmp_path, monkeypatc
         client = client_for(url)
         assert client.ping()
         client.close()
+
+
+def test_a_starting_server_is_seen_as_running_from_its_first_moment(tmp_path):
+    # redis-server rewrites its command line (its title) as it starts; a check that read it
+    # saw a running server as gone for a moment, and a run stopped, blaming the server.
+    from orchestrator.embedded import is_redis_server, redis_server_binary
+
+    args = [redis_server_binary(), "--port", "0", "--save", ""]
+    for i in range(5):
+        socket_path = str(tmp_path / f"r{i}.sock")
+        server = subprocess.Popen([*args, "--unixsocket", socket_path], stdout=subprocess.DEVNULL)
+        try:
+            assert all(is_redis_server(server.pid) for _ in range(300))
+        finally:
+            server.kill()
+            server.wait()
+        assert not is_redis_server(server.pid)
