@@ -8,6 +8,7 @@ tests run the same code through the CLI on a real redis-server.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,14 @@ class BurstWorkers:
 
     def between_reads(self) -> None:
         worker = LeanWorker(self.queues, connection=self.r, serializer=JSONSerializer)
-        if worker.work(burst=True, logging_level="WARNING"):
-            self.runs += 1
+        # RQ's worker installs its SIGINT/SIGTERM handlers: the test process gets its own back.
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if worker.work(burst=True, logging_level="WARNING"):
+                self.runs += 1
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
     def batches_wait(self) -> None:
         raise AssertionError("a batch waited for workers: burst workers run them all at once")
