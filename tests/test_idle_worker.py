@@ -2,8 +2,8 @@
 
 redis-py 8 gives every connection a read timeout by default: 5 s, the constant
 ``DEFAULT_SOCKET_TIMEOUT = 5`` in ``redis/_defaults.py``, which is the default of
-``socket_timeout`` in ``redis.Redis.__init__`` and in the connection classes
-(``Connection``, ``UnixDomainSocketConnection``) of ``redis/connection.py``.
+``socket_timeout`` in ``redis.Redis.__init__`` (``redis/client.py``) and in
+``AbstractConnection`` and ``UnixDomainSocketConnection`` (``redis/connection.py``).
 redis-py 7 had none (``socket_timeout=None``). RQ's worker waits for a job in a
 blocking BLPOP; a BLPOP longer than the read timeout ends in a TimeoutError,
 which the reconnect wrapper used to report as "lost the connection to Redis"
