@@ -243,10 +243,8 @@ class Driver:
                 exhausted = True
                 break
             size, oversized = len(data), None
-            if size > limit and data[-1:] != b"\n":
-                data, size, oversized = finish_oversized(source.file, data, limit)
-            elif data[-1:] != b"\n":  # the last line, unterminated (perhaps still being written)
-                self.open_line = (epoch, offset)
+            if data[-1:] != b"\n":  # over the limit, or the last line (or both)
+                data, size, oversized = self._unterminated(source.file, data, limit, epoch, offset)
             if data.strip():  # blank lines are skipped silently and keep their epoch number
                 text = data[:-1] if data[-1:] == b"\n" else data
                 try:
@@ -283,6 +281,22 @@ class Driver:
         source.epoch, source.offset = epoch, offset
         result.events += count
         return exhausted
+
+    def _unterminated(
+        self, f: BinaryIO, data: bytes, limit: int, epoch: int, offset: int
+    ) -> tuple[bytes, int, str | None]:
+        """A line read without its newline: (its bytes, its size, why it is oversized or None).
+
+        Over the limit, the rest of the line is skipped. If the file ends before a newline,
+        this is its last line, perhaps still being written (oversized or not): a resume
+        reads it again from its start.
+        """
+        size, oversized, ended = len(data), None, False
+        if size > limit:
+            data, size, oversized, ended = finish_oversized(f, data, limit)
+        if not ended:
+            self.open_line = (epoch, offset)
+        return data, size, oversized
 
     def _full(self) -> bool:
         # Lines of partitions that ran ahead wait in the merger for a slower one: they count.

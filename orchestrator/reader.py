@@ -74,11 +74,14 @@ def _check_readable(f: BinaryIO, path: Path) -> None:
     f.seek(0)
 
 
-def finish_oversized(f: BinaryIO, start: bytes, max_line_bytes: int) -> tuple[bytes, int, str]:
+def finish_oversized(
+    f: BinaryIO, start: bytes, max_line_bytes: int
+) -> tuple[bytes, int, str, bool]:
     """Skip the rest of a line longer than the limit, without holding it in memory.
 
     Returns:
-        (its first bytes, its whole size, the reason it is rejected).
+        (its first bytes, its whole size, the reason it is rejected, whether it ends with a
+        newline: the file's last line may not, and may still be growing).
     """
     size = len(start)
     while True:
@@ -86,7 +89,8 @@ def finish_oversized(f: BinaryIO, start: bytes, max_line_bytes: int) -> tuple[by
         size += len(chunk)
         if not chunk or chunk.endswith(b"\n"):
             break
-    return start[:200], size, f"line is {size:,} bytes, over the {max_line_bytes:,}-byte limit"
+    reason = f"line is {size:,} bytes, over the {max_line_bytes:,}-byte limit"
+    return start[:200], size, reason, chunk.endswith(b"\n")
 
 
 def fingerprint(f: BinaryIO, end: int) -> str:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import threading
+from dataclasses import dataclass
+
 import orjson
 import psutil
 import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
+from orchestrator import cli
+from orchestrator.server import client_for
 from tasks.keys import Keys
 
 
@@ -79,3 +88,82 @@ def keepers_of(data_dir) -> list[int]:
         except psutil.Error:
             continue
     return found
+
+
+@dataclass
+class CommandRun:
+    """What one in-process command gave: its exit status, stdout bytes and stderr text."""
+
+    status: int
+    stdout: bytes
+    stderr: str
+
+
+class ThreadWorker:
+    """The RQ worker of one namespace, as a thread of the test process (a context manager).
+
+    It takes batch jobs from the partition queues as ``orchestrator worker`` does
+    (the same RQ queues, job ids and ``tasks.jobs.process_batch`` with its
+    partition lease, batch timer and commit), and records anything a job raised.
+    Not RQ's own worker loop: that one installs signal handlers, which only the
+    main thread may do; and no worker process, since forking the test process
+    while threads run is unsafe. A private list in the namespace wakes it to stop.
+    """
+
+    def __init__(self, url: str, namespace: str, partitions: int) -> None:
+        keys = Keys(namespace)
+        self.client = client_for(url)
+        self.queue_keys = [keys.queue_key(p) for p in range(partitions)]
+        self.stop_key = f"{namespace}:test-worker-stop"
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._work, name=f"worker {namespace}")
+
+    def __enter__(self) -> ThreadWorker:
+        self.client.delete(self.stop_key)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.rpush(self.stop_key, b"stop")
+        self.thread.join()
+        self.client.delete(self.stop_key)
+        self.client.close()
+
+    def _work(self) -> None:
+        # (the stop list comes last: a queued batch is taken before the stop)
+        watched = [*self.queue_keys, self.stop_key]
+        while True:
+            popped = self.client.blpop(watched, timeout=1)
+            if popped is None:
+                continue
+            queue_key, job_id = popped
+            if queue_key.decode() == self.stop_key:
+                return
+            try:
+                job = Job.fetch(job_id.decode(), connection=self.client, serializer=JSONSerializer)
+                job.perform()
+            except BaseException as e:  # noqa: BLE001 - the test reports it
+                self.errors.append(e)
+
+
+def run_command(argv: list[str], url: str) -> CommandRun:
+    """``orchestrator ARGV`` in this process, its batches run by a ``ThreadWorker``.
+
+    The CLI's own parsing, settings and command (``cli.program``: the driver, then
+    the summary and exit status), without ``cli.main``'s process-wide setup (signal
+    handlers, logging, GC tuning) and without its error handling: an error the
+    command raises propagates to the test. Pass ``--workers 0`` and ``--partitions``.
+    """
+    args = cli.build_parser().parse_args(argv)
+    settings = cli.settings_from(args)
+    assert settings.worker_count == 0 and settings.partitions is not None
+    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()
+    with (
+        ThreadWorker(url, settings.namespace, settings.partitions) as worker,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        status = int(cli.program(args, settings))
+    assert not worker.errors, worker.errors
+    out.flush()
+    return CommandRun(status, out.buffer.getvalue(), err.getvalue())

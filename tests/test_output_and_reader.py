@@ -30,10 +30,16 @@ def test_lines_from_a_stopping_epoch_on_are_dropped():
 def test_an_oversized_line_is_skipped_to_its_end_and_reported():
     f = io.BytesIO(b"x" * 50 + b"\nnext\n")
     start = f.readline(11)  # the driver reads at most the limit + 1 bytes of a line
-    data, size, reason = finish_oversized(f, start, 10)
-    assert (data, size) == (b"x" * 11, 51)
+    data, size, reason, ended = finish_oversized(f, start, 10)
+    assert (data, size, ended) == (b"x" * 11, 51, True)
     assert reason == "line is 51 bytes, over the 10-byte limit"
     assert f.readline() == b"next\n"  # the next line starts where it should
+
+
+def test_an_oversized_last_line_without_newline_is_said_to_be_unterminated():
+    f = io.BytesIO(b"x" * 30)  # (perhaps still being written: a resume reads it again)
+    data, size, _, ended = finish_oversized(f, f.readline(11), 10)
+    assert (data, size, ended) == (b"x" * 11, 30, False)
 
 
 def test_seek_epoch_counts_forward_from_a_known_position():
