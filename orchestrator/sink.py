@@ -163,7 +163,7 @@ def _open_cut(
             f"recorded for the committed epochs: was it changed? Use another --output"
         )
         raise InputError(msg)
-    elif mode == "resume" and not ends_with_epoch(path, length, info.committed):
+    elif mode == "resume" and path.exists() and not ends_with_epoch(path, length, info.committed):
         msg = (
             f"the output file {output} does not match the namespace's record: byte {length} "
             f"is not where the lines of epochs up to {info.committed} end (was it changed, or "

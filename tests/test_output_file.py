@@ -104,3 +104,19 @@ def test_resume_refuses_an_output_file_that_does_not_confirm_the_record(tmp_path
     long_line = b"7 " + b"x" * 100_000 + b"\n"
     path.write_bytes(long_line)
     assert ends_with_epoch(path, len(long_line), 7)  # a last line longer than the window
+
+
+def test_a_resume_may_start_an_output_file_after_runs_to_stdout(redis_url, tmp_path):
+    lines = list(generate(1_000, 50, seed=9))
+    path = tmp_path / "events.json"
+    path.write_text("\n".join(lines[:600]) + "\n")
+    args = ["--redis-url", redis_url, "--namespace", new_namespace()]
+    first = run_cli("ingest", str(path), *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    with open(path, "a") as f:
+        f.write("\n".join(lines[600:]) + "\n")
+
+    resumed = run_cli("resume", str(path), *args, "--output", "rest.txt", cwd=tmp_path)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "rest.txt").read_text() == reference_run(lines, from_epoch=600)[0]
