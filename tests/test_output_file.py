@@ -110,7 +110,7 @@ def test_a_resume_may_start_an_output_file_after_runs_to_stdout(redis_url, tmp_p
     lines = list(generate(1_000, 50, seed=9))
     path = tmp_path / "events.json"
     path.write_text("\n".join(lines[:600]) + "\n")
-    args = ["--redis-url", redis_url, "--namespace", new_namespace()]
+    args = ["--redis-url", redis_url, "--namespace", new_namespace(), "--workers", "1"]
     first = run_cli("ingest", str(path), *args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     with open(path, "a") as f:
