@@ -402,3 +402,31 @@ def test_the_key_table_names_every_key_of_tasks_keys():
 
 def test_the_key_table_names_no_key_that_tasks_keys_does_not():
     assert sorted(set(key_table()) - set(named_keys())) == []
+
+
+def cli_example_lines():
+    """The example session of docs/cli.md: its command lines, in order."""
+    section = page_text(CLI_DOC).split("For example, from the repository root", 1)[1]
+    return FENCE.search(section)[3].splitlines()
+
+
+def readme_first_output():
+    """What README's first command prints: the tutorial's output without its bad line."""
+    section = README.read_text().split("## Two commands", 1)[1]
+    return [m[3] for m in FENCE.finditer(section)][1]
+
+
+@pytest.mark.integration
+def test_the_example_session_of_docs_cli_runs_and_writes_the_output_file_once(tmp_path):
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    lines = cli_example_lines()
+    assert len(lines) >= 8 and all(line.startswith("orchestrator ") for line in lines)
+    for i, line in enumerate(lines):
+        run = subprocess.run(
+            line, shell=True, cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        # The first run stops at the tutorial's bad line; the rest go on from there.
+        assert run.returncode == (65 if i == 0 else 0), (line, run.stderr)
+    # A failed run, a resume and a replay wrote the file of one clean run, byte for byte.
+    assert (tmp_path / "out.txt").read_text() == readme_first_output()
