@@ -17,7 +17,7 @@ sides then run once, untimed, on the first 1% of the file (page cache warm, as
 for every run but the first after a boot). Then (1) and (2) run
 ``--repeat`` times, alternating, and (3) as often, each from a fresh copy of
 the 99% run's data; the table shows the median run with the range, and the
-ratio of each pair: on a shared 2-core machine one run moves by up to ±15%.
+ratio of each pair: on a shared machine single runs drift (docs/performance.md).
 With ``--growth-to`` it also ingests that many events of the same users and
 prints how Redis memory grew, beside the growth of the states' JSON.
 """
@@ -146,7 +146,7 @@ def byte_compile_project() -> None:
 
     An editable install compiles them at first import, unless the environment
     says not to (``PYTHONDONTWRITEBYTECODE``, set on this project's machines):
-    then every command compiles them again at start, ~30 ms of a 0.35 s resume.
+    then every command compiles them again at start, a share of a short resume.
     """
     for name in ("orchestrator", "tasks", "bench"):
         package = importlib.import_module(name)

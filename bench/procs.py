@@ -25,10 +25,9 @@ class TreeSampler:
 
     It reads /proc directly: the tree by each process's ``children`` lists, the
     peak RSS from the kernel's high-water mark (VmHWM, exact whatever the pace),
-    CPU time from ``stat``. That costs ~0.5 ms a sample (0.1 s of CPU over a
-    1M-event ingest at 40 ms), so the pace can be fast enough to see the worker
-    processes of a 0.3 s resume; a psutil scan of every process on the machine
-    took 0.31 s at 50 ms, from the two cores the pipeline runs on.
+    CPU time from ``stat``. That is cheap enough for a pace that sees the worker
+    processes of a short resume, which a psutil scan of every process on the
+    machine is not (figures in docs/performance.md).
     """
 
     root: int

@@ -8,9 +8,8 @@ runs for a batch of the last ``--batch`` epochs: decoding the stored batch,
 parsing and routing its lines, applying the flow, encoding the undo record and
 the notice, and packing the HMGET/HSET arguments with redis-py. Figures are
 microseconds per event of the batch; they are measurements, not a test. They
-move with the state of the process's heap (the same batch's "apply" measured
-3.2-4.1 us in differently prepared processes): compare phases, and changes
-measured side by side, rather than absolute figures across tools.
+move with the state of the process's heap (docs/performance.md): compare phases,
+and changes measured side by side, rather than absolute figures across tools.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 # Only light modules here: a run starts its embedded server (``prestart``) before
-# it imports redis-py, RQ and the driver (~0.2 s), which the server spends loading.
+# it imports redis-py, RQ and the driver, time which the server spends loading.
 from orchestrator.embedded import prestart, stop_prestarted
 from orchestrator.errors import DataDirError
 from orchestrator.logs import configure_logging

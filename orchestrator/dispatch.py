@@ -1,6 +1,7 @@
 """Sending batches to the partition queues, and running again those whose worker died.
 
-A partition has at most one batch in flight. While it runs, its worker keeps
+A partition has one batch queued or running at a time, and at most one staged
+behind it (``stage``). While a batch runs, its worker keeps
 the partition's lease alive (``tasks/lease.py``). A batch that is neither
 queued, nor leased, nor committed for ``LOST_AFTER`` seconds lost its worker
 (killed, or its connection dropped right after it took the job): it is sent
@@ -33,9 +34,8 @@ logger = logging.getLogger(__name__)
 
 # No RQ job timeout: RQ's SimpleWorker enforces one with SIGALRM, the timer that
 # stops a hung flow (--batch-timeout, tasks/watchdog.py) uses. RQ (2.x and 3.x)
-# arms signal.alarm(-1) for it, i.e. never (checked in rq 3.0.0's timeouts.py and
-# worker/base.py: `timeout = job.timeout or DEFAULT_TIMEOUT`; the forking Worker
-# treats -1 as "never" explicitly).
+# arms signal.alarm(-1) for it, i.e. never (RQ takes `job.timeout or DEFAULT_TIMEOUT`;
+# its forking Worker treats -1 as "never" explicitly).
 JOB_TIMEOUT = -1
 BATCH_TTL = 7 * 24 * 3600  # a stored batch outlives any run that could still commit it
 FAILED_JOB_TTL = 7 * 24 * 3600

@@ -43,9 +43,8 @@ from tasks.store import applied_epochs
 logger = logging.getLogger(__name__)
 
 # Read no further while this many events, or bytes of input, wait for the workers: this
-# bounds the driver's memory (measured on 1M cart events with 20,000-event batches: peak
-# RSS of the driver ~75-80 MB). It is raised to leave room for two half-full batches per
-# partition when there are many partitions.
+# bounds the driver's memory (figures in docs/performance.md). It is raised to leave room
+# for two half-full batches per partition when there are many partitions.
 MAX_BUFFERED_EVENTS = 100_000
 MAX_BUFFERED_BYTES = 32 << 20
 READ_CHUNK = 2_000  # lines read between two looks at the commit notices
@@ -257,7 +256,7 @@ class Driver:
                     events = []
                 for key, _ in events:
                     # crc32 each time: a cache of keys would pin memory arenas full of
-                    # garbage all over the run (measured: the driver's RSS grew with the input)
+                    # garbage all over the run (the driver's RSS grew with the input)
                     p = partition_of(key, partitions)
                     queue = pending_of.get(p)
                     if queue is None:
@@ -363,8 +362,7 @@ class Driver:
         A partition's first batch goes to its queue, the next one is staged behind
         it. A batch waits to fill up (half of ``batch_events`` lines, or LINGER
         seconds since its first line) unless ``flush``: every job has a fixed cost
-        (measured: about 5 ms of CPU over the worker, the driver and Redis), so
-        small batches cost more per event.
+        (over the worker, the driver and Redis), so small batches cost more per event.
         """
         last_allowed = read_through if failure is None else min(read_through, failure.epoch - 1)
         sent = []

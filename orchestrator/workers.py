@@ -388,8 +388,8 @@ class WorkerPool:
         logger.info("started %d worker processes", self.count)
 
     def _start_one(self) -> WorkerProcess:
-        # A forked worker has every module imported already (a spawned one spends ~0.3 s
-        # of CPU on imports: a large share of a short resume). Forking is safe only while
+        # A forked worker has every module imported already (a spawned one imports them
+        # again: a large share of a short resume). Forking is safe only while
         # this process runs no other thread, so restarts during a run are spawned.
         if threading.active_count() == 1:
             return self._fork()
@@ -441,7 +441,7 @@ class WorkerPool:
         A forked child's /proc/PID/cmdline (what ``ps`` shows every user) is the
         driver's, so a password typed in ``--redis-url`` would show in every worker.
         The child writes its own command line over it (as setproctitle does); where
-        that fails it execs a fresh worker instead (~0.3 s of imports).
+        that fails it execs a fresh worker instead (which imports everything again).
         """
         # Always: `ps` then tells the workers from their driver.
         args = [sys.executable, "-m", "orchestrator", *self._worker_args()]

@@ -124,11 +124,9 @@ def apply_events(
     dumps, loads = orjson.dumps, orjson.loads
     # The last good serialized state per key. Every event decodes its state from it:
     # a key seen again in the batch is decoded again, rather than kept decoded from
-    # its last event. Measured on a 10,000-event cart batch (python -m bench.worker):
-    # 4.2 -> 3.2 us an event. Decoded states kept for the whole batch land in fresh
-    # memory, which costs far more than decoding again for the 18% of its events
-    # whose key came before; and a state is always what its JSON says, wherever the
-    # batch boundaries fall.
+    # its last event: decoded states kept for the whole batch land in fresh memory,
+    # which costs more than decoding again (docs/performance.md); and a state is
+    # always what its JSON says, wherever the batch boundaries fall.
     raw: dict[str, Raw] = dict(loaded)
     result = AppliedBatch(applied_through=last_epoch)
     writes = result.writes

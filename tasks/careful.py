@@ -16,7 +16,7 @@ test) does not condemn an innocent event.
 Ranges narrow with each death: an attempt probes each event of the range the
 last one died in when that range holds at most ``PROBES`` events, else it
 splits it into ``PROBES`` ranges (and the rest of the batch into as many). Each
-probe is a write (under ``appendfsync always`` an fsync, measured ~0.5 ms), so
+probe is a write (under ``appendfsync always`` an fsync), so
 a careful attempt costs at most about ``2 * PROBES`` of them, whatever the
 batch size; a batch of up to ``PROBES`` events finds its poison in three deaths.
 """

@@ -1,8 +1,8 @@
 """A worker's lease on the partition it is working on: proof of life for the driver.
 
 RQ's SimpleWorker sends no heartbeat while a job runs, and a worker killed
-mid-job is noticed by RQ only minutes later (measured here: when another worker's
-maintenance runs, every 600 s by default, after the job's heartbeat expired). So a job keeps a
+mid-job is noticed by RQ only minutes later (when another worker's maintenance
+runs, every 600 s by default, after the job's heartbeat expired). So a job keeps a
 short-lived key alive from a background thread; when it expires without a
 commit, the driver knows the job's worker is gone and runs the batch again.
 """

@@ -60,7 +60,7 @@ class LeanWorker(SimpleWorker):
     def should_run_maintenance_tasks(self) -> bool:
         """RQ's registry cleaning, but not in the first seconds of the worker.
 
-        RQ cleans its queues' registries when a worker starts (~40 commands per
+        RQ cleans its queues' registries when a worker starts (dozens of commands per
         worker, each write an fsync), which is exactly when a short run such as a
         resume needs the CPU for its few batches. Nothing of ours depends on it:
         it waits MAINTENANCE_DELAY, then runs every ``maintenance_interval`` as usual.
@@ -100,6 +100,6 @@ class LeanWorker(SimpleWorker):
 
     def subscribe(self) -> None:
         # RQ's command channel (kill-horse, remote shutdown) has nothing to act on in a
-        # SimpleWorker stopped by SIGTERM, and its thread costs a 1 s join at every stop.
+        # SimpleWorker stopped by SIGTERM, and joining its thread slows every stop.
         if not self._lean:
             super().subscribe()  # type: ignore[no-untyped-call]

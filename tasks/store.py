@@ -8,8 +8,8 @@ in between (a copy of the batch committed first, or a newer run claimed the
 partition). Restoring goes through one MULTI/EXEC per partition.
 
 Why not a Lua script: a commit carries thousands of fields, and a script
-turns each argument into a Lua string and back. Measured on 1,000,000 cart
-events: Redis spent 6.7 s of CPU with the script and 3.5 s with MULTI/EXEC.
+turns each argument into a Lua string and back (Redis's CPU with each: see
+docs/performance.md).
 """
 
 from __future__ import annotations

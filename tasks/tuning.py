@@ -76,7 +76,7 @@ TRIM_EVERY = 5.0  # seconds
 
 def _glibc() -> ctypes.CDLL | None:
     try:
-        # (by its soname: ctypes.util.find_library runs ldconfig, ~50 ms at every start)
+        # (by its soname: ctypes.util.find_library would run ldconfig at every start)
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt  # noqa: B018 - present on glibc only
         libc.malloc_trim  # noqa: B018

@@ -3,7 +3,7 @@
 No Docker engine runs here, so the second test starts what compose.yaml describes
 with the file's own settings and command lines: a redis-server with the `redis`
 service's command, several workers with the `worker` service's command, and the
-driver with the `docker compose run` command the README gives.
+driver with the `docker compose run` command docs/operations.md gives.
 """
 
 import json
@@ -32,8 +32,8 @@ def test_compose_file_follows_the_compose_specification():
 
 
 def readme_compose_runs():
-    """The `docker compose run --rm orchestrator ...` lines of the README's code blocks."""
-    text = (REPO / "README.md").read_text()
+    """The `docker compose run --rm orchestrator ...` lines of the docs' code blocks."""
+    text = "".join(p.read_text() for p in [REPO / "README.md", *sorted(REPO.glob("docs/*.md"))])
     blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
     lines = [line.strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line.startswith("docker compose run --rm orchestrator ")]
