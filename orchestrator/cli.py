@@ -443,8 +443,7 @@ def _resume_command(args: argparse.Namespace, settings: Settings | None) -> str 
         return None
     from orchestrator.commands import resume_hint
 
-    hint = resume_hint(settings, args.file)
-    return hint if settings.output is None else f"{hint} --output {settings.output}"
+    return resume_hint(settings, args.file)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -330,12 +330,15 @@ def describe_bad(path: Path, bad: BadLine) -> str:
 
 
 def resume_hint(settings: Settings, path: Path) -> str:
-    """The command that resumes this run, with the options that locate its namespace."""
+    """The command that resumes this run, with the options that locate its namespace and its
+    output file."""
     parts = ["orchestrator", "resume", str(path)]
     if settings.namespace != Settings.namespace:
         parts += ["--namespace", settings.namespace]
     if settings.redis_url is None and settings.data_dir != Settings.data_dir:
         parts += ["--data-dir", str(settings.data_dir)]
+    if settings.output is not None:
+        parts += ["--output", str(settings.output)]
     return " ".join(parts)
 
 

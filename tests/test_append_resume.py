@@ -52,7 +52,7 @@ from conftest import new_namespace
 from helpers import CommandRun, committed_states, run_command
 from model import cart_model
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXAMPLES = 200
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO, cli_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_bench_runs_small_and_its_outputs_match():

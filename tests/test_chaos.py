@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, cli_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_chaos_run_loses_nothing_and_applies_nothing_twice(redis_url):

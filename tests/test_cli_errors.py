@@ -404,3 +404,10 @@ def _read_all(fd, into):
         if not chunk:
             return
         into += chunk
+
+
+def test_a_bad_line_names_the_resume_command_with_its_output_file(tmp_path):
+    (tmp_path / "in.json").write_text(SEED_INPUT.read_text())
+    run = run_cli("ingest", "in.json", "--output", "out.txt", cwd=tmp_path)
+    assert run.returncode == 65, run.stderr
+    assert "run 'orchestrator resume in.json --output out.txt' (or add" in run.stderr

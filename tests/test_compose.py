@@ -18,7 +18,7 @@ import yaml
 
 from conftest import REPO, RedisServer, cli_env, run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 COMPOSE = REPO / "compose.yaml"
 

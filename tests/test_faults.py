@@ -17,7 +17,7 @@ from conftest import REPO, SEED_INPUT, cli_env, new_namespace, run_cli, stderr_l
 from helpers import committed_states, merge_outputs
 from reference import reference_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SLOW_FLOW = "tests.flows.slow_cart:flow"  # ~1 ms per event: batches last long enough to hit
 

@@ -29,7 +29,7 @@ from conftest import REPO, cli_env, new_namespace
 from helpers import committed_states, merge_outputs
 from reference import reference_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _can_mount() -> bool:

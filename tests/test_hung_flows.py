@@ -18,7 +18,7 @@ from conftest import REPO, cli_env, new_namespace, run_cli, stderr_lines
 from helpers import committed_states
 from reference import reference_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TIMEOUT = 3
 CURSED = 10**9  # the order id the test flows misbehave on (tests/flows/)

@@ -31,7 +31,7 @@ from bench.generate import generate
 from conftest import REPO, cli_env, new_namespace, run_cli
 from reference import reference_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STATED_DEFAULT = 5  # seconds: redis-py 8's default read timeout, as the docstring says
 

@@ -23,7 +23,7 @@ from conftest import cli_env, run_cli
 from helpers import keepers_of, merge_outputs, servers_in
 from reference import reference_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EVENTS = 200_000
 

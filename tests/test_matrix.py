@@ -7,7 +7,7 @@ from bench.generate import generate
 from conftest import cli_env, new_namespace, run_cli
 from reference import reference_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EVENTS, USERS = 30_000, 3_000
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from conftest import cli_env, new_namespace, run_cli, stderr_lines
 from model import cart_model
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARTITIONS = 3
 MAX_LINE = 200  # passed as --max-line-bytes

@@ -25,7 +25,7 @@ from helpers import committed_epoch, committed_states, merge_outputs
 from proxy import Proxy
 from reference import reference_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SLOW_FLOW = "tests.flows.slow_cart:flow"  # ~1 ms per event: a run lasts long enough to hit
 

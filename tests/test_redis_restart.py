@@ -12,7 +12,7 @@ from conftest import REPO, cli_env, new_namespace, run_cli
 from helpers import committed_epoch, committed_states, merge_outputs
 from reference import reference_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_redis_killed_and_restarted_mid_run(own_redis, tmp_path):

@@ -148,6 +148,7 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_sentinel_and_primary_passwords(tmp_path):
     """Both passwords are used, and neither is printed, even when one is wrong."""
     setup = SentinelSetup(str(tmp_path), password="prim-PW", sentinel_password="sent-PW")
@@ -200,6 +201,7 @@ def test_sentinel_urls_parse():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_run_follows_a_sentinel_failover(sentinel_setup, tmp_path):
     lines = list(generate(4_000, 300, seed=12))
     path = tmp_path / "events.json"

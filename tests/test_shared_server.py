@@ -24,7 +24,7 @@ from conftest import cli_env, run_cli
 from helpers import keepers_of, servers_in
 from reference import reference_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def write_events(path, events, seed):

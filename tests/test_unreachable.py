@@ -21,7 +21,7 @@ from tasks.keys import Keys
 from conftest import REPO, cli_env, new_namespace
 from helpers import committed_epoch
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LIMIT = 35.0  # seconds from the server's death to the exit
 REDIS_PY_READ_TIMEOUT = 5  # redis-py 8's default socket timeout
