@@ -111,8 +111,9 @@ class Chaos:
             return -1
 
     def run_driver(self, command: str, path: Path, kill: bool) -> tuple[int, str]:
-        """Run the driver to its end, or (``kill``) SIGKILL it at a random moment after it
-        has committed something."""
+        """Run the driver to its end, or (``kill``) SIGKILL it once its committed epoch has
+        passed a random point of what it has left (a time would not do: on a fast machine
+        a short resume ends before it)."""
         out_path = self.workdir / f"driver-{self.driver_runs}.out"
         self.driver_runs += 1
         with open(out_path, "wb") as out:
@@ -121,15 +122,15 @@ class Chaos:
             if command == "ingest":
                 args += ["--partitions", str(self.args.partitions)]
             start = self.committed()
+            target = start + max(1, int(self.rng.uniform(0.1, 0.6) * (self.args.events - start)))
             driver = self.cli(*args, stdout=out, stderr=self.log)
-            kill_after = time.monotonic() + self.rng.uniform(0.1, 0.6)
             while driver.poll() is None:
-                if kill and time.monotonic() >= kill_after and self.committed() > start:
+                if kill and self.committed() >= target:
                     driver.send_signal(signal.SIGKILL)
                     driver.wait()
                     self.driver_kills += 1
                     break
-                time.sleep(0.01)
+                time.sleep(0.002)
         return driver.returncode, out_path.read_text()
 
     def run(self, path: Path) -> list[str]:
