@@ -1,6 +1,7 @@
 """The keeper: stops a data directory's embedded redis-server once no command uses it.
 
-``python -m orchestrator.keeper DATA_DIR --lock-fd N --server-pid P --url URL`` is started,
+``python -I -S .../orchestrator/keeper.py DATA_DIR --lock-fd N --server-pid P --url URL`` is
+started,
 in a session of its own, by the command that starts the server
 (``orchestrator.embedded.attach``). It inherits the data directory's server lock
 (fd N) and holds it for as long as server P runs: a command that finds the lock
@@ -17,14 +18,46 @@ file and exits).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
+import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.embedded import ATTACH_LOCK, forget_server, is_redis_server
+# The files of a data directory that the keeper and the commands share:
+ATTACH_LOCK = "attach.lock"  # held (shared) by every command attached to the server
+SERVER_INFO = "server.json"  # the running server: its pid, its keeper's, its socket
+
+
+def is_redis_server(pid: int) -> bool:
+    """Whether ``pid`` is a running redis-server (not exited, not a zombie).
+
+    By the process's name in /proc/PID/stat, which exec sets: not by its command
+    line, which redis-server rewrites at its start (its title), and which reads
+    as anything in between.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    name, _, rest = stat.partition(b"(")[2].rpartition(b")")
+    state = rest.split()[:1]
+    return name == b"redis-server" and state not in ([b"Z"], [b"X"], [])
+
+
+def forget_server(data_dir: Path, server_pid: int, url: str) -> None:
+    """Remove the record and the socket directory of a server that has exited."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        if int(json.loads((data_dir / SERVER_INFO).read_text())["pid"]) == server_pid:
+            (data_dir / SERVER_INFO).unlink()
+    if url.startswith("unix://"):
+        shutil.rmtree(os.path.dirname(url[len("unix://") :]), ignore_errors=True)
+
 
 POLL_EVERY = 0.05  # seconds between two looks at the server and at the attach lock
 STOP_TIMEOUT = 30.0  # seconds a server gets to exit after SIGTERM before SIGKILL

@@ -34,13 +34,13 @@ from orchestrator.embedded import (
     ExitWatch,
     attach,
     detach,
-    is_redis_server,
     join_running,
     owned_server_died,
     stop_reason,
     terminate_server,
 )
 from orchestrator.errors import RedisUrlError, ServerStopped
+from orchestrator.keeper import is_redis_server
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
 from orchestrator.settings import Settings, redact_text, redact_url
 from tasks.errors import RedisUnavailable

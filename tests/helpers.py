@@ -83,7 +83,8 @@ def keepers_of(data_dir) -> list[int]:
     for proc in psutil.process_iter(["cmdline"]):
         try:
             cmdline = proc.info["cmdline"] or []
-            if "orchestrator.keeper" in cmdline and str(data_dir) in cmdline:
+            keeper = any(part.endswith("orchestrator/keeper.py") for part in cmdline)
+            if keeper and str(data_dir) in cmdline:
                 found.append(proc.pid)
         except psutil.Error:
             continue

@@ -61,7 +61,8 @@ def test_the_embedded_server_keeps_libc_malloc_when_told_to(tmp_path, monkeypatc
 def test_a_starting_server_is_seen_as_running_from_its_first_moment(tmp_path):
     # redis-server rewrites its command line (its title) as it starts; a check that read it
     # saw a running server as gone for a moment, and a run stopped, blaming the server.
-    from orchestrator.embedded import is_redis_server, redis_server_binary
+    from orchestrator.embedded import redis_server_binary
+    from orchestrator.keeper import is_redis_server
 
     args = [redis_server_binary(), "--port", "0", "--save", ""]
     for i in range(5):
