@@ -23,6 +23,7 @@ from orchestrator.settings import (
     DEFAULT_NAMESPACE,
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
+    STREAM_OUTPUT,
     Settings,
 )
 from orchestrator.wording import counted
@@ -131,6 +132,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _output(text: str) -> Path | str:
+    """An argparse type: an output file, or the key (a str) of ``redis-stream:KEY``."""
+    if not text.startswith(STREAM_OUTPUT):
+        return Path(text)
+    key = text.removeprefix(STREAM_OUTPUT)
+    if not key:
+        msg = f"no stream key after {STREAM_OUTPUT!r}: {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return key
+
+
 def _namespace(text: str) -> str:
     try:
         return Keys(text).namespace
@@ -222,9 +234,17 @@ def _run_options() -> _Parser:
         "(epoch, line, text, reason) in the namespace's dead-letter stream (default fail)",
     )  # fmt: skip
     _option(
-        group, "--output", env="ORCHESTRATOR_OUTPUT", type=Path, metavar="PATH",
+        group, "--output", env="ORCHESTRATOR_OUTPUT", type=_output, metavar="PATH",
         help="write output lines to this file, exactly once across crashes (resume and replay "
-        "cut it back to the committed epochs first); default stdout, at-least-once",
+        "cut it back to the committed epochs first); or, as redis-stream:KEY, to that Redis "
+        "stream on the pipeline's Redis, one entry (fields epoch, output) per line, exactly "
+        "once (replay deletes the entries of the epochs it writes again); default stdout, "
+        "at-least-once",
+    )  # fmt: skip
+    _option(
+        group, "--output-maxlen", env="ORCHESTRATOR_OUTPUT_MAXLEN", type=_positive, metavar="N",
+        help="with --output redis-stream:KEY: keep at most the N newest entries in the stream "
+        "(trimmed at every record of the committed epoch); default: all",
     )  # fmt: skip
     _option(
         group, "--retain-epochs", env="ORCHESTRATOR_RETAIN_EPOCHS", type=_positive,
@@ -367,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Build the command's settings from parsed arguments."""
+    output = getattr(args, "output", None)
     return Settings(
         redis_url=args.redis_url,
         namespace=args.namespace,
@@ -374,7 +395,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         partitions=getattr(args, "partitions", None),
         workers=getattr(args, "workers", None),
         on_error=getattr(args, "on_error", Settings.on_error),
-        output=getattr(args, "output", None),
+        output=output if isinstance(output, Path) else None,
+        output_stream=output if isinstance(output, str) else None,
+        output_maxlen=getattr(args, "output_maxlen", None),
         flow=getattr(args, "flow", None),
         retain_epochs=getattr(args, "retain_epochs", Settings.retain_epochs),
         max_line_bytes=getattr(args, "max_line_bytes", Settings.max_line_bytes),
@@ -462,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``orchestrator`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "output_maxlen", None) and not isinstance(args.output, str):
+        parser.error(f"--output-maxlen needs --output {STREAM_OUTPUT}KEY")
     configure_logging(args.verbose, worker=args.command == "worker")
     if args.command in ("ingest", "resume", "replay", "worker"):
         tune_process()

@@ -29,10 +29,11 @@ from orchestrator.namespace import (
     reset,
     start_run,
 )
+from orchestrator.output import OutputStream
 from orchestrator.progress import Progress
 from orchestrator.reader import LineSource, fingerprint, open_input, seek_epoch
 from orchestrator.server import connect
-from orchestrator.settings import DEFAULT_FLOW, Mode, Settings
+from orchestrator.settings import DEFAULT_FLOW, STREAM_OUTPUT, Mode, Settings
 from orchestrator.sink import open_sink
 from orchestrator.workers import WorkerPool
 from tasks.errors import NamespaceError, RedisLostData, Superseded
@@ -245,7 +246,10 @@ def drive(
     if mode != "ingest":
         check_consistency(r, keys, info.floors, start.epoch, info.evicted_keys)
     sink_mode: Mode = "replay" if start.reopens else mode
-    with open_sink(settings.output, sink_mode, info, start.checkpoint, start.epoch) as sink:
+    output: Path | OutputStream | None = settings.output
+    if settings.output_stream is not None:
+        output = OutputStream(settings.output_stream, settings.output_maxlen)
+    with open_sink(output, sink_mode, info, start.checkpoint, start.epoch, r) as sink:
         fence = start_run(
             r,
             keys,
@@ -257,8 +261,9 @@ def drive(
             input_name=str(path),
             start_epoch=start.epoch,
             start_offset=start.offset,
-            output=sink.path,
+            output=sink.name,
             output_length=sink.start_length,
+            output_stream=sink.entries,
         )
         generation = fence.generation
         evictions = EvictionWatch(r, keys)
@@ -271,6 +276,7 @@ def drive(
             input_path=str(path),
             retain_epochs=settings.retain_epochs,
             evictions=evictions,
+            output_stream=sink.entries,
         )
         progress = Progress(enabled=not settings.quiet)
         try:
@@ -288,6 +294,7 @@ def drive(
                 batch_events=settings.batch_events,
                 batch_timeout=settings.batch_timeout,
                 output_is_file=sink.path is not None,
+                output_stream=sink.entries,
             )
             result = driver.run(LineSource(f, start.epoch, start.offset, settings.max_line_bytes))
         except (RedisLostData, Superseded):
@@ -339,6 +346,8 @@ def resume_hint(settings: Settings, path: Path) -> str:
         parts += ["--data-dir", str(settings.data_dir)]
     if settings.output is not None:
         parts += ["--output", str(settings.output)]
+    elif settings.output_stream is not None:
+        parts += ["--output", f"{STREAM_OUTPUT}{settings.output_stream}"]
     return " ".join(parts)
 
 

@@ -30,7 +30,7 @@ from redis import Redis
 
 from orchestrator.dispatch import Dispatcher, InFlight
 from orchestrator.notices import NoticeReader
-from orchestrator.output import OutputMerger, synced_length, write_lines
+from orchestrator.output import OutputMerger, OutputStream, synced_length, write_lines
 from orchestrator.progress import Progress
 from orchestrator.reader import LineSource, finish_oversized
 from tasks.apply import describe_exception
@@ -147,8 +147,10 @@ class Driver:
         batch_events: int,
         batch_timeout: float,
         output_is_file: bool = False,
+        output_stream: OutputStream | None = None,
     ) -> None:
         self.r = r
+        self.output_stream = output_stream
         self.batch_timeout = batch_timeout
         self.batch_events = batch_events
         self.min_batch_lines = max(1, batch_events // 2)
@@ -463,7 +465,12 @@ class Driver:
             next_epoch, next_offset = result.failure.epoch, result.failure.offset
         committed = next_epoch - 1
         if committed > result.committed:
-            write_lines(self.out, self.merger.pop_through(committed))
+            lines = self.merger.pop_through(committed)
+            if self.output_stream is not None:
+                # held for the next record, whose script adds them to the stream (exactly once)
+                self.output_stream.add(lines)
+            else:
+                write_lines(self.out, lines)
             result.committed, result.next_offset = committed, next_offset
         self._record(result)
 

@@ -12,6 +12,7 @@ from typing import Any, cast
 from redis import Redis
 
 from orchestrator.fence import EvictionWatch, Fence, refusal_error
+from orchestrator.output import OutputStream, wrong_stream_type
 from orchestrator.reader import fingerprint
 from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks import scripts
@@ -123,6 +124,7 @@ def start_run(
     start_offset: int,
     output: str | None = None,
     output_length: int | None = None,
+    output_stream: OutputStream | None = None,
 ) -> Fence:
     """Take over the namespace for a run that processes input from ``start_epoch`` on.
 
@@ -151,7 +153,10 @@ def start_run(
         msg = f"another driver started a run on namespace {keys.namespace!r} ({generation})"
         raise Superseded(msg)
     fence = Fence(generation, token, lock_ttl_ms)
-    Committer(r, keys, partitions, fence, last_committed=info.committed).record(
+    committer = Committer(
+        r, keys, partitions, fence, last_committed=info.committed, output_stream=output_stream
+    )
+    committer.record(
         start_epoch - 1,
         start_offset,
         [],
@@ -201,6 +206,9 @@ class Committer:
     applied), a checkpoint for replay, the dead letters of the epochs it covers,
     and (at most once a second) a fingerprint of the input before that offset;
     every few seconds it also drops undo records older than the retention window.
+    With an output stream, the lines of the epochs it commits are added to the stream by
+    the same script, so the stream has them if and only if the record says they are
+    committed: exactly once across crashes.
     It writes nothing, and raises, unless the run is still this driver's and
     Redis still holds the committed epoch it recorded last and every commit the
     driver saw.
@@ -220,8 +228,10 @@ class Committer:
         input_path: str | None = None,
         retain_epochs: int | None = None,
         evictions: EvictionWatch | None = None,
+        output_stream: OutputStream | None = None,
     ) -> None:
         self.r, self.keys, self.partitions, self.fence = r, keys, partitions, fence
+        self.output_stream = output_stream
         self.evictions = evictions
         self.last_committed = last_committed
         self.input_path = input_path
@@ -276,6 +286,11 @@ class Committer:
             self._collected_at = now
             retained_from = max(0, committed + 1 - self.retain_epochs)
         checkpoint = Checkpoint(committed + 1, offset, output_length)
+        stream = self.output_stream
+        entries = None
+        if stream is not None:  # (the held lines are of epochs up to committed)
+            held = tuple(stream.take())
+            entries = scripts.StreamEntries(stream.key, committed, held, stream.maxlen)
         refusal = scripts.record_progress(
             self.r,
             self.keys,
@@ -290,8 +305,11 @@ class Committer:
                 backlog=backlog,
                 dead_letters=tuple(self._dead_letter(bad) for bad in dead),
                 retained_from=retained_from,
+                output_stream=entries,
             ),
         )
+        if refusal is not None and refusal.code == "wrongtype" and stream is not None:
+            raise wrong_stream_type(stream.name, refusal.found)
         if refusal is not None:
             raise refusal_error(refusal, self.keys, self.fence)
         self.last_committed = committed

@@ -1,14 +1,17 @@
-"""Merging the partitions' committed output lines into one stream in epoch order."""
+"""Merging the partitions' committed output lines into one stream in epoch order, and handing
+them to the sink: written to a file or stdout at once, or held for a Redis stream."""
 
 from __future__ import annotations
 
 import os
 from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, BinaryIO
 
-from orchestrator.errors import OutputError
+from orchestrator.errors import InputError, OutputError
 from orchestrator.progress import clear_line
+from orchestrator.settings import STREAM_OUTPUT
 
 
 def output_name(out: BinaryIO) -> str | None:
@@ -67,6 +70,50 @@ class OutputMerger:
 
 
 _epoch = itemgetter(0)
+
+
+@dataclass
+class OutputStream:
+    """An ``--output redis-stream:KEY``: the lines of committed epochs, held until the next
+    record of the committed epoch, which adds them to the stream in the same script.
+
+    Each line (``EPOCH JSON``) becomes one entry with the fields ``epoch`` and ``output``
+    (the JSON). Held, not sent at once: an entry in the stream for an epoch the namespace
+    has not recorded as committed would be written again by the resume after a crash.
+    """
+
+    key: str
+    maxlen: int | None = None  # --output-maxlen: trimmed to that many entries at each record
+    held: list[bytes] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """How it is given to --output, and recorded in the namespace (``status`` shows it)."""
+        return f"{STREAM_OUTPUT}{self.key}"
+
+    def add(self, lines: list[bytes]) -> None:
+        """Hold the lines of newly committed epochs (in epoch order)."""
+        self.held.extend(lines)
+
+    def take(self) -> list[tuple[bytes, bytes]]:
+        """The held lines as (epoch, output) pairs, for the record that commits them."""
+        lines, self.held = self.held, []
+        return [_split_line(line) for line in lines]
+
+
+def wrong_stream_type(name: str, kind: str) -> InputError:
+    """The error for an output stream whose key holds another type of value."""
+    key = name.removeprefix(STREAM_OUTPUT)
+    msg = (
+        f"--output {name}: the key {key!r} holds a {kind}, not a stream; "
+        f"use another key, or delete it"
+    )
+    return InputError(msg)
+
+
+def _split_line(line: bytes) -> tuple[bytes, bytes]:
+    epoch, _, output = line.partition(b" ")
+    return epoch, output
 
 
 def write_lines(out: BinaryIO, lines: list[bytes]) -> None:

@@ -21,6 +21,9 @@ DEFAULT_FLOW = "tasks.cartjoin:flow"
 
 Mode = Literal["ingest", "resume", "replay"]
 
+# --output redis-stream:KEY writes the output lines to a Redis stream (orchestrator/sink.py)
+STREAM_OUTPUT = "redis-stream:"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -34,6 +37,10 @@ class Settings:
     workers: int | None = None
     on_error: OnError = "fail"
     output: Path | None = None
+    # --output redis-stream:KEY: the stream the output lines go to (then ``output`` is None),
+    # and --output-maxlen, the most entries it keeps
+    output_stream: str | None = None
+    output_maxlen: int | None = None
     # None: the namespace's stored flow, or the cart join for a new namespace
     flow: str | None = None
     verbose: bool = False

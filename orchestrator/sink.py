@@ -1,10 +1,18 @@
-"""Where output lines go: stdout (at-least-once) or an --output file (exactly-once).
+"""Where output lines go: stdout (at-least-once), an --output file or a Redis stream
+(exactly-once).
 
 The file's length is recorded with every committed epoch (after an fsync), so
 a run that resumes or replays first cuts the file back to what the epochs
 before its start wrote: after any crash the file holds each epoch's lines
 once, in order. Stdout cannot be taken back: after a crash, ``resume`` may
 print again the lines written since the last record.
+
+A Redis stream (``--output redis-stream:KEY``, on the pipeline's Redis) gets its
+entries from the script that records the committed epoch (``OutputStream`` holds
+the lines until then; ``tasks/lua/record_progress.lua`` adds them): the stream
+and the record cannot disagree, so nothing needs cutting back after a crash.
+A run's first record deletes the entries of the epochs it is about to process
+again (a replay's, or a resumed unterminated last line's).
 """
 
 from __future__ import annotations
@@ -18,10 +26,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
+
+from redis import Redis
 
 from orchestrator.errors import DriverLocked, InputError, OutputError
 from orchestrator.namespace import Checkpoint, NamespaceInfo
+from orchestrator.output import OutputStream, wrong_stream_type
 from orchestrator.settings import Mode
 
 logger = logging.getLogger(__name__)
@@ -29,11 +40,41 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sink:
-    """The output of a run: a stream, and (for a file) its path and starting length."""
+    """The output of a run: a stream, and (for a file) its path and starting length, or (for
+    --output redis-stream:KEY) the Redis stream its lines are held for."""
 
     stream: BinaryIO
     path: str | None
     start_length: int | None
+    entries: OutputStream | None = None
+
+    @property
+    def name(self) -> str | None:
+        """The output recorded in the namespace: the file's path or ``redis-stream:KEY``."""
+        return self.entries.name if self.entries is not None else self.path
+
+
+def check_output_stream(r: Redis, stream: OutputStream) -> None:
+    """Refuse a key that is not a stream, or a stream the pipeline did not write.
+
+    Its entries must all have been written by runs of the pipeline: a run deletes those
+    of the epochs it processes again, and would interleave its own with anyone else's.
+
+    Raises:
+        InputError: the key holds another type, or its last entry has no ``epoch`` field.
+    """
+    kind = r.type(stream.key)
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    if kind not in ("none", "stream"):
+        raise wrong_stream_type(stream.name, kind)
+    last = cast("list[tuple[bytes, dict[bytes, bytes]]]", r.xrevrange(stream.key, count=1))
+    if last and not last[0][1].get(b"epoch", b"").isdigit():
+        msg = (
+            f"--output {stream.name}: the stream holds entries that are not output lines of "
+            f"the pipeline (its last one, {last[0][0].decode()}, has no epoch field); "
+            f"use another key"
+        )
+        raise InputError(msg)
 
 
 def cut_point(path: Path, checkpoint: Checkpoint, epoch: int) -> int:
@@ -110,16 +151,28 @@ def hold_exclusively(f: BinaryIO, shown: Path) -> None:
 
 @contextlib.contextmanager
 def open_sink(
-    output: Path | None, mode: Mode, info: NamespaceInfo, checkpoint: Checkpoint, epoch: int
+    output: Path | OutputStream | None,
+    mode: Mode,
+    info: NamespaceInfo,
+    checkpoint: Checkpoint,
+    epoch: int,
+    r: Redis | None = None,
 ) -> Iterator[Sink]:
     """Standard output, or the output file cut back to the recorded length of the epochs before
-    ``epoch`` (created empty by ingest).
+    ``epoch`` (created empty by ingest), or a Redis stream (checked on ``r``; its entries of
+    epochs from ``epoch`` on are deleted by the run's first record).
 
     Raises:
-        InputError: the file is shorter than the recorded length (changed by someone else).
+        InputError: the file is shorter than the recorded length (changed by someone else);
+            the stream's key holds something else.
         OutputError: the file cannot be opened, cut back or synced (a directory, a missing
             folder, a full disk); or, on leaving, flushed.
     """
+    if isinstance(output, OutputStream):
+        if r is not None:
+            check_output_stream(r, output)
+        yield Sink(sys.stdout.buffer, None, None, output)
+        return
     if output is None:
         sys.stdout.flush()
         yield Sink(sys.stdout.buffer, None, None)

@@ -29,12 +29,23 @@ def _script(r: Redis, name: str) -> Script:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a fenced script wrote nothing: its code, the partition (-1 meta, -2 lock) and values."""
+    """Why a fenced script wrote nothing: its code, the partition (-1 meta, -2 lock, -4 the
+    output stream) and values."""
 
-    code: str  # "gone", "superseded" or "lost"
+    code: str  # "gone", "superseded", "lost" or "wrongtype" (the output stream's key)
     partition: int
     found: str
     expected: str
+
+
+@dataclass(frozen=True)
+class StreamEntries:
+    """What a record adds to the output stream of ``--output redis-stream:KEY``."""
+
+    key: str
+    through: int  # the committed epoch: entries of later epochs are deleted first
+    entries: tuple[tuple[bytes, bytes], ...] = ()  # (epoch, output) of each new entry
+    maxlen: int | None = None  # trim the stream to this many entries
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class ProgressRecord:
     backlog: dict[Any, Any] | None = None  # None: leave the hash as it is
     dead_letters: tuple[dict[str, Any], ...] = ()
     retained_from: int | None = None
+    output_stream: StreamEntries | None = None
 
 
 def record_progress(
@@ -68,6 +80,9 @@ def record_progress(
     script_keys = [keys.meta, keys.driver_lock, keys.checkpoints, keys.dead_letters, keys.backlog]
     script_keys += [keys.progress(p) for p in range(partitions)]
     script_keys += [keys.undo(p) for p in range(partitions)]
+    stream = record.output_stream
+    if stream is not None:
+        script_keys.append(stream.key)
     args: list[Any] = [generation, token, lock_ttl_ms]
     args += ["" if last_committed is None else last_committed, partitions, *floors]
     args += [len(record.meta), *_pairs(record.meta)]
@@ -81,6 +96,9 @@ def record_progress(
         assert len(letter) == 5, letter
         args += _pairs(letter)
     args.append("" if record.retained_from is None else record.retained_from)
+    if stream is not None:
+        args += [stream.through, "" if stream.maxlen is None else stream.maxlen]
+        args += [len(stream.entries), *(x for entry in stream.entries for x in entry)]
     reply = _script(r, "record_progress")(keys=script_keys, args=args)
     return _refusal(reply)
 
