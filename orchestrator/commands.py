@@ -23,6 +23,7 @@ from orchestrator.namespace import (
     NamespaceInfo,
     check_compatible,
     checkpoint_at_or_before,
+    file_fingerprint,
     forget_generation,
     read_info,
     require_committed,
@@ -32,7 +33,7 @@ from orchestrator.namespace import (
 from orchestrator.progress import Progress
 from orchestrator.reader import LineSource, fingerprint, open_input, seek_epoch
 from orchestrator.server import connect
-from orchestrator.settings import DEFAULT_FLOW, Mode, Settings
+from orchestrator.settings import DEFAULT_FLOW, Command, Mode, Settings
 from orchestrator.sink import open_sink
 from orchestrator.workers import WorkerPool
 from tasks.errors import NamespaceError, RedisLostData, Superseded
@@ -159,7 +160,7 @@ def _text(value: Any) -> str:
 
 
 def run_pipeline(
-    settings: Settings, mode: Mode, path: Path, from_epoch: int | None = None
+    settings: Settings, mode: Command, path: Path, from_epoch: int | None = None
 ) -> RunResult:
     """Run ingest, resume or replay to the end of the input (or its first bad line)."""
     keys = Keys(settings.namespace)
@@ -219,9 +220,16 @@ def check_server(r: Redis, settings: Settings, embedded: bool) -> None:
         say(f"warning: {warning}")
 
 
+def chosen_mode(command: Command, info: NamespaceInfo) -> Mode:
+    """``run`` is an ingest on a namespace without committed epochs, a resume otherwise."""
+    if command != "run":
+        return command
+    return "ingest" if info.committed == NOTHING else "resume"
+
+
 def drive(
     settings: Settings,
-    mode: Mode,
+    command: Command,
     path: Path,
     from_epoch: int | None,
     f: Any,
@@ -237,6 +245,7 @@ def drive(
     """
     keys = Keys(settings.namespace)
     info = read_info(r, keys)
+    mode = chosen_mode(command, info)
     partitions = check_compatible(info, settings.partitions, settings.flow)
     flow = settings.flow or info.flow or DEFAULT_FLOW
     load_flow(flow)
@@ -271,8 +280,10 @@ def drive(
             input_path=str(path),
             retain_epochs=settings.retain_epochs,
             evictions=evictions,
+            source_fields=file_fingerprint(f),
         )
         progress = Progress(enabled=not settings.quiet)
+        driver: Driver | None = None
         try:
             driver = Driver(
                 r,
@@ -289,7 +300,16 @@ def drive(
                 batch_timeout=settings.batch_timeout,
                 output_is_file=sink.path is not None,
             )
-            result = driver.run(LineSource(f, start.epoch, start.offset, settings.max_line_bytes))
+            source = LineSource(
+                f, start.epoch, start.offset, settings.max_line_bytes, settings.follow, path
+            )
+            result = driver.run(source)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM (the second is ignored): record the committed epoch, so that
+            # resume repeats nothing that this run committed and wrote.
+            if driver is not None:
+                driver.record_interrupted()
+            raise
         except (RedisLostData, Superseded):
             # What this run staged between the fault and noticing it serves nobody now.
             with contextlib.suppress(redis.RedisError):
@@ -307,6 +327,13 @@ def drive(
             open_line=driver.open_line_through(result.committed),
             final=True,
         )
+    if source.stopped is not None:
+        msg = (
+            f"{path} {source.stopped} while it was followed: stopped after epoch "
+            f"{result.committed}, everything read before is committed; continue with a new "
+            f"namespace (or 'orchestrator reset --yes') for the new file"
+        )
+        raise InputError(msg)
     return result
 
 
@@ -339,6 +366,8 @@ def resume_hint(settings: Settings, path: Path) -> str:
         parts += ["--data-dir", str(settings.data_dir)]
     if settings.output is not None:
         parts += ["--output", str(settings.output)]
+    if settings.follow:
+        parts.append("--follow")
     return " ".join(parts)
 
 

@@ -193,6 +193,20 @@ def _run_keys(r: Redis, keys: Keys, which: Callable[[int], bool]) -> list[bytes]
     ]
 
 
+# What identifies the input before the committed offset, recorded with it: called with
+# (the committed offset, the offset a resume starts at), it gives meta fields.
+SourceFields = Callable[[int, int], dict[str, Any]]
+
+
+def file_fingerprint(f: Any) -> SourceFields:
+    """The source fields of a seekable input file: a sampled fingerprint of its prefix."""
+
+    def fields(offset: int, resume_at: int) -> dict[str, Any]:
+        return {"fingerprint": fingerprint(f, offset), "fingerprint_end": offset}
+
+    return fields
+
+
 class Committer:
     """Records the namespace's committed epoch, and what goes with it, fenced.
 
@@ -220,11 +234,13 @@ class Committer:
         input_path: str | None = None,
         retain_epochs: int | None = None,
         evictions: EvictionWatch | None = None,
+        source_fields: SourceFields | None = None,
     ) -> None:
         self.r, self.keys, self.partitions, self.fence = r, keys, partitions, fence
         self.evictions = evictions
         self.last_committed = last_committed
         self.input_path = input_path
+        self.source_fields = source_fields
         self.retain_epochs = retain_epochs
         self._fingerprinted_at = float("-inf")
         self._collected_at = time.monotonic()
@@ -267,9 +283,9 @@ class Committer:
         if progress is not None:  # for status: how far the driver read, how fast, what waits
             backlog = progress.pop("backlog")
             fields |= progress
-        if self.input_path and (final or now - self._fingerprinted_at >= self.FINGERPRINT_EVERY):
-            with open(self.input_path, "rb") as f:
-                fields |= {"fingerprint": fingerprint(f, offset), "fingerprint_end": offset}
+        if self.source_fields and (final or now - self._fingerprinted_at >= self.FINGERPRINT_EVERY):
+            resume_at = offset if open_line is None else open_line[1]
+            fields |= self.source_fields(offset, resume_at)
             self._fingerprinted_at = now
         retained_from = None
         if self.retain_epochs is not None and (final or now - self._collected_at >= self.GC_EVERY):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,15 +18,62 @@ FINGERPRINT_SAMPLES = 16
 
 @dataclass
 class LineSource:
-    """An input file being read: the epoch and byte offset of its next line."""
+    """An input file being read: the epoch and byte offset of its next line.
+
+    Followed (``follow``), its end is only where the data stops for now: a line without
+    its newline is read again once more has arrived, and the file is watched for being
+    truncated or replaced (``gone``), which ends the run.
+    """
 
     file: BinaryIO
     epoch: int
     offset: int
     max_line_bytes: int = Settings.max_line_bytes
+    follow: bool = False
+    path: Path | None = None
+    # why a followed file stopped being read (it was truncated or replaced), once it did
+    stopped: str | None = None
+    _identity: tuple[int, int] = (0, 0)
+    _suspect: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.file.seek(self.offset)
+        st = os.fstat(self.file.fileno())
+        self._identity = (st.st_dev, st.st_ino)
+
+    def wait_at(self, offset: int) -> None:
+        """Followed: no whole line at ``offset`` yet; it is read again from its start later."""
+        self.file.seek(offset)
+
+    def gone(self) -> bool:
+        """Followed, at the end of the data: whether the file was truncated or replaced.
+
+        The first time a change is seen, the run reads once more what the old file got
+        before it (a writer appends, then rotates); the second time, it stops.
+        """
+        reason = self._change()
+        if reason is None:
+            self._suspect = False
+            return False
+        if not self._suspect:
+            self._suspect = True
+            return False
+        self.stopped = reason
+        return True
+
+    def _change(self) -> str | None:
+        size = os.fstat(self.file.fileno()).st_size
+        if size < self.offset:
+            return f"was truncated (to {size:,} bytes, before the read position {self.offset:,})"
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "was removed or renamed"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return "was replaced (another file has its name now)"
+        return None
 
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -102,9 +150,10 @@ def fingerprint(f: BinaryIO, end: int) -> str:
     h = hashlib.sha256(str(end).encode())
     starts = {0, max(0, end - FINGERPRINT_BLOCK)}
     starts |= {end * i // FINGERPRINT_SAMPLES for i in range(1, FINGERPRINT_SAMPLES)}
+    fd = f.fileno()
     for start in sorted(starts):
-        f.seek(start)
-        h.update(f.read(min(FINGERPRINT_BLOCK, end - start)))
+        # pread: the driver reads the same file object, and its position must not move
+        h.update(os.pread(fd, min(FINGERPRINT_BLOCK, end - start), start))
     return h.hexdigest()[:32]
 
 
