@@ -54,10 +54,11 @@ Redis URL) or namespace mismatch (or a server that can evict keys), 3 Redis
 unavailable or it lost data it had acknowledged (resume continues from what it
 holds), or its disk is full (the embedded server's data directory, or MISCONF),
 65 bad input (or an event the flow timed out or killed its worker on) under
---on-error fail, 66 input unreadable, changed, gzip-compressed or not a file
-(standard input and pipes are not supported yet), or the --output file cannot be
-written (a directory, a missing folder, a full disk), or the --data-dir cannot be
-used (a read-only filesystem), 75 another driver runs on the namespace or took it
+--on-error fail, 66 input unreadable, changed (for resume of standard input: not
+the same bytes again before the committed position), gzip-compressed, or
+truncated or replaced while followed, or the --output file cannot be written
+(a directory, a missing folder, a full disk), or the --data-dir cannot be used
+(a read-only filesystem), 75 another driver runs on the namespace or took it
 over from this one, 130 interrupted.
 """
 
@@ -214,7 +215,11 @@ def _follow_option(parser: Any) -> None:
 def _run_options() -> _Parser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("how the run works")
-    group.add_argument("file", type=Path, metavar="FILE", help="input: one JSON event per line")
+    group.add_argument(
+        "file", type=Path, metavar="FILE",
+        help="input: one JSON event per line; '-' (or a pipe) reads standard input from its "
+        "start, and resume expects the same input again",
+    )  # fmt: skip
     _flow_option(group)
     _option(
         group, "--partitions", env="ORCHESTRATOR_PARTITIONS", type=_partition_count, metavar="P",

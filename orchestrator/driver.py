@@ -202,14 +202,14 @@ class Driver:
         while True:
             if not ended and result.failure is None and not self._full():
                 waiting = self._read_chunk(source, result)
-                ended = waiting and (not source.follow or source.gone())
+                ended = waiting and source.finished()
             read_through, read_offset = source.epoch - 1, source.offset
             self.read_through = read_through
             flush = waiting or result.failure is not None
             self._dispatch(read_through, result.failure, flush=flush)
             idle = flush or self._full()
             block = BLOCK_MS if idle and self.in_flight else None
-            if source.follow and waiting and not ended:
+            if waiting and not ended:
                 # Lines may arrive any moment: look for them again soon.
                 if self.in_flight:
                     block = FOLLOW_POLL_MS
@@ -321,8 +321,8 @@ class Driver:
         if size > limit:
             data, size, oversized, ended = finish_oversized(source.file, data, limit)
         if not ended:
-            if source.follow:
-                source.wait_at(offset)
+            if source.waits:
+                source.wait_at(offset, data)
                 return None
             self.open_line = (epoch, offset)
         return data, size, oversized
