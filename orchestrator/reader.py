@@ -316,9 +316,7 @@ class PipeInput:
 Input = io.BufferedReader | PipeInput
 
 
-def finish_oversized(
-    f: Input, start: bytes, max_line_bytes: int
-) -> tuple[bytes, int, str, bool]:
+def finish_oversized(f: Input, start: bytes, max_line_bytes: int) -> tuple[bytes, int, str, bool]:
     """Skip the rest of a line longer than the limit, without holding it in memory.
 
     Returns:

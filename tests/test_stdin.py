@@ -157,3 +157,79 @@ def test_sigterm_stops_a_run_waiting_on_stdin_with_exit_130(setup, redis_url):
             driver.communicate(timeout=30)
     assert driver.returncode == 130, stderr
     assert "'orchestrator resume - --namespace" in stderr.splitlines()[-1]
+
+
+# --- PipeInput, the reader of a pipe -----------------------------------------------------
+
+
+def a_pipe():
+    from orchestrator.reader import PipeInput
+
+    read, write = os.pipe()
+    return PipeInput(read), write
+
+
+def until(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+    return value
+
+
+def whole_line(pipe) -> bytes:
+    """A whole line, or b"" after giving back what came of it (as the driver does)."""
+    line = pipe.readline(100)
+    if line.endswith(b"\n"):
+        return line
+    pipe.unread(line)
+    return b""
+
+
+def test_a_pipe_gives_a_line_only_in_part_until_its_newline_arrives():
+    pipe, write = a_pipe()
+    pipe.blocking = False
+    os.write(write, b'{"a": 1}\n{"b"')
+    assert until(lambda: pipe.readline(100)) == b'{"a": 1}\n'
+    part = until(lambda: pipe.readline(100))
+    assert part == b'{"b"'
+    pipe.unread(part)  # the driver gives it back and waits
+    os.write(write, b": 2}\n")
+    assert until(lambda: whole_line(pipe)) == b'{"b": 2}\n'
+    assert not pipe.ended
+    os.write(write, b"end")
+    os.close(write)
+    assert until(lambda: pipe.readline(100)) == b"end"
+    assert until(lambda: pipe.ended)
+    assert pipe.position == len(b'{"a": 1}\n{"b": 2}\nend')
+
+
+def test_a_pipe_hashes_every_byte_before_the_offset_asked_for():
+    import hashlib
+
+    pipe, write = a_pipe()
+    data = b"".join(b"line %d\n" % i for i in range(50_000))  # several chunks
+    feeder = threading.Thread(target=lambda: (os.write(write, data), os.close(write)))
+    feeder.start()
+    at = 0
+    for cut in (0, 7, 70_000, 200_000, len(data)):
+        while at < cut:
+            at += len(pipe.readline())
+        assert pipe.hash_at(cut) == hashlib.sha256(data[:cut]).hexdigest()
+    feeder.join()
+
+
+def test_the_rest_of_an_oversized_line_on_a_pipe_is_skipped_as_it_arrives():
+    from orchestrator.reader import finish_oversized
+
+    pipe, write = a_pipe()
+    pipe.blocking = False
+    os.write(write, b"x" * 30)
+    start = until(lambda: pipe.readline(11))  # cut at the limit: the rest blocks till "\n"
+    threading.Timer(
+        0.2, lambda: (os.write(write, b"y" * 10 + b"\nnext\n"), os.close(write))
+    ).start()
+    head, size, reason, ended = finish_oversized(pipe, start, 10)
+    assert (head, size, ended) == (b"x" * 11, 41, True)
+    assert "41 bytes, over the 10-byte limit" in reason
+    assert until(lambda: pipe.readline(11)) == b"next\n"
