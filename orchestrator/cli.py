@@ -503,7 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (
             args.command in RUN_COMMANDS
             and settings.redis_url is None
-            and Path(args.file).is_file()  # (a missing input leaves no data directory behind)
+            # (a missing input leaves no data directory behind)
+            and (Path(args.file).is_file() or str(args.file) == "-")
         ):
             prestart(settings.data_dir)
         status = int(program(args, settings))

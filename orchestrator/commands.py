@@ -384,8 +384,10 @@ def drive(
                 batch_timeout=settings.batch_timeout,
                 output_is_file=sink.path is not None,
             )
+            # (a followed file is watched by its name: standard input has none)
+            name = None if str(path) == "-" else path
             source = LineSource(
-                f, start.epoch, start.offset, settings.max_line_bytes, settings.follow, path
+                f, start.epoch, start.offset, settings.max_line_bytes, settings.follow, name
             )
             result = driver.run(source)
         except KeyboardInterrupt:
