@@ -55,12 +55,16 @@ Redis URL) or namespace mismatch (or a server that can evict keys), 3 Redis
 unavailable or it lost data it had acknowledged (resume continues from what it
 holds), or its disk is full (the embedded server's data directory, or MISCONF),
 65 bad input (or an event the flow timed out or killed its worker on) under
---on-error fail, 66 input unreadable, changed, gzip-compressed or not a file
-(standard input and pipes are not supported yet), or the --output file cannot be
-written (a directory, a missing folder, a full disk), or the --data-dir cannot be
-used (a read-only filesystem), 75 another driver runs on the namespace or took it
+--on-error fail, 66 input unreadable, changed (for resume of standard input: not
+the same bytes again before the committed position), gzip-compressed, or
+truncated or replaced while followed, or the --output file cannot be written
+(a directory, a missing folder, a full disk), or the --data-dir cannot be used
+(a read-only filesystem), 75 another driver runs on the namespace or took it
 over from this one, 130 interrupted.
 """
+
+
+RUN_COMMANDS = ("ingest", "resume", "replay", "run")  # the commands that drive a run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -211,10 +215,23 @@ def _flow_option(parser: Any) -> None:
     )  # fmt: skip
 
 
+def _follow_option(parser: Any) -> None:
+    _option(
+        parser, "--follow", env="ORCHESTRATOR_FOLLOW", action="store_true",
+        help="keep reading FILE as it grows (like tail -F) until interrupted; a line is "
+        "processed once its newline has arrived; FILE truncated or replaced ends the run "
+        "(exit 66) after committing what was read",
+    )  # fmt: skip
+
+
 def _run_options() -> _Parser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("how the run works")
-    group.add_argument("file", type=Path, metavar="FILE", help="input: one JSON event per line")
+    group.add_argument(
+        "file", type=Path, metavar="FILE",
+        help="input: one JSON event per line; '-' (or a pipe) reads standard input from its "
+        "start, and resume expects the same input again",
+    )  # fmt: skip
     _flow_option(group)
     _option(
         group, "--partitions", env="ORCHESTRATOR_PARTITIONS", type=_partition_count, metavar="P",
@@ -295,19 +312,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser(
+    ingest = sub.add_parser(
         "ingest",
         parents=[run, conn],
         help="a fresh run over FILE from its first line",
         description="Process FILE from epoch 0. Refused if the namespace has committed epochs.",
     )
-    sub.add_parser(
+    _follow_option(ingest)
+    resume = sub.add_parser(
         "resume",
         parents=[run, conn],
         help="continue after the last committed epoch",
         description="Continue from the epoch after the last committed one, with state intact, "
         "seeking to its byte offset in FILE (the lines before it are not read).",
     )
+    _follow_option(resume)
+    start_or_continue = sub.add_parser(
+        "run",
+        parents=[run, conn],
+        help="ingest FILE if the namespace has no committed epochs, resume it otherwise",
+        description="Start the namespace on FILE (as ingest) or continue it (as resume), "
+        "whichever it needs: the command for a service restarted by its supervisor.",
+    )
+    _follow_option(start_or_continue)
     replay = sub.add_parser(
         "replay",
         parents=[run, conn],
@@ -406,6 +433,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         batch_timeout=getattr(args, "batch_timeout", Settings.batch_timeout),
         verbose=args.verbose,
         quiet=getattr(args, "quiet", False),
+        follow=getattr(args, "follow", False),
     )
 
 
@@ -436,7 +464,7 @@ def _program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
     from orchestrator import commands, queries, workers
     from orchestrator.render import dead_letters, print_state, print_status, report_run
 
-    if args.command in ("ingest", "resume", "replay"):
+    if args.command in RUN_COMMANDS:
         result = commands.run_pipeline(
             settings, args.command, args.file, getattr(args, "from_epoch", None)
         )
@@ -462,7 +490,7 @@ def _program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
 
 def _resume_command(args: argparse.Namespace, settings: Settings | None) -> str | None:
     """The command that continues this run (None for other commands)."""
-    if settings is None or args.command not in ("ingest", "resume", "replay"):
+    if settings is None or args.command not in RUN_COMMANDS:
         return None
     from orchestrator.commands import resume_hint
 
@@ -488,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "output_maxlen", None) and not isinstance(args.output, str):
         parser.error(f"--output-maxlen needs --output {STREAM_OUTPUT}KEY")
     configure_logging(args.verbose, worker=args.command == "worker")
-    if args.command in ("ingest", "resume", "replay", "worker"):
+    if args.command in (*RUN_COMMANDS, "worker"):
         tune_process()
     if args.command != "worker":  # RQ's worker handles SIGTERM itself (finish the job, exit)
         # SIGTERM stops like Ctrl-C: workers stopped, server left, namespace released.
@@ -498,9 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         if (
-            args.command in ("ingest", "resume", "replay")
+            args.command in RUN_COMMANDS
             and settings.redis_url is None
-            and Path(args.file).is_file()  # (a missing input leaves no data directory behind)
+            # (a missing input leaves no data directory behind)
+            and (Path(args.file).is_file() or str(args.file) == "-")
         ):
             prestart(settings.data_dir)
         status = int(program(args, settings))

@@ -27,13 +27,23 @@ from orchestrator.namespace import (
     read_info,
     require_committed,
     reset,
+    source_fields,
     start_run,
 )
 from orchestrator.output import OutputStream
 from orchestrator.progress import Progress
-from orchestrator.reader import LineSource, fingerprint, open_input, seek_epoch
+from orchestrator.reader import (
+    Input,
+    LineSource,
+    PipeInput,
+    StreamFingerprint,
+    file_sha256,
+    fingerprint,
+    open_input,
+    seek_epoch,
+)
 from orchestrator.server import connect
-from orchestrator.settings import DEFAULT_FLOW, STREAM_OUTPUT, Mode, Settings
+from orchestrator.settings import DEFAULT_FLOW, STREAM_OUTPUT, Command, Mode, Settings
 from orchestrator.sink import open_sink
 from orchestrator.workers import WorkerPool
 from tasks.errors import NamespaceError, RedisLostData, Superseded
@@ -95,11 +105,9 @@ def plan_start(
             # The last line had no newline (cut mid-write, or more lines came after it):
             # its effects are undone, and it is read again from its start.
             epoch, offset = info.open_line
-            seek_epoch(f, path, epoch, offset, epoch)
-            check_unchanged(f, path, info)
+            position_checked(f, path, info, epoch, offset)
             return Start(epoch, offset, checkpoint_at_or_before(r, keys, epoch), reopens=True)
-        offset = seek_epoch(f, path, committed + 1, info.offset, committed + 1)
-        check_unchanged(f, path, info)
+        offset = position_checked(f, path, info, committed + 1, info.offset)
         return Start(committed + 1, offset)
     assert from_epoch is not None
     require_committed(info, keys)
@@ -111,24 +119,101 @@ def plan_start(
         )
         raise NamespaceError(msg)
     checkpoint = checkpoint_at_or_before(r, keys, from_epoch)
-    offset = seek_epoch(f, path, checkpoint.epoch, checkpoint.offset, from_epoch)
+    offset = position(f, path, checkpoint.epoch, checkpoint.offset, from_epoch)
     return Start(from_epoch, offset, checkpoint)
 
 
-def check_unchanged(f: Any, path: Path, info: NamespaceInfo) -> None:
-    """Refuse an input whose part before the resume point differs from the one committed.
+def position(f: Input, path: Path, epoch: int, offset: int, target: int) -> int:
+    """Go to line ``target`` of the input from a known (epoch, offset); return its offset.
+
+    A file seeks; a pipe is read (and hashed) up to there.
 
     Raises:
-        InputError: the fingerprint of the committed prefix does not match.
+        InputError: the input ends before.
     """
-    if info.fingerprint is None or fingerprint(f, info.fingerprint_end) == info.fingerprint:
+    if not isinstance(f, PipeInput):
+        return seek_epoch(f, path, epoch, offset, target)
+    f.blocking = True
+    if f.skip_to(offset) < offset:
+        msg = (
+            f"{path} ended after {f.position:,} bytes, before the committed position (byte "
+            f"{offset:,}, epoch {epoch}): give the same input again from its start"
+        )
+        raise InputError(msg)
+    while epoch < target:
+        data = f.readline()
+        if not data:
+            msg = f"{path} has only {epoch} lines; epoch {target} is past its end"
+            raise InputError(msg)
+        offset += len(data)
+        epoch += 1
+    f.hash_at(offset)
+    return offset
+
+
+def position_checked(f: Input, path: Path, info: NamespaceInfo, epoch: int, offset: int) -> int:
+    """Go to the resume point (line ``epoch`` at ``offset``), refusing an input whose part
+    before it differs from the one committed. A pipe is checked on its way there."""
+    if isinstance(f, PipeInput):
+        check_unchanged(f, path, info, offset)
+        return position(f, path, epoch, offset, epoch)
+    offset = position(f, path, epoch, offset, epoch)
+    check_unchanged(f, path, info, offset)
+    return offset
+
+
+def check_unchanged(f: Input, path: Path, info: NamespaceInfo, resume_at: int) -> None:
+    """Refuse an input whose part before the resume point differs from the one committed:
+    the full sha256 that a run from a pipe recorded, or the sampled fingerprint of a file's.
+
+    Raises:
+        InputError: the committed prefix does not match (or a pipe ends before it).
+    """
+    if info.prefix_sha256 is not None:
+        end, recorded, what = info.prefix_end, info.prefix_sha256, "sha256"
+        if isinstance(f, PipeInput):
+            _skip_checked(f, path, info, end)
+            got = f.hash_at(end)
+        else:
+            got = file_sha256(f, end)
+    elif info.fingerprint is not None:
+        end, recorded, what = info.fingerprint_end, info.fingerprint, "fingerprint"
+        if isinstance(f, PipeInput):
+            if end > resume_at:  # (a committed last line without newline, read from a file)
+                msg = (
+                    f"{path}: cannot check a pipe against the input committed through epoch "
+                    f"{info.committed} (it was a file, whose last line had no newline): "
+                    f"resume with the file itself"
+                )
+                raise InputError(msg)
+            sampled = StreamFingerprint(end)
+            f.watch = sampled.feed
+            _skip_checked(f, path, info, end)
+            f.watch = None
+            got = sampled.digest()
+        else:
+            got = fingerprint(f, end)
+    else:
+        return
+    if got == recorded:
         return
     msg = (
-        f"{path} has changed before the resume point (its first {info.fingerprint_end:,} bytes "
-        f"differ from the input committed through epoch {info.committed}): resume would mix two "
-        f"inputs; restore the file, replay from an epoch before the change, or reset"
+        f"{path} has changed before the resume point (its first {end:,} bytes differ from "
+        f"the input committed through epoch {info.committed}, by {what}): resume would mix "
+        f"two inputs; restore the input, replay from an epoch before the change, or reset"
     )
     raise InputError(msg)
+
+
+def _skip_checked(f: PipeInput, path: Path, info: NamespaceInfo, end: int) -> None:
+    f.blocking = True
+    if f.skip_to(end) < end:
+        msg = (
+            f"{path} ended after {f.position:,} bytes, before the committed position (byte "
+            f"{end:,}, epoch {info.committed}): resume expects the same input again from its "
+            f"start"
+        )
+        raise InputError(msg)
 
 
 def persistence_warning(r: Redis) -> str | None:
@@ -160,7 +245,7 @@ def _text(value: Any) -> str:
 
 
 def run_pipeline(
-    settings: Settings, mode: Mode, path: Path, from_epoch: int | None = None
+    settings: Settings, mode: Command, path: Path, from_epoch: int | None = None
 ) -> RunResult:
     """Run ingest, resume or replay to the end of the input (or its first bad line)."""
     keys = Keys(settings.namespace)
@@ -220,9 +305,16 @@ def check_server(r: Redis, settings: Settings, embedded: bool) -> None:
         say(f"warning: {warning}")
 
 
+def chosen_mode(command: Command, info: NamespaceInfo) -> Mode:
+    """``run`` is an ingest on a namespace without committed epochs, a resume otherwise."""
+    if command != "run":
+        return command
+    return "ingest" if info.committed == NOTHING else "resume"
+
+
 def drive(
     settings: Settings,
-    mode: Mode,
+    command: Command,
     path: Path,
     from_epoch: int | None,
     f: Any,
@@ -238,6 +330,7 @@ def drive(
     """
     keys = Keys(settings.namespace)
     info = read_info(r, keys)
+    mode = chosen_mode(command, info)
     partitions = check_compatible(info, settings.partitions, settings.flow)
     flow = settings.flow or info.flow or DEFAULT_FLOW
     load_flow(flow)
@@ -277,8 +370,10 @@ def drive(
             retain_epochs=settings.retain_epochs,
             evictions=evictions,
             output_stream=sink.entries,
+            source_fields=source_fields(f),
         )
         progress = Progress(enabled=not settings.quiet)
+        driver: Driver | None = None
         try:
             driver = Driver(
                 r,
@@ -296,7 +391,18 @@ def drive(
                 output_is_file=sink.path is not None,
                 output_stream=sink.entries,
             )
-            result = driver.run(LineSource(f, start.epoch, start.offset, settings.max_line_bytes))
+            # (a followed file is watched by its name: standard input has none)
+            name = None if str(path) == "-" else path
+            source = LineSource(
+                f, start.epoch, start.offset, settings.max_line_bytes, settings.follow, name
+            )
+            result = driver.run(source)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM (the second is ignored): record the committed epoch, so that
+            # resume repeats nothing that this run committed and wrote.
+            if driver is not None:
+                driver.record_interrupted()
+            raise
         except (RedisLostData, Superseded):
             # What this run staged between the fault and noticing it serves nobody now.
             with contextlib.suppress(redis.RedisError):
@@ -314,6 +420,13 @@ def drive(
             open_line=driver.open_line_through(result.committed),
             final=True,
         )
+    if source.stopped is not None:
+        msg = (
+            f"{path} {source.stopped} while it was followed: stopped after epoch "
+            f"{result.committed}, everything read before is committed; continue with a new "
+            f"namespace (or 'orchestrator reset --yes') for the new file"
+        )
+        raise InputError(msg)
     return result
 
 
@@ -348,6 +461,8 @@ def resume_hint(settings: Settings, path: Path) -> str:
         parts += ["--output", str(settings.output)]
     elif settings.output_stream is not None:
         parts += ["--output", f"{STREAM_OUTPUT}{settings.output_stream}"]
+    if settings.follow:
+        parts.append("--follow")
     return " ".join(parts)
 
 

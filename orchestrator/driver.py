@@ -55,6 +55,7 @@ RECORD_EVERY = 0.1  # seconds between two records of the committed epoch
 # data or that another driver took over, whatever it is waiting for.
 FENCE_EVERY = 1.0
 LINGER = 0.2  # a batch waits for half of --batch-events lines or this many seconds
+FOLLOW_POLL_MS = 20  # a followed input at its end: how often to look for more lines
 WAITING_NOTE_AFTER = 2.0  # seconds a batch may wait before the driver says it needs workers
 
 
@@ -186,22 +187,37 @@ class Driver:
         # (epoch, offset) of the input's last line when it has no newline: a resume reads it
         # again (it may have been cut mid-write, or be followed by more lines).
         self.open_line: tuple[int, int] | None = None
+        self.result: RunResult | None = None  # of the run going on
+        self._writing = False  # lines are being written, or the committed epoch recorded
 
     # ----------------------------------------------------------------- the loop
 
     def run(self, source: LineSource) -> RunResult:
-        """Process the input to its end, or to the first bad line under ``on_error=fail``."""
-        result = RunResult(committed=source.epoch - 1, next_offset=source.offset)
-        exhausted = False
+        """Process the input to its end, or to the first bad line under ``on_error=fail``.
+
+        A followed input has no end: the run waits for more lines (sending on at once
+        what it read, committing and recording as usual) until the file is truncated or
+        replaced (``source.stopped`` then says how), or the command is interrupted.
+        """
+        result = self.result = RunResult(committed=source.epoch - 1, next_offset=source.offset)
+        waiting = ended = False  # no whole line to read now; no more lines ever
         while True:
-            if not exhausted and result.failure is None and not self._full():
-                exhausted = self._read_chunk(source, result)
+            if not ended and result.failure is None and not self._full():
+                waiting = self._read_chunk(source, result)
+                ended = waiting and source.finished()
             read_through, read_offset = source.epoch - 1, source.offset
             self.read_through = read_through
-            flush = exhausted or result.failure is not None
+            flush = waiting or result.failure is not None
             self._dispatch(read_through, result.failure, flush=flush)
-            idle = exhausted or result.failure is not None or self._full()
-            for notice in self.notices.read(BLOCK_MS if idle and self.in_flight else None):
+            idle = flush or self._full()
+            block = BLOCK_MS if idle and self.in_flight else None
+            if waiting and not ended:
+                # Lines may arrive any moment: look for them again soon.
+                if self.in_flight:
+                    block = FOLLOW_POLL_MS
+                else:
+                    time.sleep(FOLLOW_POLL_MS / 1000)
+            for notice in self.notices.read(block):
                 self._on_notice(notice, result)
             self.housekeeping.between_reads()
             self.dispatcher.watch(self.in_flight)
@@ -213,7 +229,7 @@ class Driver:
                 read_through,
                 len(self.in_flight) + len(self.staged),
             )
-            done = exhausted or result.failure is not None
+            done = ended or result.failure is not None
             if done and not self.in_flight and not self.staged and not self.pending:
                 # Nothing may stay counted as buffered, or a long run would stop reading.
                 assert self.buffered == 0 and self.buffered_bytes == 0, (
@@ -224,6 +240,12 @@ class Driver:
                 self.notices.close()
                 result.reruns = self.dispatcher.reruns
                 return result
+
+    def record_interrupted(self) -> None:
+        """After an interrupt (Ctrl-C, SIGTERM): record what is committed, if the interrupt did
+        not come while lines were being written or recorded (the last record then stands)."""
+        if self.result is not None and not self._writing:
+            self._record(self.result, force=True)
 
     def _read_chunk(self, source: LineSource, result: RunResult) -> bool:
         """Read up to READ_CHUNK lines: parse, route, buffer per partition.
@@ -245,7 +267,11 @@ class Driver:
                 break
             size, oversized = len(data), None
             if data[-1:] != b"\n":  # over the limit, or the last line (or both)
-                data, size, oversized = self._unterminated(source.file, data, limit, epoch, offset)
+                whole = self._unterminated(source, data, limit, epoch, offset)
+                if whole is None:  # followed: the rest of the line has not arrived yet
+                    exhausted = True
+                    break
+                data, size, oversized = whole
             if data.strip():  # blank lines are skipped silently and keep their epoch number
                 text = data[:-1] if data[-1:] == b"\n" else data
                 try:
@@ -284,18 +310,22 @@ class Driver:
         return exhausted
 
     def _unterminated(
-        self, f: BinaryIO, data: bytes, limit: int, epoch: int, offset: int
-    ) -> tuple[bytes, int, str | None]:
+        self, source: LineSource, data: bytes, limit: int, epoch: int, offset: int
+    ) -> tuple[bytes, int, str | None] | None:
         """A line read without its newline: (its bytes, its size, why it is oversized or None).
 
         Over the limit, the rest of the line is skipped. If the file ends before a newline,
         this is its last line, perhaps still being written (oversized or not): a resume
-        reads it again from its start.
+        reads it again from its start. A followed file waits for the newline instead: None,
+        and the line is read again from its start later.
         """
         size, oversized, ended = len(data), None, False
         if size > limit:
-            data, size, oversized, ended = finish_oversized(f, data, limit)
+            data, size, oversized, ended = finish_oversized(source.file, data, limit)
         if not ended:
+            if source.waits:
+                source.wait_at(offset, data)
+                return None
             self.open_line = (epoch, offset)
         return data, size, oversized
 
@@ -465,6 +495,7 @@ class Driver:
             next_epoch, next_offset = result.failure.epoch, result.failure.offset
         committed = next_epoch - 1
         if committed > result.committed:
+            self._writing = True  # an interrupt now leaves the record as it was
             lines = self.merger.pop_through(committed)
             if self.output_stream is not None:
                 # held for the next record, whose script adds them to the stream (exactly once)
@@ -472,6 +503,7 @@ class Driver:
             else:
                 write_lines(self.out, lines)
             result.committed, result.next_offset = committed, next_offset
+            self._writing = False
         self._record(result)
 
     def _record(self, result: RunResult, *, force: bool = False) -> None:
@@ -488,6 +520,7 @@ class Driver:
         ):
             return
         committed = result.committed
+        self._writing = True
         dead = sorted((d for d in self.dead if d.epoch <= committed), key=lambda d: d.epoch)
         self.dead = [d for d in self.dead if d.epoch > committed]
         self.on_commit(
@@ -499,6 +532,7 @@ class Driver:
             progress=self._progress(result, now),
             open_line=self.open_line_through(committed),
         )
+        self._writing = False
         self.recorded, self.recorded_at = committed, now
 
 

@@ -13,7 +13,7 @@ from redis import Redis
 
 from orchestrator.fence import EvictionWatch, Fence, refusal_error
 from orchestrator.output import OutputStream, wrong_stream_type
-from orchestrator.reader import fingerprint
+from orchestrator.reader import Input, PipeInput, fingerprint
 from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks import scripts
 from tasks.errors import NamespaceError, Superseded
@@ -42,6 +42,9 @@ class NamespaceInfo:
     retain_epochs: int | None = None
     fingerprint: str | None = None  # of the input's first fingerprint_end bytes
     fingerprint_end: int = 0
+    # sha256 of every byte of the input before prefix_end (recorded by runs that read a pipe)
+    prefix_sha256: str | None = None
+    prefix_end: int = 0
     # For each partition, the epoch through which it had applied when ``committed`` was
     # recorded (capped at ``committed``): Redis must hold at least that much of each.
     floors: tuple[int, ...] | None = None
@@ -72,8 +75,10 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         read_epoch=int(meta["read_epoch"]) if "read_epoch" in meta else None,
         events_per_s=float(meta["events_per_s"]) if "events_per_s" in meta else None,
         retain_epochs=int(meta["retain_epochs"]) if "retain_epochs" in meta else None,
-        fingerprint=meta.get("fingerprint"),
+        fingerprint=meta.get("fingerprint") or None,
         fingerprint_end=int(meta.get("fingerprint_end", 0)),
+        prefix_sha256=meta.get("prefix_sha256") or None,
+        prefix_end=int(meta.get("prefix_end", 0)),
         floors=tuple(json.loads(meta["floors"])) if "floors" in meta else None,
         evicted_keys=int(meta.get("evicted_keys", 0)),
         open_line=_epoch_offset(meta.get("open_line")),
@@ -198,6 +203,40 @@ def _run_keys(r: Redis, keys: Keys, which: Callable[[int], bool]) -> list[bytes]
     ]
 
 
+# What identifies the input before the committed offset, recorded with it: called with
+# (the committed offset, the offset a resume starts at, whether a costly one is due: at
+# most once a second, and at the end), it gives meta fields. Each kind clears the other's:
+# the namespace's input is described by the last run's.
+SourceFields = Callable[[int, int, bool], dict[str, Any]]
+
+
+def source_fields(f: Input) -> SourceFields:
+    """A file's sampled fingerprint (once a second); a pipe's sha256 of every byte before the
+    resume point (each record: it costs only the bytes since the last)."""
+    if isinstance(f, PipeInput):
+        pipe = f
+
+        def hashed(offset: int, resume_at: int, due: bool) -> dict[str, Any]:
+            return {
+                "prefix_sha256": pipe.hash_at(resume_at),
+                "prefix_end": resume_at,
+                "fingerprint": "",
+            }
+
+        return hashed
+
+    def sampled(offset: int, resume_at: int, due: bool) -> dict[str, Any]:
+        if not due:
+            return {}
+        return {
+            "fingerprint": fingerprint(f, offset),
+            "fingerprint_end": offset,
+            "prefix_sha256": "",
+        }
+
+    return sampled
+
+
 class Committer:
     """Records the namespace's committed epoch, and what goes with it, fenced.
 
@@ -229,12 +268,14 @@ class Committer:
         retain_epochs: int | None = None,
         evictions: EvictionWatch | None = None,
         output_stream: OutputStream | None = None,
+        source_fields: SourceFields | None = None,
     ) -> None:
         self.r, self.keys, self.partitions, self.fence = r, keys, partitions, fence
         self.output_stream = output_stream
         self.evictions = evictions
         self.last_committed = last_committed
         self.input_path = input_path
+        self.source_fields = source_fields
         self.retain_epochs = retain_epochs
         self._fingerprinted_at = float("-inf")
         self._collected_at = time.monotonic()
@@ -277,10 +318,12 @@ class Committer:
         if progress is not None:  # for status: how far the driver read, how fast, what waits
             backlog = progress.pop("backlog")
             fields |= progress
-        if self.input_path and (final or now - self._fingerprinted_at >= self.FINGERPRINT_EVERY):
-            with open(self.input_path, "rb") as f:
-                fields |= {"fingerprint": fingerprint(f, offset), "fingerprint_end": offset}
-            self._fingerprinted_at = now
+        if self.source_fields is not None:
+            due = final or now - self._fingerprinted_at >= self.FINGERPRINT_EVERY
+            resume_at = offset if open_line is None else open_line[1]
+            fields |= self.source_fields(offset, resume_at, due)
+            if due:
+                self._fingerprinted_at = now
         retained_from = None
         if self.retain_epochs is not None and (final or now - self._collected_at >= self.GC_EVERY):
             self._collected_at = now

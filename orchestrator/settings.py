@@ -20,6 +20,8 @@ DEFAULT_EMBEDDED_WORKERS = 2
 DEFAULT_FLOW = "tasks.cartjoin:flow"
 
 Mode = Literal["ingest", "resume", "replay"]
+# What the CLI asks for: one of those, or "run" (ingest on an empty namespace, else resume)
+Command = Literal["ingest", "resume", "replay", "run"]
 
 # --output redis-stream:KEY writes the output lines to a Redis stream (orchestrator/sink.py)
 STREAM_OUTPUT = "redis-stream:"
@@ -52,6 +54,8 @@ class Settings:
     allow_eviction: bool = False
     # --batch-timeout: seconds the flow may run on one event of a batch before it is stopped
     batch_timeout: float = 60.0
+    # --follow: keep reading the input as it grows, until interrupted
+    follow: bool = False
 
     @property
     def worker_count(self) -> int:

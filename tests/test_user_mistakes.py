@@ -1,7 +1,7 @@
 """Every common user mistake is one line on stderr and a documented exit status, never a traceback.
 
-The table holds what a new user tried first (issue 13): input from a pipe or stdin, a
-Redis URL without a scheme or with a bad port, an --output that is a directory or in a
+The table holds what a new user tried first (issue 13): resuming a pipe that was never
+ingested, a Redis URL without a scheme or with a bad port, an --output that is a directory or in a
 missing folder, a data directory on a read-only filesystem, gzip-compressed input, an
 absurd partition count. Each row: the command (and what the directory holds first), the
 exit status README.md documents, and a fragment of the one line.
@@ -103,12 +103,8 @@ def row(name, setup, how, args, status, fragment, marks=()):
 
 
 MISTAKES = [
-    row("a pipe as the input", nothing, piped, ["ingest", "/dev/stdin"], INPUT_OUTPUT,
-        "reading the input from a pipe (/dev/stdin) is not supported yet"),
-    row("stdin as the input", nothing, piped, ["ingest", "-"], INPUT_OUTPUT,
-        "from standard input ('-') is not supported yet"),
-    row("a pipe on resume", nothing, piped, ["resume", "/dev/stdin"], INPUT_OUTPUT,
-        "save the input to a file and pass its name"),
+    row("a pipe on resume of a namespace that has none", nothing, piped,
+        ["resume", "/dev/stdin"], USAGE, "has no data in this Redis: start it with"),
     row("a Redis URL without a scheme", nothing, plain,
         ["ingest", INPUT, "--redis-url", "localhost:6379"], USAGE,
         "cannot use the Redis URL localhost:6379: it must start with redis://"),
