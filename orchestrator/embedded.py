@@ -163,7 +163,7 @@ class Attachment:
     keeper_pid: int
     # the processes this command started (to reap them), if it started the server
     server: subprocess.Popen[bytes] | None = None
-    keeper: subprocess.Popen[bytes] | None = None
+    keeper: Keeper | None = None
 
 
 def _open_lock(path: Path) -> IO[Any]:
@@ -280,14 +280,14 @@ def _start(
         url, pid = f"unix://{socket_path}", server.pid
         _record(data_dir, pid, 0, url)  # (so that it is found if this command dies now)
     try:
-        keeper = _start_keeper(data_dir, server_lock, pid, url)
+        started = _start_keeper(data_dir, server_lock, pid, url)
     except BaseException:
         if server is not None:
             server.kill()
             server.wait()
         raise
-    _record(data_dir, pid, keeper.pid, url)
-    return Attachment(data_dir, attach_file, url, pid, keeper.pid, server, keeper)
+    _record(data_dir, pid, started.pid, url)
+    return Attachment(data_dir, attach_file, url, pid, started.pid, server, started)
 
 
 def _record(data_dir: Path, pid: int, keeper: int, url: str) -> None:
@@ -296,22 +296,26 @@ def _record(data_dir: Path, pid: int, keeper: int, url: str) -> None:
     partial.replace(data_dir / SERVER_INFO)  # (readers never see half a record)
 
 
-def _start_keeper(
-    data_dir: Path, server_lock: IO[Any], server_pid: int, url: str
-) -> subprocess.Popen[bytes]:
-    """Start the keeper of server ``server_pid``, handing it the server lock."""
-    # Isolated and without site-packages: it needs the standard library only, and starts
-    # (beside the command's own start) in a third of the time.
-    args = [
-        sys.executable, "-I", "-S", keeper.__file__, str(data_dir),
-        "--lock-fd", str(server_lock.fileno()), "--server-pid", str(server_pid), "--url", url,
-    ]  # fmt: skip
+def _start_keeper(data_dir: Path, server_lock: IO[Any], server_pid: int, url: str) -> Keeper:
+    """Start the keeper of server ``server_pid``, handing it the server lock.
+
+    Forked when this process runs no other thread (a command's start): it costs
+    no interpreter start, which took ~25 ms of a short resume even for a
+    standard-library script. Otherwise it is spawned as that script.
+    """
     try:
-        log = open(data_dir / KEEPER_LOG, "ab")  # noqa: SIM115
+        log = os.open(data_dir / KEEPER_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError as e:
         raise _data_dir_error(data_dir, e) from None
-    with log:
-        return subprocess.Popen(
+    try:
+        if threading.active_count() == 1:
+            return _fork_keeper(data_dir, server_lock.fileno(), server_pid, url, log)
+        # Isolated and without site-packages: it needs the standard library only.
+        args = [
+            sys.executable, "-I", "-S", keeper.__file__, str(data_dir),
+            "--lock-fd", str(server_lock.fileno()), "--server-pid", str(server_pid), "--url", url,
+        ]  # fmt: skip
+        process = subprocess.Popen(
             args,
             cwd=data_dir,
             stdin=subprocess.DEVNULL,
@@ -320,6 +324,49 @@ def _start_keeper(
             pass_fds=(server_lock.fileno(),),
             start_new_session=True,
         )
+        return Keeper(process.pid, process)
+    finally:
+        os.close(log)
+
+
+def _fork_keeper(data_dir: Path, lock_fd: int, server_pid: int, url: str, log: int) -> Keeper:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return Keeper(pid)
+    status = 1  # the child: the keeper, never back into the command
+    try:
+        os.setsid()  # out of the terminal's process group, as the server
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        # Nothing of the command's (its stdout pipe, its locks) is held but the server lock.
+        os.closerange(3, lock_fd)
+        os.closerange(lock_fd + 1, 1 << 16)
+        status = keeper.run(data_dir, lock_fd, server_pid, url)
+    finally:
+        os._exit(status)
+
+
+@dataclass
+class Keeper:
+    """The keeper process this command started: forked (reaped by pid) or spawned."""
+
+    pid: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def reap(self, *, wait: bool) -> None:
+        """Collect its exit status (waiting for it with ``wait``), so it leaves no zombie."""
+        if self.process is not None:
+            if wait:
+                self.process.wait()
+            else:
+                self.process.poll()
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0 if wait else os.WNOHANG)
 
 
 def join_running(data_dir: Path) -> dict[str, Any] | None:
@@ -351,9 +398,11 @@ def detach(attachment: Attachment, stop: Any) -> None:
             _wait_lock(f, fcntl.LOCK_SH, ATTACH_TIMEOUT, waiting)
     finally:
         f.close()
-        for child in (attachment.server, attachment.keeper):
-            if child is not None:
-                child.poll()  # (reaped if it has exited: a long-lived process keeps no zombie)
+        # (reaped if they have exited: a long-lived process keeps no zombie)
+        if attachment.server is not None:
+            attachment.server.poll()
+        if attachment.keeper is not None:
+            attachment.keeper.reap(wait=False)
 
 
 def _stopped(attachment: Attachment, wait: float = 30.0) -> None:
@@ -368,10 +417,12 @@ def _stopped(attachment: Attachment, wait: float = 30.0) -> None:
     if attachment.server is not None:
         attachment.server.wait()
     forget_server(attachment.data_dir, attachment.server_pid, attachment.url)
+    # The keeper has nothing left to do (the server is gone, its record removed): it is
+    # killed rather than asked, which spares the command the wait for its interpreter's exit.
     with contextlib.suppress(OSError):
-        os.kill(attachment.keeper_pid, signal.SIGTERM)
+        os.kill(attachment.keeper_pid, signal.SIGKILL)
     if attachment.keeper is not None:
-        attachment.keeper.wait()
+        attachment.keeper.reap(wait=True)
         return
     server_lock = _open_lock(attachment.data_dir / SERVER_LOCK)  # free once the keeper is gone
     try:

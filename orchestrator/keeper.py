@@ -75,6 +75,8 @@ def run(data_dir: Path, lock_fd: int, server_pid: int, url: str) -> int:
     """Watch server ``server_pid`` until it exits, or stop it once no command is attached."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _name_process()
+    os.chdir(data_dir)  # (ps and /proc tell whose keeper it is: its name and its directory)
     server_lock = os.fdopen(lock_fd, "a+")
     attach_file = open(data_dir / ATTACH_LOCK, "a+")  # noqa: SIM115
     signal.signal(signal.SIGTERM, _stop)
@@ -89,6 +91,17 @@ def run(data_dir: Path, lock_fd: int, server_pid: int, url: str) -> int:
     server_lock.close()  # a command waiting to start a new server may go on
     attach_file.close()
     return 0
+
+
+PROCESS_NAME = b"orch-keeper"  # what ps shows (a forked keeper would show its command's)
+
+
+def _name_process() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        PR_SET_NAME = 15
+        ctypes.CDLL(None).prctl(PR_SET_NAME, PROCESS_NAME, 0, 0, 0)
 
 
 def _nobody_attached(attach_file: Any) -> bool:

@@ -78,13 +78,12 @@ def servers_in(data_dir) -> list[int]:
 
 
 def keepers_of(data_dir) -> list[int]:
-    """The pids of the keeper processes running the embedded server of ``data_dir``."""
+    """The pids of the keeper processes of the embedded server of ``data_dir`` (by the name
+    the keeper gives itself and the directory it runs in)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["name", "cwd"]):
         try:
-            cmdline = proc.info["cmdline"] or []
-            keeper = any(part.endswith("orchestrator/keeper.py") for part in cmdline)
-            if keeper and str(data_dir) in cmdline:
+            if proc.info["name"] == "orch-keeper" and proc.info["cwd"] == str(data_dir):
                 found.append(proc.pid)
         except psutil.Error:
             continue
