@@ -144,10 +144,11 @@ def test_a_killed_command_leaves_no_server_and_no_listening_worker(tmp_path):
     wait_for(
         lambda: (tmp_path / "out.txt").exists() and (tmp_path / "out.txt").stat().st_size, "out"
     )
+    data_dir = (tmp_path / ".orchestrator").resolve()
+    assert len(servers_in(data_dir)) == 1 and len(keepers_of(data_dir)) == 1
     run.send_signal(signal.SIGKILL)  # its workers get SIGTERM when it dies; its server is left
     run.communicate(timeout=30)
 
-    data_dir = (tmp_path / ".orchestrator").resolve()
     wait_for(lambda: not servers_in(data_dir) and not keepers_of(data_dir), "the keeper", 10)
 
     status = run_cli("status", "--json", cwd=tmp_path)
