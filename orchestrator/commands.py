@@ -40,9 +40,10 @@ from orchestrator.reader import (
     file_sha256,
     fingerprint,
     open_input,
+    read_to_epoch,
     seek_epoch,
 )
-from orchestrator.server import connect
+from orchestrator.server import connect, server_config
 from orchestrator.settings import DEFAULT_FLOW, STREAM_OUTPUT, Command, Mode, Settings
 from orchestrator.sink import open_sink
 from orchestrator.workers import WorkerPool
@@ -140,13 +141,7 @@ def position(f: Input, path: Path, epoch: int, offset: int, target: int) -> int:
             f"{offset:,}, epoch {epoch}): give the same input again from its start"
         )
         raise InputError(msg)
-    while epoch < target:
-        data = f.readline()
-        if not data:
-            msg = f"{path} has only {epoch} lines; epoch {target} is past its end"
-            raise InputError(msg)
-        offset += len(data)
-        epoch += 1
+    offset = read_to_epoch(f, path, epoch, offset, target)
     f.hash_at(offset)
     return offset
 
@@ -219,14 +214,13 @@ def _skip_checked(f: PipeInput, path: Path, info: NamespaceInfo, end: int) -> No
 def persistence_warning(r: Redis) -> str | None:
     """A warning when the server's settings could lose acknowledged commits on a restart."""
     try:
-        config: dict[Any, Any] = {**r.config_get("appendonly"), **r.config_get("appendfsync")}
+        appendonly = server_config(r, "appendonly")
+        fsync = server_config(r, "appendfsync")
     except redis.ResponseError:
         return (
             "cannot read the server's persistence settings (CONFIG is disabled): make sure it "
             "runs with appendonly yes and appendfsync always, or a restart can lose commits"
         )
-    appendonly = _text(config.get("appendonly") or config.get(b"appendonly"))
-    fsync = _text(config.get("appendfsync") or config.get(b"appendfsync"))
     if appendonly != "yes":
         return (
             "the Redis server runs with appendonly no: a restart of it loses committed epochs "
@@ -238,10 +232,6 @@ def persistence_warning(r: Redis) -> str | None:
             "the last second of commits (set appendfsync always)"
         )
     return None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def run_pipeline(

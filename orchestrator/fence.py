@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from redis import Redis
 
+from orchestrator.server import server_config
 from orchestrator.wording import counted
 from tasks.errors import PipelineError, RedisLostData, Superseded
 from tasks.keys import Keys
@@ -122,11 +122,9 @@ def check_consistency(
 def eviction_problem(r: Redis) -> str | None:
     """What is wrong with the server's eviction policy for this pipeline, if anything."""
     try:
-        reply: dict[Any, Any] = r.config_get("maxmemory-policy")
+        policy = server_config(r, "maxmemory-policy") or "noeviction"
     except redis.ResponseError:
         return None  # CONFIG disabled: nothing to check (the persistence warning says so)
-    value = reply.get("maxmemory-policy") or reply.get(b"maxmemory-policy") or b"noeviction"
-    policy = value.decode() if isinstance(value, bytes) else str(value)
     if policy == "noeviction":
         return None
     return (

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from orchestrator.errors import InputError
 from orchestrator.settings import Settings
@@ -399,6 +399,16 @@ def seek_epoch(f: BinaryIO, path: Path, epoch: int, offset: int, target: int) ->
         )
         raise InputError(msg)
     f.seek(offset)
+    return read_to_epoch(f, path, epoch, offset, target)
+
+
+def read_to_epoch(f: Any, path: Path, epoch: int, offset: int, target: int) -> int:
+    """Read lines from (epoch, offset), where ``f`` stands, up to line ``target``; return its
+    offset.
+
+    Raises:
+        InputError: the input ends before line ``target``.
+    """
     while epoch < target:
         data = f.readline()
         if not data:

@@ -220,6 +220,17 @@ def outage_note() -> str:
 URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 
 
+def server_config(r: Redis, name: str) -> str | None:
+    """One of the server's settings (CONFIG GET), as text; None if it has no such setting.
+
+    Raises:
+        redis.ResponseError: CONFIG is disabled on the server.
+    """
+    reply: dict[Any, Any] = r.config_get(name)
+    value = reply.get(name, reply.get(name.encode()))
+    return value.decode() if isinstance(value, bytes) else None if value is None else str(value)
+
+
 def client_for(url: str, *, retry: bool = True) -> Redis:
     """A client for a URL that rides out a Redis restart (or failover) of up to RECONNECT_FOR s.
 

@@ -38,8 +38,10 @@ from orchestrator.server import (
     SOCKET_TIMEOUT,
     AnnouncedRetry,
     connect,
+    server_config,
 )
 from orchestrator.settings import Settings, url_secrets
+from tasks.careful import alive_here
 from tasks.errors import ExitStatus, RedisUnavailable
 from tasks.flow import load_flow
 from tasks.keys import Keys
@@ -69,22 +71,13 @@ def listening_workers(r: Redis, keys: Keys, partitions: int) -> int:
 def _alive(worker: Any) -> bool:
     """Whether a registered RQ worker still runs: not a dead process of this host, and not
     silent for STALE_AFTER s while idle (a busy worker heartbeats only between jobs)."""
-    if worker.hostname == socket.gethostname() and worker.pid and not _pid_alive(worker.pid):
+    here = worker.hostname == socket.gethostname()
+    if here and worker.pid and not alive_here(worker.hostname, worker.pid):
         return False
     if worker.get_state() == WorkerStatus.BUSY or worker.last_heartbeat is None:
         return True
     age = datetime.now(UTC) - worker.last_heartbeat.replace(tzinfo=UTC)
     return bool(age.total_seconds() < STALE_AFTER)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _unregister(r: Redis | None, pids: list[int]) -> None:
@@ -328,12 +321,10 @@ def _refuses_writes(r: Redis | None) -> bool:
         return False
     try:
         info = r.info("persistence")
-        stops: dict[Any, Any] = r.config_get("stop-writes-on-bgsave-error")
+        stops = server_config(r, "stop-writes-on-bgsave-error")
     except redis.RedisError:
         return False
-    name = "stop-writes-on-bgsave-error"
-    stop_value = stops.get(name) or stops.get(name.encode())
-    rdb_failed = info.get("rdb_last_bgsave_status") == "err" and stop_value in ("yes", b"yes")
+    rdb_failed = info.get("rdb_last_bgsave_status") == "err" and stops == "yes"
     return bool(rdb_failed or info.get("aof_last_write_status") == "err")
 
 

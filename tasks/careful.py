@@ -42,7 +42,7 @@ DEATHS = 2  # deaths at one event that make it poison
 Event = tuple[int, str, Any]
 
 
-def _alive_here(host: str, pid: int) -> bool:
+def alive_here(host: str, pid: int) -> bool:
     """Whether the process that wrote a probe still runs (only known on this host)."""
     if host != socket.gethostname():
         return False
@@ -135,7 +135,7 @@ class CarefulRun:
         if pid == self.pid and host == self.host:
             return False  # an attempt in this very process ended without dying
         deadline = time.monotonic() + self.wait_for_death
-        while _alive_here(host, pid):
+        while alive_here(host, pid):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.1)
