@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 # it imports redis-py, RQ and the driver, time which the server spends loading.
 from orchestrator.embedded import prestart, stop_prestarted
 from orchestrator.errors import DataDirError
-from orchestrator.logs import configure_logging
+from orchestrator.logs import LOG_FORMATS, configure_logging
 from orchestrator.messages import note, say, set_quiet
 from orchestrator.settings import (
     DEFAULT_DATA_DIR,
@@ -167,9 +166,25 @@ def _option(
     shown = " or ".join(names)
     if kwargs.get("action") == "store_true":
         kwargs["default"] = value not in (None, "", "0", "false", "no")
+    elif kwargs.get("action") == "count":  # -v, -vv: the environment gives the count
+        kwargs["default"] = _verbosity(value)
     else:
         kwargs["default"] = value if value is not None else default
     group.add_argument(*flags, help=f"{help} (env {shown})", **kwargs)
+
+
+def _verbosity(text: str | None) -> int:
+    """ORCHESTRATOR_VERBOSE as a count: a number, or any other word but no/false for 1."""
+    if text is None or text.lower() in ("", "0", "false", "no"):
+        return 0
+    return max(0, int(text)) if text.isdigit() else 1
+
+
+def _log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        msg = f"invalid choice: {text!r} (choose from {', '.join(LOG_FORMATS)})"
+        raise argparse.ArgumentTypeError(msg)
+    return text
 
 
 def _json_option(parser: Any) -> None:
@@ -201,8 +216,15 @@ def _connection_options() -> _Parser:
         metavar="DIR", help=f"data of the embedded server (default ./{DEFAULT_DATA_DIR})",
     )  # fmt: skip
     _option(
-        group, "-v", "--verbose", env="ORCHESTRATOR_VERBOSE", action="store_true",
-        help="debug logs (to stderr), and tracebacks on internal errors",
+        group, "-v", "--verbose", env="ORCHESTRATOR_VERBOSE", action="count",
+        help="this project's debug logs (to stderr) and tracebacks on internal errors; "
+        "-vv: the libraries' (RQ, redis-py) debug logs too (env: a count, e.g. 2)",
+    )  # fmt: skip
+    _option(
+        group, "--log-format", env="ORCHESTRATOR_LOG_FORMAT", type=_log_format, default="text",
+        metavar="{text,json}",
+        help="log lines (and messages) on stderr as text with an ISO 8601 UTC time, or one "
+        "JSON object each (time, level, logger, message, ...; default text)",
     )  # fmt: skip
     return parent
 
@@ -432,6 +454,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         allow_eviction=getattr(args, "allow_eviction", False),
         batch_timeout=getattr(args, "batch_timeout", Settings.batch_timeout),
         verbose=args.verbose,
+        log_format=args.log_format,
         quiet=getattr(args, "quiet", False),
         follow=getattr(args, "follow", False),
     )
@@ -441,7 +464,6 @@ def program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
     """Run the command, without error handling (but with the data directory's errors named)."""
     if settings.quiet:
         set_quiet(True)
-        logging.getLogger().setLevel(logging.ERROR)
     try:
         return _program(args, settings)
     except OSError as e:
@@ -515,7 +537,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "output_maxlen", None) and not isinstance(args.output, str):
         parser.error(f"--output-maxlen needs --output {STREAM_OUTPUT}KEY")
-    configure_logging(args.verbose, worker=args.command == "worker")
+    configure_logging(
+        args.verbose,
+        log_format=args.log_format,
+        command=args.command,
+        quiet=getattr(args, "quiet", False),
+    )
     if args.command in (*RUN_COMMANDS, "worker"):
         tune_process()
     if args.command != "worker":  # RQ's worker handles SIGTERM itself (finish the job, exit)
@@ -538,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         resume = _resume_command(args, settings)
         kept = f"; committed epochs are kept: '{resume}' continues" if resume else ""
-        say(f"interrupted{kept}")
+        say(f"interrupted{kept}", level="WARNING")
         return int(ExitStatus.INTERRUPTED)
     except BrokenPipeError:
         # Nothing to say to a reader that left; stdout goes to /dev/null so that

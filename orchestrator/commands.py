@@ -252,6 +252,7 @@ def run_pipeline(
             verbose=settings.verbose,
             quiet=settings.quiet,
             client=conn.client,
+            log_format=settings.log_format,
         )
         pool.start()
         try:
@@ -290,9 +291,9 @@ def check_server(r: Redis, settings: Settings, embedded: bool) -> None:
     if problem := eviction_problem(r):
         if not settings.allow_eviction:
             raise NamespaceError(problem)
-        say(f"warning: {problem.split(';')[0]} (allowed by --allow-eviction)")
+        say(f"warning: {problem.split(';')[0]} (allowed by --allow-eviction)", level="WARNING")
     if not embedded and (warning := persistence_warning(r)):
-        say(f"warning: {warning}")
+        say(f"warning: {warning}", level="WARNING")
 
 
 def chosen_mode(command: Command, info: NamespaceInfo) -> Mode:

@@ -31,7 +31,7 @@ from redis import Redis
 from orchestrator.dispatch import Dispatcher, InFlight
 from orchestrator.notices import NoticeReader
 from orchestrator.output import OutputMerger, OutputStream, synced_length, write_lines
-from orchestrator.progress import Progress
+from orchestrator.progress import Progress, input_size
 from orchestrator.reader import LineSource, finish_oversized
 from tasks.apply import describe_exception
 from tasks.batch import Batch, CommitNotice, OnError, Rejection
@@ -200,6 +200,7 @@ class Driver:
         replaced (``source.stopped`` then says how), or the command is interrupted.
         """
         result = self.result = RunResult(committed=source.epoch - 1, next_offset=source.offset)
+        self.progress.start(source.offset, input_size(source.file, source.follow))
         waiting = ended = False  # no whole line to read now; no more lines ever
         while True:
             if not ended and result.failure is None and not self._full():
@@ -224,10 +225,12 @@ class Driver:
             self._note_missing_workers()
             self._advance(result, read_through, read_offset)
             self.progress.update(
-                result.events,
-                result.committed,
-                read_through,
-                len(self.in_flight) + len(self.staged),
+                read=result.events,
+                # (lines of partitions that ran ahead wait in the merger: not committed yet)
+                committed=result.events - self.buffered - self.merger.held,
+                committed_epoch=result.committed,
+                committed_offset=result.next_offset,
+                in_flight=len(self.in_flight) + len(self.staged),
             )
             done = ended or result.failure is not None
             if done and not self.in_flight and not self.staged and not self.pending:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, unquote_plus
 
+from orchestrator.logs import LogFormat
 from tasks.batch import OnError
 
 DEFAULT_NAMESPACE = "cart-join"
@@ -45,7 +46,9 @@ class Settings:
     output_maxlen: int | None = None
     # None: the namespace's stored flow, or the cart join for a new namespace
     flow: str | None = None
-    verbose: bool = False
+    # -v: 1 for this project's debug logs, 2 (-vv) for the libraries' too
+    verbose: int = 0
+    log_format: LogFormat = "text"
     quiet: bool = False
     retain_epochs: int = 100_000
     max_line_bytes: int = 1 << 20

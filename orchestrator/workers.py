@@ -31,7 +31,8 @@ from orchestrator.embedded import (
 )
 from orchestrator.errors import WorkerDied
 from orchestrator.failures import report_error
-from orchestrator.logs import configure_logging
+from orchestrator.logs import LogFormat, configure_logging, current, worker_flags
+from orchestrator.messages import say
 from orchestrator.server import (
     DEQUEUE_TIMEOUT,
     RECONNECT_FOR,
@@ -45,7 +46,7 @@ from tasks.careful import alive_here
 from tasks.errors import ExitStatus, RedisUnavailable
 from tasks.flow import load_flow
 from tasks.keys import Keys
-from tasks.rqcompat import LeanWorker, partition_queues
+from tasks.rqcompat import LeanWorker, partition_queues, worker_name
 from tasks.tuning import tune_process
 
 logger = logging.getLogger(__name__)
@@ -113,10 +114,10 @@ def wait_for_partitions(r: Redis, keys: Keys, poll: float = 0.1, *, announce: bo
         if value is not None:
             return int(value)
         if not said:
-            print(
-                f"orchestrator: namespace {keys.namespace!r} has no partitions yet; "
+            say(
+                f"namespace {keys.namespace!r} has no partitions yet; "
                 "waiting for a first 'orchestrator ingest'",
-                file=sys.stderr,
+                level="INFO",
             )
             said = True
         time.sleep(poll)
@@ -174,13 +175,15 @@ def forked_worker_main(settings: Settings) -> int:
     It has everything imported already; it sets up what ``orchestrator worker``
     would (logging, tuning) and reports an expected error in one line.
     """
-    configure_logging(settings.verbose, worker=True, quiet=settings.quiet)
+    configure_logging(
+        settings.verbose, log_format=settings.log_format, command="worker", quiet=settings.quiet
+    )
     tune_process()
     try:
         # (its command set the namespace up: nothing to announce while it waits)
         work(settings, announce_wait=False)
     except Exception as e:  # noqa: BLE001 - expected errors become one line; others propagate
-        return report_error(e, settings.verbose)
+        return report_error(e, settings.verbose > 0)
     return int(ExitStatus.OK)
 
 
@@ -189,7 +192,7 @@ def run_worker(
     keys: Keys,
     *,
     burst: bool = False,
-    verbose: bool = False,
+    verbose: int = 0,
     embedded: tuple[int, Path] | None = None,
     announce_wait: bool = True,
 ) -> None:
@@ -205,8 +208,11 @@ def run_worker(
         _end_with_server(*embedded)
     partitions = wait_for_partitions(r, keys, announce=announce_wait)
     queues = partition_queues(r, keys, partitions)
-    worker = PipelineWorker(queues, connection=r, serializer=JSONSerializer)
-    worker.work(burst=burst, logging_level="INFO" if verbose else "WARNING")
+    worker = PipelineWorker(
+        queues, connection=r, serializer=JSONSerializer, name=worker_name(keys.namespace)
+    )
+    # RQ sets its loggers' level itself: -v leaves them at warnings, -vv shows their debug lines
+    worker.work(burst=burst, logging_level=logging.getLevelName(current().library_level))
 
 
 def _end_with_server(server_pid: int, data_dir: Path) -> None:
@@ -217,7 +223,7 @@ def _end_with_server(server_pid: int, data_dir: Path) -> None:
             logger.info("the embedded server stopped: its last command finished")
             status = ExitStatus.OK
         else:
-            print(f"orchestrator: {stop_reason(data_dir, None, server_pid)}", file=sys.stderr)
+            say(str(stop_reason(data_dir, None, server_pid)))
             status = ExitStatus.REDIS_UNAVAILABLE
         sys.stderr.flush()
         os._exit(int(status))  # (RQ would try to write its bookkeeping to the server)
@@ -238,10 +244,9 @@ def _exit_unreachable(error: Exception) -> None:
     driver sends it again); RQ would log a traceback and try to write its
     bookkeeping, each write waiting for Redis again.
     """
-    print(
-        f"orchestrator worker {os.getpid()}: Redis unreachable for more than "
-        f"{RECONNECT_FOR:.0f}s ({error}); exiting",
-        file=sys.stderr,
+    say(
+        f"Redis unreachable for more than {RECONNECT_FOR:.0f}s ({error}); exiting",
+        who=f"orchestrator worker {os.getpid()}",
     )
     sys.stderr.flush()
     os._exit(int(ExitStatus.REDIS_UNAVAILABLE))
@@ -350,9 +355,10 @@ class WorkerPool:
         url: str,
         namespace: str,
         *,
-        verbose: bool = False,
+        verbose: int = 0,
         quiet: bool = False,
         client: Redis | None = None,
+        log_format: LogFormat = "text",
     ) -> None:
         self.count = count
         self.quiet = quiet
@@ -360,6 +366,7 @@ class WorkerPool:
         self.url = url
         self.namespace = namespace
         self.verbose = verbose
+        self.log_format: LogFormat = log_format
         self.processes: list[WorkerProcess] = []
         self._warned_none = False
         self._started: dict[int, float] = {}
@@ -390,7 +397,7 @@ class WorkerPool:
         args = ["worker", "--namespace", self.namespace, "--started-by-driver"]
         if self.quiet:
             args.append("--quiet")
-        return [*args, "--verbose"] if self.verbose else args
+        return [*args, *worker_flags(self.verbose, self.log_format)]
 
     def _fork(self) -> WorkerProcess:
         sys.stdout.flush()
@@ -413,6 +420,7 @@ class WorkerPool:
                         namespace=self.namespace,
                         verbose=self.verbose,
                         quiet=self.quiet,
+                        log_format=self.log_format,
                     )
                     status = forked_worker_main(settings)
             except KeyboardInterrupt:  # Ctrl-C before RQ's worker took over its signals
@@ -501,10 +509,10 @@ class WorkerPool:
             return
         self._warned_none = True
         if listening_workers(r, keys, partitions) == 0:
-            print(
-                f"orchestrator: waiting for workers: start some with "
+            say(
+                f"waiting for workers: start some with "
                 f"'orchestrator worker --namespace {self.namespace}' (same --redis-url/REDIS_URL)",
-                file=sys.stderr,
+                level="WARNING",
             )
 
     def stop(self) -> None:

@@ -16,6 +16,10 @@ relies on RQ's queue being a Redis list of job ids.
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
+import socket
 import time
 from typing import Any
 
@@ -41,6 +45,18 @@ def register_queues(r: Redis, queues: list[Queue]) -> None:
 
 
 RQ_QUEUES_SET = Queue.redis_queues_keys  # RQ's set of every queue's key
+
+
+def worker_name(namespace: str) -> str:
+    """An RQ worker name that says whose it is: ``NAMESPACE@HOST.PID.RAND``.
+
+    RQ uses the name in key names and as the connection's CLIENT SETNAME, which
+    refuses spaces and control characters; RQ refuses to register a name that a
+    live worker has, and a restarted container reuses pids, hence the random tail.
+    """
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
+    return f"{namespace}@{host}.{os.getpid()}.{secrets.token_hex(2)}"
+
 
 HEARTBEAT_EVERY = 1.0  # seconds between two heartbeats of a worker outside a job
 MAINTENANCE_DELAY = 30.0  # seconds before a worker's first cleaning of RQ's registries

@@ -126,7 +126,7 @@ class EventWatch:
 
     def _arm_backstop(self) -> None:
         # The dump goes to stderr only with debug logs: a user sees the driver's one line.
-        debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+        debug = logging.getLogger("tasks").isEnabledFor(logging.DEBUG)  # -v
         out = _stderr_fd() if debug else _devnull()
         faulthandler.dump_traceback_later(self.timeout + GRACE, exit=True, file=out)
 

@@ -333,9 +333,10 @@ def test_the_progress_line_names_one_batch_in_the_singular():
             return True
 
     terminal = Terminal()
-    Progress(enabled=True, stream=terminal).update(1, 0, 1, 1)
-    assert "1 event read," in terminal.getvalue()
-    assert "(lag 1 epoch)" in terminal.getvalue()
+    progress = Progress(enabled=True, stream=terminal)
+    progress.start(0, None)
+    progress.update(read=2, committed=1, committed_epoch=0, committed_offset=10, in_flight=1)
+    assert "lag 1 event," in terminal.getvalue()
     assert "1 batch in flight" in terminal.getvalue()
 
 
@@ -349,7 +350,7 @@ def test_a_message_on_stderr_erases_the_progress_line_first(capsys):
 
     terminal = Terminal()
     progress = Progress(enabled=True, stream=terminal)
-    progress.update(5, 2, 4, 1)
+    progress.update(read=5, committed=2, committed_epoch=1, committed_offset=10, in_flight=1)
     say("lost the connection to Redis")
     assert terminal.getvalue().endswith(" in flight\x1b[K\r\x1b[K")
     assert capsys.readouterr().err == "orchestrator: lost the connection to Redis\n"
@@ -357,7 +358,11 @@ def test_a_message_on_stderr_erases_the_progress_line_first(capsys):
     assert terminal.getvalue().endswith(" in flight\x1b[K\r\x1b[K")
 
 
-PROGRESS = re.compile(rb"\r[\d,]+ events? read, [^\r\n]*? in flight\x1b\[K")
+# (a file: the share of it committed, and the time left)
+PROGRESS = re.compile(
+    rb"\r(\d+\.\d)% committed \((?:through epoch [\d,]+|no epoch yet)\), [\d,]+ events/s, "
+    rb"ETA (\d+:\d\d:\d\d|--:--:--), [\d,]+ batch(?:es)? in flight\x1b\[K"
+)
 
 
 def test_output_lines_on_the_terminal_of_the_progress_line_start_on_a_clean_line(tmp_path):
@@ -385,6 +390,13 @@ def test_output_lines_on_the_terminal_of_the_progress_line_start_on_a_clean_line
     assert proc.returncode == 0, bytes(written[-2000:])
     shown = list(PROGRESS.finditer(written))
     assert shown, "no progress line was shown: the run was too short to test anything"
+    shares = [float(match[1]) for match in shown]
+    assert shares == sorted(shares) and shares[-1] <= 100.0, shares
+    assert written.count(b"\r") - written.count(b"\r\x1b[K") == len(shown), (
+        "a progress line without a percentage or ETA"
+    )
+    etas = [match[2] for match in shown if match[2] != b"--:--:--"]
+    assert etas, "no ETA shown: nothing was committed while the line was up"
     for match in shown:
         # after a progress line, the next thing is another one or its erasure
         assert written[match.end() : match.end() + 1] in (b"\r", b""), bytes(

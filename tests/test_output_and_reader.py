@@ -1,6 +1,7 @@
 """Output ordering across partitions, and reading input from a byte offset."""
 
 import io
+import os
 
 import pytest
 
@@ -57,18 +58,92 @@ class Terminal(io.StringIO):
         return True
 
 
+FIGURES = {"read": 1_500, "committed": 1_200, "committed_epoch": 1_199, "in_flight": 3}
+
+
 def test_the_progress_line_shows_on_a_terminal_only():
     from orchestrator.progress import Progress
 
     shown = Terminal()
-    Progress(enabled=True, stream=shown).update(1_500, 1_200, 1_499, 3)
-    assert "1,500 events read, committed through epoch 1,200 (lag 299 epochs)" in shown.getvalue()
-    assert "batches in flight" in shown.getvalue()
+    Progress(enabled=True, stream=shown).update(**FIGURES, committed_offset=0)
+    assert "committed through epoch 1,199" in shown.getvalue()
+    assert "3 batches in flight" in shown.getvalue()
     silent = io.StringIO()  # not a terminal
-    Progress(enabled=True, stream=silent).update(1, 0, 0, 0)
+    Progress(enabled=True, stream=silent).update(**FIGURES, committed_offset=0)
     quiet = Terminal()
-    Progress(enabled=False, stream=quiet).update(1, 0, 0, 0)  # --quiet
+    Progress(enabled=False, stream=quiet).update(**FIGURES, committed_offset=0)  # --quiet
     assert silent.getvalue() == quiet.getvalue() == ""
+
+
+class Clock:
+    """A stand-in for the time module: monotonic() is what the test says."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+
+def test_the_progress_line_of_a_file_shows_the_share_committed_the_committed_rate_and_eta(
+    monkeypatch,
+):
+    from orchestrator import progress
+
+    clock = Clock()
+    monkeypatch.setattr(progress, "time", clock)
+    shown = Terminal()
+    line = progress.Progress(enabled=True, stream=shown)
+    line.start(offset=1_000, total=11_000)  # a resume from byte 1,000 of 11,000
+    clock.now += 2.0
+    # 2,000 events committed in 2 s (more were read: the rate is the committed one), and
+    # 4,000 bytes: the 6,000 bytes left take 3 s more
+    line.update(**{**FIGURES, "read": 9_000, "committed": 2_000}, committed_offset=5_000)
+    assert "45.5% committed (through epoch 1,199), 1,000 events/s, ETA 0:00:03" in shown.getvalue()
+
+
+def test_the_progress_line_of_live_input_shows_the_committed_rate_and_the_lag(monkeypatch):
+    from orchestrator import progress
+
+    clock = Clock()
+    monkeypatch.setattr(progress, "time", clock)
+    shown = Terminal()
+    line = progress.Progress(enabled=True, stream=shown)
+    line.start(offset=0, total=None)  # followed, or a pipe: no end to count towards
+    clock.now += 4.0
+    line.update(**{**FIGURES, "read": 1_500, "committed": 1_000}, committed_offset=9_000)
+    text = shown.getvalue()
+    assert "committed through epoch 1,199, 250 events/s, lag 500 events" in text
+    assert "%" not in text and "ETA" not in text
+
+
+def test_the_rate_of_the_progress_line_is_over_its_last_seconds(monkeypatch):
+    from orchestrator import progress
+
+    clock = Clock()
+    monkeypatch.setattr(progress, "time", clock)
+    shown = Terminal()
+    line = progress.Progress(enabled=True, stream=shown)
+    line.start(offset=0, total=None)
+    for second in range(1, 31):  # 100 events/s for 20 s, then 1,000 events/s for 10 s
+        clock.now += 1.0
+        committed = 100 * min(second, 20) + 1_000 * max(0, second - 20)
+        line.update(**{**FIGURES, "read": committed, "committed": committed}, committed_offset=0)
+    assert shown.getvalue().rsplit("\r", 1)[1].startswith(
+        "committed through epoch 1,199, 1,000 events/s,"
+    )
+
+
+def test_a_file_size_is_known_only_for_input_read_to_its_end(tmp_path):
+    from orchestrator.progress import input_size
+
+    (tmp_path / "in.json").write_bytes(b"{}\n" * 7)
+    with open(tmp_path / "in.json", "rb") as f:
+        assert input_size(f, follow=False) == 21
+        assert input_size(f, follow=True) is None  # followed: it grows
+    read, write = os.pipe()
+    with os.fdopen(read, "rb") as f, os.fdopen(write, "wb"):
+        assert input_size(f, follow=False) is None
 
 
 def test_the_merger_counts_the_lines_it_holds():
