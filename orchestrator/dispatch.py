@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 JOB_TIMEOUT = -1
 BATCH_TTL = 7 * 24 * 3600  # a stored batch outlives any run that could still commit it
 FAILED_JOB_TTL = 7 * 24 * 3600
+# A finished batch job (and its result) is kept this long, so that RQ's finished counts
+# (rq info, rq-dashboard) show the last minutes' batches: ~7 KB each (docs/performance.md).
+RESULT_TTL = 120
 WATCH_EVERY = 1.0  # seconds between two looks at the batches in flight
 LOST_AFTER = 2.0  # seconds a batch may look abandoned before it is sent again
 
@@ -118,7 +121,7 @@ class Dispatcher:
             "args": (self.keys.namespace, b.partition, batch_key, flight.attempt),
             "job_id": flight.job_id,
             "timeout": JOB_TIMEOUT,
-            "result_ttl": 0,
+            "result_ttl": RESULT_TTL,
             "failure_ttl": FAILED_JOB_TTL,
             "description": _describe(b),
         }

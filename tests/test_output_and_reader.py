@@ -129,9 +129,8 @@ def test_the_rate_of_the_progress_line_is_over_its_last_seconds(monkeypatch):
         clock.now += 1.0
         committed = 100 * min(second, 20) + 1_000 * max(0, second - 20)
         line.update(**{**FIGURES, "read": committed, "committed": committed}, committed_offset=0)
-    assert shown.getvalue().rsplit("\r", 1)[1].startswith(
-        "committed through epoch 1,199, 1,000 events/s,"
-    )
+    last = shown.getvalue().rsplit("\r", 1)[1]
+    assert last.startswith("committed through epoch 1,199, 1,000 events/s,"), last
 
 
 def test_a_file_size_is_known_only_for_input_read_to_its_end(tmp_path):

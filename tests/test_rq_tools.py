@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 
@@ -103,3 +105,28 @@ def _stop(worker: subprocess.Popen) -> str | None:
         print(f"the plain rq worker's log:\n{logs}")
         return None
     return logs
+
+
+def test_a_forked_workers_rq_name_says_namespace_host_and_pid_and_finished_jobs_are_kept(
+    redis_url, real, tmp_path
+):
+    from orchestrator.dispatch import RESULT_TTL
+
+    ns = new_namespace()
+    (tmp_path / "in.json").write_text("\n".join(generate(200, 20, seed=2)) + "\n")
+    args = ["--redis-url", redis_url, "--namespace", ns, "--workers", "1", "--partitions", "2"]
+    run = run_cli("ingest", "in.json", *args, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    # The worker registered its death (RQ keeps the key for a minute): its name and pid.
+    [key] = real.scan_iter(match=f"rq:worker:{ns}@*")
+    name = key.decode().removeprefix("rq:worker:")
+    pid = int(real.hget(key, "pid"))
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+    assert re.fullmatch(rf"{re.escape(ns)}@{re.escape(host)}\.{pid}\.[0-9a-f]{{4}}", name), name
+    assert real.hget(key, "hostname").decode() == socket.gethostname()
+    # RQ counts the batches finished in the last minutes (rq info, rq-dashboard)
+    finished = [job for p in range(2) for job in real.zrange(f"rq:finished:{ns}-p{p}", 0, -1)]
+    assert finished
+    for job in finished:
+        assert real.hget(f"rq:job:{job.decode()}", "status") == b"finished"
+        assert 0 < real.ttl(f"rq:job:{job.decode()}") <= RESULT_TTL

@@ -50,7 +50,8 @@ def test_a_rejection_in_a_worker_stops_the_run_and_drops_the_staged_batch(
     assert f"{path}:3001 (epoch 3000): ValueError: order 1000000000 is cursed" in message
     # Nothing stays staged or queued behind the run that stopped.
     assert not list(real.scan_iter(match=Keys(ns).successors_pattern))
-    assert not list(real.scan_iter(match=f"rq:job:{ns}-*"))
+    left = [real.hget(job, "status") for job in real.scan_iter(match=f"rq:job:{ns}-*")]
+    assert set(left) <= {b"finished"}, left  # (finished jobs are kept a few minutes)
     # Fixed, the input resumes at the rejected line, and the output is exact.
     lines[3_000] = json.dumps({"user_id": "u3", "type": "order", "order_id": 10**9 + 1})
     path.write_text("\n".join(lines) + "\n")
