@@ -29,6 +29,7 @@ from typing import IO, Any
 from orchestrator import keeper
 from orchestrator.errors import DataDirError, ServerStopped
 from orchestrator.keeper import ATTACH_LOCK, SERVER_INFO, forget_server, is_redis_server
+from orchestrator.messages import say
 from tasks.errors import PipelineError, RedisUnavailable
 from tasks.tuning import enabled
 
@@ -200,7 +201,7 @@ def _wait_lock(f: IO[Any], how: int, timeout: float, waiting: str) -> None:
             msg = f"{waiting}: still not done after {timeout:.0f}s"
             raise RedisUnavailable(msg)
         if said_at is not None and now > said_at:
-            print(f"orchestrator: {waiting}...", file=sys.stderr)
+            say(f"{waiting}...", level="INFO")
             said_at = None
         time.sleep(0.002)
 

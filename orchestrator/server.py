@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from orchestrator.embedded import (
 )
 from orchestrator.errors import RedisUrlError, ServerStopped
 from orchestrator.keeper import is_redis_server
+from orchestrator.messages import say
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
 from orchestrator.settings import Settings, redact_text, redact_url
 from tasks.errors import RedisUnavailable
@@ -365,10 +365,10 @@ class EmbeddedServer:
                 f"driver first (it starts its own workers), or use --redis-url"
             )
             raise RedisUnavailable(msg)
-        print(
-            f"orchestrator: using the embedded server in {self.data_dir} (pid {info['pid']}) "
+        say(
+            f"using the embedded server in {self.data_dir} (pid {info['pid']}) "
             f"while commands run there",
-            file=sys.stderr,
+            level="INFO",
         )
         self.server_pid = info["pid"]
         return str(info["url"])
