@@ -250,9 +250,9 @@ def run_pipeline(
             conn.url,
             keys.namespace,
             verbose=settings.verbose,
+            log_format=settings.log_format,
             quiet=settings.quiet,
             client=conn.client,
-            log_format=settings.log_format,
         )
         pool.start()
         try:

@@ -357,8 +357,8 @@ class WorkerPool:
         *,
         verbose: int = 0,
         quiet: bool = False,
-        client: Redis | None = None,
         log_format: LogFormat = "text",
+        client: Redis | None = None,
     ) -> None:
         self.count = count
         self.quiet = quiet
@@ -419,8 +419,8 @@ class WorkerPool:
                         redis_url=self.url,
                         namespace=self.namespace,
                         verbose=self.verbose,
-                        quiet=self.quiet,
                         log_format=self.log_format,
+                        quiet=self.quiet,
                     )
                     status = forked_worker_main(settings)
             except KeyboardInterrupt:  # Ctrl-C before RQ's worker took over its signals
