@@ -146,6 +146,20 @@ def _output(text: str) -> Path | str:
     return key
 
 
+def _verbosity(text: str | None) -> int:
+    """ORCHESTRATOR_VERBOSE as a count: a number, or any other word but no/false for 1."""
+    if text is None or text.lower() in ("", "0", "false", "no"):
+        return 0
+    return max(0, int(text)) if text.isdigit() else 1
+
+
+def _log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        msg = f"invalid choice: {text!r} (choose from {', '.join(LOG_FORMATS)})"
+        raise argparse.ArgumentTypeError(msg)
+    return text
+
+
 def _namespace(text: str) -> str:
     try:
         return Keys(text).namespace
@@ -171,20 +185,6 @@ def _option(
     else:
         kwargs["default"] = value if value is not None else default
     group.add_argument(*flags, help=f"{help} (env {shown})", **kwargs)
-
-
-def _verbosity(text: str | None) -> int:
-    """ORCHESTRATOR_VERBOSE as a count: a number, or any other word but no/false for 1."""
-    if text is None or text.lower() in ("", "0", "false", "no"):
-        return 0
-    return max(0, int(text)) if text.isdigit() else 1
-
-
-def _log_format(text: str) -> str:
-    if text not in LOG_FORMATS:
-        msg = f"invalid choice: {text!r} (choose from {', '.join(LOG_FORMATS)})"
-        raise argparse.ArgumentTypeError(msg)
-    return text
 
 
 def _json_option(parser: Any) -> None:
