@@ -78,10 +78,19 @@ class Progress:
             share = 100.0 * (1 - left / self.total) if self.total else 100.0
             eta = clock(left / byte_rate) if byte_rate > 0 else "--:--:--"
             text = f"{share:.1f}% committed ({through}), {rate:,.0f} events/s, ETA {eta}, {batches}"
-        self.stream.write(f"\r{text}\x1b[K")
+        self.stream.write(f"\r{text[: self._width()]}\x1b[K")
         self.stream.flush()
         self.shown = True
         _shown = self
+
+    def _width(self) -> int | None:
+        """The terminal's width less one: a line that wrapped could not be rewritten in place
+        (``\\r`` goes back to the start of its last row only)."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return None
+        return columns - 1 if columns > 1 else None  # (0: a terminal that did not say)
 
     def _rates(self, now: float, committed: int, offset: int) -> tuple[float, float]:
         """Committed events and bytes per second over the last WINDOW seconds."""
@@ -89,7 +98,9 @@ class Progress:
         while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
             self.samples.popleft()
         then, events, start = self.samples[0]
-        elapsed = max(now - then, 1e-9)
+        elapsed = now - then
+        if elapsed < self.INTERVAL:  # too short to say
+            return 0.0, 0.0
         return max(0, committed - events) / elapsed, max(0, offset - start) / elapsed
 
     def erase(self) -> None:

@@ -133,6 +133,26 @@ def test_the_rate_of_the_progress_line_is_over_its_last_seconds(monkeypatch):
     assert last.startswith("committed through epoch 1,199, 1,000 events/s,"), last
 
 
+def test_the_progress_line_is_cut_to_the_terminals_width():
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from orchestrator.progress import Progress
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+    with os.fdopen(slave, "w") as terminal:
+        Progress(enabled=True, stream=terminal).update(**FIGURES, committed_offset=0)
+    shown = os.read(master, 4096)
+    os.close(master)
+    # a line that wrapped would not be rewritten in place: 39 columns and the erasure
+    assert shown == b"\r" + b"committed through epoch 1,199, 0 events/s, lag 300 events"[:39] + (
+        b"\x1b[K"
+    )
+
+
 def test_a_file_size_is_known_only_for_input_read_to_its_end(tmp_path):
     from orchestrator.progress import input_size
 
