@@ -146,6 +146,19 @@ def _output(text: str) -> Path | str:
     return key
 
 
+class _Count(argparse.Action):
+    """-v, -vv: the number of times the flag is given, which replaces the environment's count
+    (argparse's "count" would add to it)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        flags = getattr(namespace, "_flags_" + self.dest, 0) + 1
+        setattr(namespace, "_flags_" + self.dest, flags)
+        setattr(namespace, self.dest, flags)
+
+
 def _verbosity(text: str | None) -> int:
     """ORCHESTRATOR_VERBOSE as a count: a number, or any other word but no/false for 1."""
     if text is None or text.lower() in ("", "0", "false", "no"):
@@ -180,7 +193,7 @@ def _option(
     shown = " or ".join(names)
     if kwargs.get("action") == "store_true":
         kwargs["default"] = value not in (None, "", "0", "false", "no")
-    elif kwargs.get("action") == "count":  # -v, -vv: the environment gives the count
+    elif kwargs.get("action") is _Count:  # -v, -vv: without them the environment's count
         kwargs["default"] = _verbosity(value)
     else:
         kwargs["default"] = value if value is not None else default
@@ -216,7 +229,7 @@ def _connection_options() -> _Parser:
         metavar="DIR", help=f"data of the embedded server (default ./{DEFAULT_DATA_DIR})",
     )  # fmt: skip
     _option(
-        group, "-v", "--verbose", env="ORCHESTRATOR_VERBOSE", action="count",
+        group, "-v", "--verbose", env="ORCHESTRATOR_VERBOSE", action=_Count,
         help="this project's debug logs (to stderr) and tracebacks on internal errors; "
         "-vv: the libraries' (RQ, redis-py) debug logs too (env: a count, e.g. 2)",
     )  # fmt: skip

@@ -98,6 +98,10 @@ def test_verbosity_counts_flags_or_comes_from_the_environment(monkeypatch):
     for value, count in [("2", 2), ("1", 1), ("true", 1), ("no", 0), ("", 0)]:
         monkeypatch.setenv("ORCHESTRATOR_VERBOSE", value)
         assert build_parser().parse_args(["status"]).verbose == count, value
+    # flags replace the environment's count (a worker gets both from its driver)
+    monkeypatch.setenv("ORCHESTRATOR_VERBOSE", "2")
+    assert build_parser().parse_args(["status", "-v"]).verbose == 1
+    assert build_parser().parse_args(["status", "--verbose", "-v"]).verbose == 2
 
 
 def test_a_bad_log_format_is_a_usage_error(tmp_path):
