@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 JOB_TIMEOUT = -1
 BATCH_TTL = 7 * 24 * 3600  # a stored batch outlives any run that could still commit it
 FAILED_JOB_TTL = 7 * 24 * 3600
-# A finished batch job (and its result) is kept this long, so that RQ's finished counts
-# (rq info, rq-dashboard) show the last minutes' batches: ~7 KB each (docs/performance.md).
+# A finished batch job (and its result) is kept this long, so that RQ's finished registries
+# (rq-dashboard's counts) hold the last minutes' batches: ~7 KB each (docs/performance.md).
 RESULT_TTL = 120
 WATCH_EVERY = 1.0  # seconds between two looks at the batches in flight
 LOST_AFTER = 2.0  # seconds a batch may look abandoned before it is sent again
