@@ -7,6 +7,7 @@ process is left behind.
 """
 
 import json
+import re
 import time
 
 import psutil
@@ -109,6 +110,11 @@ def test_a_hang_under_dead_letter_leaves_out_that_event_only(redis_url, tmp_path
     assert no_workers_left(ns)
 
 
+LOG_LINE = re.compile(
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (WARNING|ERROR) [a-z]+\[\d+\] \S+: .*"
+)
+
+
 @pytest.mark.parametrize(
     ("on_error", "order_id"),
     [("fail", CURSED), ("dead-letter", CURSED + 1)],
@@ -136,3 +142,7 @@ def test_a_flow_that_kills_its_worker_is_isolated(redis_url, tmp_path, on_error,
         assert committed_states(redis_url, ns) == states
     assert took < 60
     assert no_workers_left(ns)
+    # The ingest's log lines at default verbosity carry a UTC time and the level.
+    logged = [x for x in run.stderr.splitlines() if not x.startswith("orchestrator")]
+    assert all(LOG_LINE.fullmatch(x) for x in logged), run.stderr
+    assert any(" WARNING ingest[" in x and "sending it again" in x for x in logged), run.stderr
