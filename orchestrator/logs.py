@@ -96,15 +96,31 @@ def worker_flags(verbosity: int, log_format: LogFormat) -> list[str]:
     return [*flags, "--log-format", log_format] if log_format != "text" else flags
 
 
+# What formatting a record or writing it can raise: logging reports these and goes on.
+_LOGGING_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
 class _StderrHandler(logging.StreamHandler[TextIO]):
-    """Log records on stderr, each after the progress line (if shown) is erased."""
+    """Log records on stderr, each after the progress line (if shown) is erased.
+
+    An exception other than those a format or a write raises came from a signal
+    handler that ran meanwhile, and goes on to the code it interrupted: RQ's worker
+    stops on SIGTERM by raising StopRequested from its handler, which logging's own
+    emit would swallow (printing "--- Logging error ---"), leaving the worker running
+    until it was killed (seen with -vv, whose debug lines an idle worker writes often).
+    """
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
     def emit(self, record: logging.LogRecord) -> None:
-        clear_line()
-        super().emit(record)
+        try:
+            text = self.format(record)
+            clear_line()
+            self.stream.write(text + self.terminator)
+            self.flush()
+        except _LOGGING_ERRORS:
+            self.handleError(record)
 
 
 def utc_timestamp(created: float) -> str:

@@ -71,7 +71,7 @@ def test_json_log_lines_parse_and_verbosity_raises_this_projects_loggers_first(t
     run = run_cli("resume", "cart-join.json", "--output", "out2.txt", "--on-error", "skip",
                   "-vv", cwd=cwd, env=env)  # fmt: skip
     assert run.returncode == 0, run.stderr
-    verbose, very = ([json.loads(x) for x in r.stderr.splitlines()] for r in (failed, run))
+    verbose, very = (json_lines(r.stderr) for r in (failed, run))
     for record in verbose + very:
         assert {"time", "level", "logger", "message", "command", "pid"} <= set(record), record
         parse_time(record["time"])
@@ -89,6 +89,16 @@ def test_json_log_lines_parse_and_verbosity_raises_this_projects_loggers_first(t
     assert warning["logger"] == "orchestrator.sink" and warning["command"] == "resume"
     assert warning["message"].startswith(SINK_WARNING)
     assert very[-1]["message"] == "done: 2 events, committed through epoch 7"
+
+
+def json_lines(stderr):
+    records = []
+    for line in stderr.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"not a JSON line: {line!r} in:\n{stderr}")
+    return records
 
 
 def test_verbosity_counts_flags_or_comes_from_the_environment(monkeypatch):
@@ -182,3 +192,29 @@ def _drain(fd):
         out.write(chunk)
     os.close(fd)
     return out.getvalue()
+
+
+class StopRequested(Exception):
+    """What RQ's worker raises from its SIGTERM handler, wherever the worker is."""
+
+
+class Interrupted(io.StringIO):
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def write(self, text):
+        raise self.error
+
+
+def test_an_exception_from_a_signal_handler_during_a_log_write_reaches_the_code_it_stops(
+    restore_logging, capsys
+):
+    logs.configure_logging(2, command="worker")
+    [handler] = logging.getLogger().handlers
+    handler.setStream(Interrupted(StopRequested()))
+    with pytest.raises(StopRequested):  # (logging's own emit would print it and go on)
+        logging.getLogger("tasks.jobs").warning("committing")
+    handler.setStream(Interrupted(OSError("disk full")))
+    logging.getLogger("tasks.jobs").warning("committing")  # reported by logging, no raise
+    assert "OSError: disk full" in capsys.readouterr().err
