@@ -355,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dead letters, the replay window, the running driver, and how to add workers.",
     )
     _json_option(status)
+    _health_parser(sub, conn)
     state = sub.add_parser(
         "state",
         parents=[conn],
@@ -410,6 +411,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(reset, "--yes", env="ORCHESTRATOR_YES", action="store_true", help="really delete it")
     return parser
+
+
+def _health_parser(sub: Any, conn: _Parser) -> None:
+    health = sub.add_parser(
+        "health",
+        parents=[conn],
+        help="exit 0 if healthy, 1 if not, with one line saying why (for container checks)",
+        description="Check that Redis answers and, by --role: any = a live worker listens on "
+        "the namespace; worker = a worker of this host is registered and heartbeating; "
+        "driver = a driver of this host holds the namespace and records its progress. "
+        "Exit 0 healthy (the line on stdout), 1 unhealthy (the line on stderr).",
+    )
+    _option(
+        health, "--role", env="ORCHESTRATOR_HEALTH_ROLE", default="any",
+        choices=["any", "worker", "driver"], help="what to check (default any)",
+    )  # fmt: skip
+    _option(
+        health, "--max-lag", env="ORCHESTRATOR_MAX_LAG", type=_non_negative, metavar="EVENTS",
+        help="unhealthy when a running driver has more events read and not yet committed",
+    )  # fmt: skip
+    _option(
+        health, "--max-stall", env="ORCHESTRATOR_MAX_STALL", type=_seconds, default=30.0,
+        metavar="SECONDS",
+        help="--role driver: unhealthy when the driver recorded no progress for this long "
+        "(it records at least once a second; default 30)",
+    )  # fmt: skip
+    _option(
+        health, "-q", "--quiet", env="ORCHESTRATOR_QUIET", action="store_true",
+        help="print nothing; the exit status says it",
+    )  # fmt: skip
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -471,6 +502,16 @@ def _program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
         return report_run(settings, args.file, result)
     if args.command == "status":
         print_status(queries.status(settings), as_json=args.json)
+        return ExitStatus.OK
+    if args.command == "health":
+        from orchestrator.health import check
+
+        verdict = check(settings, args.role, args.max_lag, args.max_stall)
+        if not verdict.healthy:
+            note(f"unhealthy: {verdict.reason}")
+            return ExitStatus.FAILED
+        if not settings.quiet:
+            print(f"healthy: {verdict.reason}")
         return ExitStatus.OK
     if args.command == "state":
         print_state(queries.key_state(settings, args.key, args.at_epoch), as_json=args.json)
@@ -535,16 +576,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = int(program(args, settings))
         sys.stdout.flush()  # here, where a reader that left is handled
         return status
-    except KeyboardInterrupt:
-        resume = _resume_command(args, settings)
-        kept = f"; committed epochs are kept: '{resume}' continues" if resume else ""
-        say(f"interrupted{kept}")
-        return int(ExitStatus.INTERRUPTED)
-    except BrokenPipeError:
-        # Nothing to say to a reader that left; stdout goes to /dev/null so that
-        # the interpreter's last flush does not fail again on exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return int(ExitStatus.OUTPUT_CLOSED)
+    except (KeyboardInterrupt, BrokenPipeError) as e:
+        from orchestrator.failures import failure  # (imports redis-py: only when needed)
+
+        status, message = failure(e, _resume_command(args, settings)) or (1, "")
+        if isinstance(e, BrokenPipeError):
+            # Nothing to say to a reader that left; stdout goes to /dev/null so that
+            # the interpreter's last flush does not fail again on exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        else:
+            say(message)
+        return status
     except Exception as e:  # noqa: BLE001 - expected errors become one line; others propagate
         from orchestrator.failures import report_error  # (imports redis-py: only when needed)
 

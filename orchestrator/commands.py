@@ -30,6 +30,7 @@ from orchestrator.namespace import (
     source_fields,
     start_run,
 )
+from orchestrator.outcome import recording
 from orchestrator.output import OutputStream
 from orchestrator.progress import Progress
 from orchestrator.reader import (
@@ -47,7 +48,7 @@ from orchestrator.server import connect, server_config
 from orchestrator.settings import DEFAULT_FLOW, STREAM_OUTPUT, Command, Mode, Settings
 from orchestrator.sink import open_sink
 from orchestrator.workers import WorkerPool
-from tasks.errors import NamespaceError, RedisLostData, Superseded
+from tasks.errors import ExitStatus, NamespaceError, RedisLostData, Superseded
 from tasks.flow import load_flow
 from tasks.keys import Keys
 from tasks.store import NOTHING
@@ -241,7 +242,12 @@ def run_pipeline(
     keys = Keys(settings.namespace)
     if settings.flow is not None:
         load_flow(settings.flow)  # a flow that cannot load is refused before anything starts
-    with open_input(path) as f, connect(settings) as conn:
+    with (
+        open_input(path) as f,
+        connect(settings) as conn,
+        # (a run that cannot open its input or reach Redis leaves no outcome)
+        recording(conn.client, conn.url, keys, mode, resume_hint(settings, path)) as outcome,
+    ):
         # The worker processes start first: forked before the driver lock starts its
         # thread, they begin with everything imported (a resume's fixed cost is mostly
         # start-up time). Refused by the lock, the run stops them again.
@@ -258,13 +264,28 @@ def run_pipeline(
             with DriverLock(conn.client, keys) as lock:
                 r = conn.client
                 housekeeping = partial(RunHousekeeping, pool, r)
-                return drive(
+                result = drive(
                     settings, mode, path, from_epoch, f, r, conn.embedded, housekeeping, lock
                 )
         except RedisLostData as e:
             raise RedisLostData(f"{e}; {_what_resume_does(conn.client, keys, path)}") from e
         finally:
             pool.stop()
+        outcome.finish(run_exit_status(result), run_reason(path, result))
+        return result
+
+
+def run_exit_status(result: RunResult) -> ExitStatus:
+    """A finished run's exit status: a bad line that stopped it (under fail) is bad input."""
+    return ExitStatus.DATA_ERROR if result.failure is not None else ExitStatus.OK
+
+
+def run_reason(path: Path, result: RunResult) -> str:
+    """A finished run's outcome in one line."""
+    if result.failure is not None:
+        return f"{describe_bad(path, result.failure)}; committed through epoch {result.committed}"
+    skipped = f", {len(result.skipped)} bad lines left out" if result.skipped else ""
+    return f"done: {result.events} events read, committed through epoch {result.committed}{skipped}"
 
 
 def _what_resume_does(r: Redis, keys: Keys, path: Path) -> str:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from redis import Redis
 
@@ -39,6 +39,12 @@ class NamespaceInfo:
     retained_from: int = 0  # the oldest epoch replay can start at
     read_epoch: int | None = None  # the last epoch the driver read
     events_per_s: float | None = None  # of the last run, as it went
+    # Committed by the partitions, in the last run (for status): events, their rate, and the
+    # epoch that run started at; ``at`` is when the last record was written (Unix time).
+    committed_events: int | None = None
+    committed_events_per_s: float | None = None
+    run_first_epoch: int | None = None
+    at: float | None = None
     retain_epochs: int | None = None
     fingerprint: str | None = None  # of the input's first fingerprint_end bytes
     fingerprint_end: int = 0
@@ -58,6 +64,9 @@ class NamespaceInfo:
         return self.partitions is not None
 
 
+_N = TypeVar("_N", int, float)
+
+
 def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
     """Read the namespace's meta hash (one round trip)."""
     raw = cast("dict[bytes, bytes]", r.hgetall(keys.meta))
@@ -75,6 +84,10 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         read_epoch=int(meta["read_epoch"]) if "read_epoch" in meta else None,
         events_per_s=float(meta["events_per_s"]) if "events_per_s" in meta else None,
         retain_epochs=int(meta["retain_epochs"]) if "retain_epochs" in meta else None,
+        committed_events=_number(meta, "committed_events", int),
+        committed_events_per_s=_number(meta, "committed_events_per_s", float),
+        run_first_epoch=_number(meta, "run_first_epoch", int),
+        at=_number(meta, "at", float),
         fingerprint=meta.get("fingerprint") or None,
         fingerprint_end=int(meta.get("fingerprint_end", 0)),
         prefix_sha256=meta.get("prefix_sha256") or None,
@@ -83,6 +96,10 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         evicted_keys=int(meta.get("evicted_keys", 0)),
         open_line=_epoch_offset(meta.get("open_line")),
     )
+
+
+def _number(meta: dict[str, str], field: str, kind: type[_N]) -> _N | None:
+    return kind(meta[field]) if field in meta else None
 
 
 def _epoch_offset(text: str | None) -> tuple[int, int] | None:
