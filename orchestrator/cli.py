@@ -352,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="committed epoch, progress and backlog, queues, workers, rate, retention",
         description="Show the namespace's committed and read epoch, the lag, the last run's "
         "rate, each partition's progress and backlog, the queues and listening workers, "
-        "dead letters, the replay window, the running driver, and how to add workers.",
+        "dead letters, the replay window, the running driver, the last run's outcome, and how "
+        "to add workers; --json follows docs/status.schema.json.",
     )
     _json_option(status)
     _health_parser(sub, conn)

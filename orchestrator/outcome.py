@@ -3,7 +3,9 @@
 A run (``ingest``, ``resume``, ``replay``, ``run``) records once, at its end, on a fresh
 connection that does not retry: what it ran, when it started and ended, its exit status
 and why (one line), and how far it got. A run whose Redis is gone cannot record: the
-previous outcome then stays (the command's own exit status and message still say why).
+previous outcome then stays (the command's own exit status and message still say why);
+nor is an outcome written into a namespace that holds nothing (a run refused before it
+created the namespace, or one whose namespace was reset under it).
 """
 
 from __future__ import annotations
@@ -86,8 +88,15 @@ class OutcomeRecorder:
             return
         try:
             self._count(client)
-            client.set(self.keys.last_run, orjson.dumps(asdict(outcome)))
-        except redis.RedisError as e:
+            # Not into a namespace that holds nothing (never started, or reset meanwhile):
+            # reset leaves no key behind, even when the run it stopped ends after it.
+            with client.pipeline() as pipe:
+                pipe.watch(self.keys.meta)
+                if pipe.exists(self.keys.meta):
+                    pipe.multi()
+                    pipe.set(self.keys.last_run, orjson.dumps(asdict(outcome)))
+                    pipe.execute()
+        except redis.RedisError as e:  # (a WatchError too: reset just now)
             logger.debug("could not record the run's outcome: %s", e)
         finally:
             client.close()

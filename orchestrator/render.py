@@ -89,13 +89,21 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
         f"read epoch:      {report['read_epoch']} "
         f"(lag {'unknown' if lag is None else counted(lag, 'epoch')})"
     )
-    print(f"events/s:        {report['events_per_s']} (last run)")
+    print(
+        f"events/s:        {report['committed_events_per_s']} committed, "
+        f"{report['events_per_s']} read (last run)"
+    )
     print(
         f"replayable from: epoch {retention['replayable_from']} "
         f"(--retain-epochs {retention['retain_epochs']})"
     )
     print(f"dead letters:    {report['dead_letters']}")
     print(f"driver:          {report['driver'] or 'not running'}")
+    if (last := report["last_run"]) is not None:
+        print(
+            f"last run:        {last['command']} ended {last['ended_at']}, exit "
+            f"{last['exit_status']}: {escape_controls(last['reason'])}"
+        )
     print(f"workers:         {report['workers']} listening")
     print(f"partitions:      {report['partitions']}")
     for row in report["partition_progress"]:
