@@ -117,9 +117,14 @@ class ConciseSentinel(Sentinel):
     of characters each); this one names the sentinels and why each failed.
     """
 
+    def __init__(self, sentinels: list[tuple[str, int]], **kwargs: Any) -> None:
+        # redis-py's Sentinel is unannotated before 8.2 (strict mypy refuses such calls), and
+        # annotated since (a type: ignore would be unused): cast(Any) passes on both
+        cast(Any, super()).__init__(sentinels, **kwargs)
+
     def discover_master(self, service_name: str) -> Any:
         try:
-            return cast(Any, super()).discover_master(service_name)
+            return cast(Any, super()).discover_master(service_name)  # (see __init__)
         except MasterNotFoundError as e:
             reasons = sorted(set(re.findall(r" - (\w+:\w+)", str(e))))
             why = (
@@ -191,9 +196,8 @@ def sentinel_client(address: SentinelAddress, **kwargs: Any) -> Redis:
     if address.sentinel_password is not None:
         sentinel_kwargs["password"] = address.sentinel_password
         sentinel_kwargs["username"] = address.sentinel_username
-    # (redis-py's Sentinel is unannotated before 8.2: Any keeps mypy quiet on both)
-    sentinel: Any = ConciseSentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs)
-    primary: Redis = sentinel.master_for(
+    sentinel = ConciseSentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs)
+    primary: Redis = cast(Any, sentinel).master_for(
         address.service,
         db=address.db,
         username=address.username,
