@@ -85,6 +85,19 @@ def cpu_summary(sampler: TreeSampler) -> str:
     return ", ".join(parts) + " s"
 
 
+def cpu_per_event(sampler: TreeSampler, events: int) -> str:
+    """CPU µs per event of each role, and for the driver and Redis the events/s that one of
+    them could carry at that cost with unlimited workers (workers scale out; they do not)."""
+    parts = []
+    for role, procs in sorted(sampler.by_role().items()):
+        micros = sum(p.cpu_seconds for p in procs) / events * 1e6
+        ceiling = ""
+        if role in ("driver", "redis"):  # (a run too short for one clock tick shows none)
+            ceiling = f" (ceiling {1e6 / micros:,.0f}/s)" if micros else " (ceiling unmeasured)"
+        parts.append(f"{role} {micros:.2f} µs{ceiling}")
+    return ", ".join(parts)
+
+
 @dataclass
 class Timed:
     """One timed run of a command: its wall time and its sampled process tree."""
@@ -310,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             f"CPU of the median runs: (2) {cpu_summary(pipe_run.tree)}; "
             f"(1) {cpu_summary(plain_run.tree)}"
         )
+        print(f"CPU per event of (2): {cpu_per_event(pipe_run.tree, n)}")
         print(f"ratio (2)/(1), events/s:         {plain_run.wall / pipe_run.wall:.2f}")
         if args.repeat > 1:
             pairs = [f"{a.wall / b.wall:.2f}" for a, b in zip(plain_runs, pipe_runs, strict=True)]
