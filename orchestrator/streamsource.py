@@ -142,18 +142,22 @@ def check_position(name: str, pos: Position, info: StreamInfo | None, *, started
     if info.max_deleted is not None and parse_id(info.max_deleted) > at:
         msg = f"{where}, entries were deleted (up to {info.max_deleted}) before being read; {_HINT}"
         raise StreamLost(msg)
-    if info.added is not None and pos.index is not None and info.added < pos.index:
-        msg = (
-            f"{where}: the stream has had only {info.added} entries added, fewer than the "
-            f"{pos.index} read: it was deleted and created again; {_HINT}"
-        )
-        raise StreamLost(msg)
+    if info.added is not None and pos.index is not None:
+        # Entries removed before the first one (none after pos was XDEL'd): a stream that still
+        # holds what follows pos has removed exactly pos's index of them, or pos is still there.
+        removed = info.added - info.length
+        if info.added < pos.index or (removed < pos.index and not _holds(info, at)):
+            msg = (
+                f"{where}: the stream has had {info.added} entries added, {removed} removed: "
+                f"fewer than the {pos.index} read, it was deleted and created again; {_HINT}"
+            )
+            raise StreamLost(msg)
     if info.first is not None and parse_id(info.first) <= at:
         return  # nothing after pos was trimmed (trimming removes the oldest entries)
     if parse_id(info.last_generated) <= at:
         return  # nothing was ever added after pos
     if info.added is not None and pos.index is not None:
-        removed = info.added - info.length  # all before the first entry (nothing after pos XDEL'd)
+        removed = info.added - info.length
         if removed == pos.index:
             return
         msg = (
@@ -172,6 +176,11 @@ def check_position(name: str, pos: Position, info: StreamInfo | None, *, started
 
 
 _HINT = "their events are lost to the pipeline: reset and ingest again, or use a new namespace"
+
+
+def _holds(info: StreamInfo, at: tuple[int, int]) -> bool:
+    """Whether the stream's entries start at or before ``at``."""
+    return info.first is not None and parse_id(info.first) <= at
 
 
 def successor(entry_id: str) -> str:
