@@ -51,6 +51,7 @@ from orchestrator.settings import (
     Command,
     Mode,
     Settings,
+    redact_url,
 )
 from orchestrator.sink import open_sink
 from orchestrator.streamsource import Position, StreamInput, StreamLost, produce
@@ -531,6 +532,14 @@ def resume_hint(settings: Settings, path: Path) -> str:
         parts += ["--output", str(settings.output)]
     elif settings.output_stream is not None:
         parts += ["--output", f"{STREAM_OUTPUT}{settings.output_stream}"]
+    if str(path).startswith(STREAM_SOURCE):
+        if settings.source_field != Settings.source_field:
+            parts += ["--source-field", settings.source_field]
+        if settings.source_url is not None:  # (never its password: the variable holds it)
+            shown = settings.source_url
+            if redact_url(shown) != shown:
+                shown = '"$ORCHESTRATOR_SOURCE_URL"'
+            parts += ["--source-url", shown]
     if settings.follow:
         parts.append("--follow")
     return " ".join(parts)

@@ -95,9 +95,11 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
     print(f"events/s:        {report['events_per_s']} (last run)")
     if "source_position" in report:
         entries, seconds = report["source_lag_entries"], report["source_lag_seconds"]
-        behind = "unknown" if entries is None else f"{counted(entries, 'entry', 'entries')}, "
-        behind += "" if seconds is None else f"{seconds:.3f} s"
-        print(f"source:          after entry {report['source_position']} ({behind} behind)")
+        if entries is None:
+            behind = "lag unknown: the stream is not on this Redis (--source-url?)"
+        else:
+            behind = f"{counted(entries, 'entry', 'entries')}, {seconds:.3f} s behind"
+        print(f"source:          after entry {report['source_position']} ({behind})")
     print(
         f"replayable from: epoch {retention['replayable_from']} "
         f"(--retain-epochs {retention['retain_epochs']})"

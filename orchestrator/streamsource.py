@@ -396,10 +396,13 @@ class StreamInput:
 def lag(r: Redis, key: str, position: Position) -> dict[str, Any]:
     """How far the committed position is behind the stream's newest entry: entries and
     seconds (ids carry milliseconds). Counted by reading ids, up to COUNT_CAP entries."""
+    unknown = {"source_lag_entries": None, "source_lag_seconds": None}
+    if not r.exists(key):  # (or it lives on another Redis than the one asked)
+        return unknown
     try:
         raw = cast("list[Any]", r.xrevrange(key, "+", "-", count=1))
     except redis.ResponseError:
-        return {"source_lag_entries": None, "source_lag_seconds": None}
+        return unknown
     newest = _text(raw[0][0]) if raw else None
     if newest is None or parse_id(newest) <= parse_id(position.id):
         return {"source_lag_entries": 0, "source_lag_seconds": 0.0}

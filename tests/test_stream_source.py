@@ -15,6 +15,7 @@ from orchestrator.streamsource import (
     StreamInput,
     StreamLost,
     check_position,
+    lag,
     predecessor,
     successor,
 )
@@ -205,6 +206,18 @@ def test_a_record_refused_by_the_fence_records_no_position(fake, keys):
     with pytest.raises(Superseded):
         committer.record(1, 4, [], floors=[1])
     assert read_info(fake, keys).source_position == f"{predecessor(ids[0])}:0"
+
+
+def test_the_lag_counts_the_entries_after_the_position_and_the_milliseconds_between(fake):
+    for ms in (1000, 1500, 4250):
+        fake.xadd("in", {"event": "1"}, id=f"{ms}-0")
+    assert lag(fake, "in", Position("1000-0", 1)) == {
+        "source_lag_entries": 2,
+        "source_lag_seconds": 3.25,
+    }
+    assert lag(fake, "in", Position("4250-0", 3))["source_lag_entries"] == 0
+    # a stream that is not there (another Redis): unknown, not 0
+    assert lag(fake, "elsewhere", Position("1-0", 1))["source_lag_entries"] is None
 
 
 def test_ids_next_to_each_other():
