@@ -301,6 +301,9 @@ class StreamInput:
         except StreamLost as e:
             self.stopped, self._done = str(e), True
             return
+        if not entries and not self.follow:
+            self._done = True  # (the entries up to the end were deleted meanwhile)
+            return
         for entry_id, fields in entries:
             self._entries.append((_text(entry_id), *self._line_of(_text(entry_id), fields)))
         if entries:
