@@ -26,6 +26,7 @@ of an unread entry cannot be detected (docs/cli.md).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,11 +37,13 @@ import redis
 from redis import Redis
 
 from orchestrator.errors import InputError
+from orchestrator.messages import note
 from orchestrator.settings import STREAM_SOURCE
 
 logger = logging.getLogger(__name__)
 
 FETCH = 1000  # entries per XRANGE
+WAIT_POLL = 0.02  # seconds between two looks for a followed stream's first entry
 MAX_SEQ = 2**64 - 1
 COUNT_CAP = 1_000_000  # status counts at most this many entries behind
 
@@ -245,16 +248,14 @@ class StreamInput:
             StreamLost: entries after the position were lost.
         """
         info = self._info_and_fetch(0)[0]
-        if info is None and not self.started:
-            if not self.follow:
-                msg = f"{self.name}: no such stream (add --follow to wait for it)"
-                raise InputError(msg)
-            self.pos = Position("0-0", 0)  # a stream created later starts counting at 0
-            self._index = 0
-            self._ends = deque([(self.position, self.pos)])
+        if info is None and not self.started and not self.follow:
+            msg = f"{self.name}: no such stream (add --follow to wait for it)"
+            raise InputError(msg)
+        if not self.started and self.follow and (info is None or info.first is None):
+            info = self._wait_for_entries()
         if not self.started and info is not None:
             # An ingest reads from the oldest entry: its position is the one just before it.
-            if info.first is None:
+            if info.first is None:  # (an empty stream without --follow: nothing to read)
                 self.pos = Position(info.last_generated, info.added)
             else:
                 removed = None if info.added is None else info.added - info.length
@@ -265,6 +266,16 @@ class StreamInput:
         self.started = True
         if not self.follow:
             self.end = info.last if info is not None else None
+
+    def _wait_for_entries(self) -> StreamInfo:
+        """A followed ingest of a stream without entries starts at its first entry: wait for it
+        (entries trimmed before then would be unprovable on Redis 6.2)."""
+        note(f"{self.name} has no entries yet: waiting for the first one")
+        while True:
+            time.sleep(WAIT_POLL)
+            info = self._info_and_fetch(0)[0]
+            if info is not None and info.first is not None:
+                return info
 
     def _info_and_fetch(self, count: int) -> tuple[StreamInfo | None, list[Any]]:
         pipe = self.r.pipeline(transaction=True)

@@ -86,7 +86,7 @@ def run_args(url: str, ns: str, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_a_stream_run_killed_resumed_and_replayed_equals_the_plain_loop(redis_url, tmp_path):
-    lines = events(3_000, seed=4, bad_every=700)
+    lines = events(2_000, seed=4, bad_every=700)
     ns = new_namespace()
     key, out = f"{ns}:in", tmp_path / "out.txt"
     produce(redis_url, key, lines, tmp_path)
@@ -94,9 +94,9 @@ def test_a_stream_run_killed_resumed_and_replayed_equals_the_plain_loop(redis_ur
     driver = popen_cli(
         "ingest", f"redis-stream:{key}", *args, "--flow", "tests.flows.slow_cart:flow"
     )
-    wait_for(lambda: committed(redis_url, ns) >= 1_000 or driver.poll() is not None)
+    wait_for(lambda: committed(redis_url, ns) >= 700 or driver.poll() is not None)
     killed(driver)  # SIGKILL mid-run
-    assert committed(redis_url, ns) < 2_999
+    assert committed(redis_url, ns) < 1_999
     resumed = run_cli("resume", f"redis-stream:{key}", *args, cwd=REPO)
     assert resumed.returncode == 0, resumed.stderr
     expected, _ = reference_run(lines, skip_bad=True)
@@ -163,8 +163,13 @@ def test_a_followed_stream_stops_within_2_s_of_a_signal_and_resume_continues(red
     ns = new_namespace()
     key, out = f"{ns}:in", tmp_path / "out.txt"
     args = run_args(redis_url, ns, out)
-    proc = popen_cli("ingest", f"redis-stream:{key}", *args, "--follow")  # no stream yet
+    proc = popen_cli("ingest", f"redis-stream:{key}", *args, "--follow")
     try:
+        # The stream does not exist yet: the run waits for its first entry.
+        waiting = f"orchestrator: redis-stream:{key} has no entries yet: waiting for the first one"
+        while (line := proc.stderr.readline()) and "warning" in line:
+            pass
+        assert line.rstrip("\n") == waiting
         produce(redis_url, key, lines[:30], tmp_path)
         wait_for(lambda: text_of(out).count("\n") == 30, what="the first 30 lines' output")
         sent = time.monotonic()

@@ -62,13 +62,30 @@ def test_a_run_without_follow_ends_at_the_newest_entry_as_of_its_start(fake):
 
 
 def test_a_followed_stream_is_read_as_entries_arrive_and_never_ends(fake):
-    source = opened(fake, "missing", follow=True)  # a stream that does not exist yet: waited for
+    add(fake, "in", "1")
+    source = opened(fake, follow=True)
+    assert read_all(source) == [b"1\n"]
     assert source.readline() == b""
     assert not source.ended
-    ids = add(fake, "missing", "1")
-    assert read_all(source) == [b"1\n"]
-    assert source.position_at(2) == Position(ids[0], 1)
+    ids = add(fake, "in", "2")
+    assert read_all(source) == [b"2\n"]
+    assert source.position_at(4) == Position(ids[0], 2)
     assert not source.ended
+
+
+def test_a_followed_ingest_waits_for_the_streams_first_entry(fake, monkeypatch):
+    # (on Redis 6.2 nothing could prove that no entry came and went before the first look)
+    looks = []
+
+    def sleep(seconds):
+        looks.append(seconds)
+        if len(looks) == 3:
+            add(fake, "in", "first")
+
+    monkeypatch.setattr("orchestrator.streamsource.time.sleep", sleep)
+    source = opened(fake, follow=True)
+    assert len(looks) == 3
+    assert read_all(source) == [b"first\n"]
 
 
 def test_a_missing_stream_is_refused_without_follow(fake):
