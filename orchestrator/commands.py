@@ -100,6 +100,10 @@ def plan_start(
             )
             raise NamespaceError(msg)
         return Start(0, 0)
+    if f is not None and (info.input or "").startswith(STREAM_SOURCE):
+        # (its offsets count the bytes of the stream's entries: they mean nothing in a file)
+        msg = f"namespace {keys.namespace!r} reads {info.input}, not {path}: resume it with that"
+        raise InputError(msg)
     if mode == "resume":
         if not info.exists:
             msg = (

@@ -254,3 +254,42 @@ def test_chaos_a_producer_adds_events_while_killed_drivers_and_workers_follow_th
     assert out.read_text() == reference_run(lines, skip_bad=True)[0]
     client.delete(key)
     client.close()
+
+
+def test_a_stream_on_another_redis_with_a_password_never_shown(redis_url, tmp_path):
+    if not os.path.exists(REDIS_7):
+        pytest.skip(f"no {REDIS_7}")
+    source = RedisServer(str(tmp_path))
+    source.args = [REDIS_7, *source.args[1:], "--requirepass", "s3cret-pw"]
+    source.url += "?password=s3cret-pw"
+    source.start()
+    try:
+        lines = events(30, seed=12)
+        ns = new_namespace()
+        out = tmp_path / "out.txt"
+        env = cli_env(ORCHESTRATOR_SOURCE_URL=source.url)  # (never in a process's argv)
+        (tmp_path / "in.json").write_text("".join(x + "\n" for x in lines))
+        runs = [run_cli("produce", "events", "in.json", cwd=tmp_path, env=env)]
+        runs.append(
+            run_cli("ingest", "redis-stream:events", *run_args(redis_url, ns, out), env=env,
+                    cwd=tmp_path)
+        )  # fmt: skip
+        assert runs[-1].returncode == 0, runs[-1].stderr
+        assert out.read_text() == reference_run(lines)[0]
+        status = ["status", "--redis-url", redis_url, "--namespace", ns, "--json"]
+        runs.append(run_cli(*status, cwd=tmp_path, env=env))
+        report = json.loads(runs[-1].stdout)
+        assert (report["source_lag_entries"], report["source_lag_seconds"]) == (0, 0)
+        # without the source's URL, status cannot know the lag: unknown, not 0
+        runs.append(run_cli(*status, cwd=tmp_path))
+        assert json.loads(runs[-1].stdout)["source_lag_entries"] is None
+        # the namespace reads the stream: a file is not its input
+        runs.append(run_cli("resume", "in.json", *run_args(redis_url, ns, out), cwd=tmp_path))
+        assert runs[-1].returncode == 66
+        assert runs[-1].stderr.endswith(
+            f"orchestrator: namespace {ns!r} reads redis-stream:events, not in.json: "
+            "resume it with that\n"
+        )
+        assert all("s3cret" not in run.stdout + run.stderr for run in runs)
+    finally:
+        source.stop()
