@@ -208,24 +208,22 @@ class StreamInput:
         *,
         field: str = "event",
         follow: bool = False,
-        start: Position | None = None,
-        offset: int = 0,
     ) -> None:
         self.r, self.key, self.field, self.follow = r, key, field.encode(), follow
         self.name = f"{STREAM_SOURCE}{key}"
         self.blocking = False
         self.stopped: str | None = None  # why reading stopped early (entries were lost)
-        self.pos = start or Position()  # after the last entry fetched
-        self.started = start is not None
+        self.pos = Position()  # after the last entry fetched
+        self.started = False  # a run has read from the position (it is not an ingest's)
         self.end: str | None = None  # without follow: the newest entry as of the start
         self._entries: deque[tuple[str, bytes, str | None]] = deque()  # id, line, rejection
         self._line = b""
         self._cut = 0  # how much of _line readline has returned
         self._id = ""
         self.rejection: str | None = None  # of the line just returned, if it is to be rejected
-        self.position = offset  # synthetic offset of the next byte
-        self._ends: deque[tuple[int, Position]] = deque([(offset, self.pos)])
-        self._index = self.pos.index
+        self.position = 0  # synthetic offset of the next byte
+        # (offset where an entry's line ends, the position after it) not yet recorded
+        self._ends: deque[tuple[int, Position]] = deque([(0, self.pos)])
         self._done = False
 
     # ------------------------------------------------------------ reading
@@ -236,7 +234,6 @@ class StreamInput:
         self.pos = position or Position()
         self.started = position is not None
         self.position = offset
-        self._index = self.pos.index
         self._ends = deque([(offset, self.pos)])
 
     def open(self) -> None:
@@ -260,7 +257,6 @@ class StreamInput:
             else:
                 removed = None if info.added is None else info.added - info.length
                 self.pos = Position(predecessor(info.first), removed)
-            self._index = self.pos.index
             self._ends = deque([(self.position, self.pos)])
         check_position(self.name, self.pos, info, started=self.started)
         self.started = True
@@ -308,7 +304,7 @@ class StreamInput:
             return
         info, entries = self._info_and_fetch(FETCH)
         try:
-            check_position(self.name, Position(self.pos.id, self._index), info, started=True)
+            check_position(self.name, self.pos, info, started=True)
         except StreamLost as e:
             self.stopped, self._done = str(e), True
             return
@@ -318,9 +314,9 @@ class StreamInput:
         for entry_id, fields in entries:
             self._entries.append((_text(entry_id), *self._line_of(_text(entry_id), fields)))
         if entries:
-            last = _text(entries[-1][0])
-            self._index = None if self._index is None else self._index + len(entries)
-            self.pos = Position(last, self._index)
+            index = self.pos.index
+            index = None if index is None else index + len(entries)
+            self.pos = Position(_text(entries[-1][0]), index)
 
     def _line_of(self, entry_id: str, fields: Any) -> tuple[bytes, str | None]:
         value = fields.get(self.field)
