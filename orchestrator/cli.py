@@ -148,6 +148,15 @@ def _output(text: str) -> Path | str:
     return key
 
 
+def _input(text: str) -> Path:
+    """An argparse type: the input, a path or ``redis-stream:KEY`` (carried as a Path)."""
+    if text.startswith(STREAM_SOURCE) and str(Path(text)) != text:
+        # (a Path folds "a//b", "a/./b" and a trailing "/": another key would be read)
+        msg = f"a stream key that a path would change is not supported: {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return Path(text)
+
+
 def _namespace(text: str) -> str:
     try:
         return Keys(text).namespace
@@ -242,7 +251,7 @@ def _run_options() -> _Parser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("how the run works")
     group.add_argument(
-        "file", type=Path, metavar="FILE",
+        "file", type=_input, metavar="FILE",
         help="input: one JSON event per line; '-' (or a pipe) reads standard input from its "
         "start, and resume expects the same input again; redis-stream:KEY reads the entries "
         "of a Redis stream, one event (--source-field) per entry, from its oldest entry",
@@ -554,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "output_maxlen", None) and not isinstance(args.output, str):
         parser.error(f"--output-maxlen needs --output {STREAM_OUTPUT}KEY")
+    if args.command in RUN_COMMANDS and str(args.file) == STREAM_SOURCE:
+        parser.error(f"no stream key after {STREAM_SOURCE!r}")
     configure_logging(args.verbose, worker=args.command == "worker")
     if args.command in (*RUN_COMMANDS, "worker"):
         tune_process()

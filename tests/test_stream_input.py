@@ -293,3 +293,45 @@ def test_a_stream_on_another_redis_with_a_password_never_shown(redis_url, tmp_pa
         assert all("s3cret" not in run.stdout + run.stderr for run in runs)
     finally:
         source.stop()
+
+
+def test_entries_without_the_event_field_or_with_a_newline_in_it_are_bad_lines(
+    redis_url, real, tmp_path
+):
+    lines = events(6, seed=13)
+    ns = new_namespace()
+    key, out = f"{ns}:in", tmp_path / "out.txt"
+    for line in lines[:3]:
+        real.xadd(key, {"payload": line})
+    missing = real.xadd(key, {"event": lines[3]}).decode()  # not the field the run reads
+    inner = real.xadd(key, {"payload": '{"user_id":\n"x"}'}).decode()
+    for line in lines[3:]:
+        real.xadd(key, {"payload": line + "\n"})  # (one trailing newline is the line's end)
+    args = [*run_args(redis_url, ns, out), "--source-field", "payload"]
+    run = run_cli("ingest", f"redis-stream:{key}", *args, "--on-error", "dead-letter", cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    # epochs 3 and 4 are the bad entries: the events after them keep their positions
+    assert out.read_text() == reference_run([*lines[:3], "", "", *lines[3:]])[0]
+    listed = run_cli(
+        "dead-letters", "--json", "--redis-url", redis_url, "--namespace", ns, cwd=REPO
+    )
+    letters = [json.loads(x) for x in listed.stdout.splitlines()]
+    assert [(x["epoch"], x["reason"]) for x in letters] == [
+        (3, f"entry {missing} has no field 'payload'"),
+        (4, f"entry {inner}: its 'payload' holds a newline"),
+    ]
+    real.delete(key)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("redis-stream:", "no stream key after 'redis-stream:'"),
+        ("redis-stream:a//b", "a stream key that a path would change is not supported"),
+    ],
+)
+def test_stream_input_mistakes_are_usage_errors(tmp_path, source, message):
+    run = run_cli("ingest", source, cwd=tmp_path)
+    assert run.returncode == 2
+    assert message in run.stderr and len(run.stderr.splitlines()) == 1
+    assert not (tmp_path / ".orchestrator").exists()  # refused before any server started
