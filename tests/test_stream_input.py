@@ -335,3 +335,32 @@ def test_stream_input_mistakes_are_usage_errors(tmp_path, source, message):
     assert run.returncode == 2
     assert message in run.stderr and len(run.stderr.splitlines()) == 1
     assert not (tmp_path / ".orchestrator").exists()  # refused before any server started
+
+
+def test_entries_trimmed_under_a_followed_run_stop_it_with_exit_66_after_what_it_read(
+    redis7, tmp_path
+):
+    url = redis7.url
+    lines = events(20, seed=14)
+    ns = new_namespace()
+    key, out = f"{ns}:in", tmp_path / "out.txt"
+    produce(url, key, lines[:10], tmp_path)
+    proc = popen_cli("ingest", f"redis-stream:{key}", *run_args(url, ns, out), "--follow")
+    try:
+        wait_for(lambda: committed(url, ns) == 9, what="the first 10 epochs")
+        client = redis.Redis.from_url(url)
+        pipe = client.pipeline(transaction=True)  # the run sees all of it or none of it
+        for line in lines[10:]:
+            pipe.xadd(key, {"event": line})
+        pipe.xtrim(key, maxlen=3, approximate=False)
+        pipe.execute()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        killed(proc)
+    assert proc.returncode == 66, stderr
+    [line] = [x for x in stderr.splitlines() if "warning" not in x]
+    assert "7 entries were trimmed (XTRIM, MAXLEN)" in line
+    assert line.endswith("; stopped after epoch 9 (everything before committed)")
+    assert committed(url, ns) == 9 and out.read_text() == reference_run(lines[:10])[0]
+    client.delete(key)
+    client.close()
