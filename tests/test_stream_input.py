@@ -121,6 +121,7 @@ def lose_recreate(client: redis.Redis, key: str, ids: list[bytes]) -> None:
         client.xadd(key, {"event": line})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("server", "lose", "message"),
     [
@@ -141,11 +142,13 @@ def test_entries_lost_before_being_read_are_refused_with_exit_66_and_the_state_i
     lines = events(20, seed=6)
     ns = new_namespace()
     key, out = f"{ns}:in", tmp_path / "out.txt"
-    produce(url, key, lines[:10], tmp_path)
+    client = redis.Redis.from_url(url)
+    for line in lines[:10]:
+        client.xadd(key, {"event": line})
     first = run_cli("ingest", f"redis-stream:{key}", *run_args(url, ns, out), cwd=REPO)
     assert first.returncode == 0, first.stderr
-    produce(url, key, lines[10:], tmp_path)
-    client = redis.Redis.from_url(url)
+    for line in lines[10:]:
+        client.xadd(key, {"event": line})
     lose(client, key, [entry_id for entry_id, _ in client.xrange(key)])
     before = meta(url, ns)
     resumed = run_cli("resume", f"redis-stream:{key}", *run_args(url, ns, out), cwd=REPO)
@@ -256,6 +259,7 @@ def test_chaos_a_producer_adds_events_while_killed_drivers_and_workers_follow_th
     client.close()
 
 
+@pytest.mark.slow
 def test_a_stream_on_another_redis_with_a_password_never_shown(redis_url, tmp_path):
     if not os.path.exists(REDIS_7):
         pytest.skip(f"no {REDIS_7}")
