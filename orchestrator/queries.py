@@ -12,8 +12,15 @@ from redis import Redis
 from orchestrator.lock import driver_running
 from orchestrator.namespace import NamespaceInfo, read_info, require_committed
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url
-from orchestrator.server import connect
-from orchestrator.settings import DEFAULT_DATA_DIR, DEFAULT_NAMESPACE, Settings, redact_url
+from orchestrator.server import connect, source_connection
+from orchestrator.settings import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_NAMESPACE,
+    STREAM_SOURCE,
+    Settings,
+    redact_url,
+)
+from orchestrator.streamsource import Position, lag
 from orchestrator.workers import listening_workers
 from tasks.errors import NamespaceError
 from tasks.keys import Keys, partition_of
@@ -86,6 +93,9 @@ def status(settings: Settings) -> dict[str, Any]:
         }
         if info.partitions is None:
             return report
+        if info.input is not None and info.input.startswith(STREAM_SOURCE):
+            with source_connection(settings.source_url, r) as source_r:
+                report |= _source_lag(source_r, info)
         report["partition_progress"] = _partitions(r, keys, info.partitions)
         report["workers"] = listening_workers(r, keys, info.partitions)
         report["queues"] = keys.queue_names(info.partitions)
@@ -95,6 +105,15 @@ def status(settings: Settings) -> dict[str, Any]:
         else:
             report["rq_worker_command"] = rq_worker_command(conn.url, keys, info.partitions)
         return report
+
+
+def _source_lag(r: Redis, info: NamespaceInfo) -> dict[str, Any]:
+    """A Redis stream input: the committed position, and how far the stream's newest entry
+    is ahead of it (entries, seconds)."""
+    assert info.input is not None
+    position = Position.decode(info.source_position or "0-0:")
+    key = info.input.removeprefix(STREAM_SOURCE)
+    return {"source_position": position.id, **lag(r, key, position)}
 
 
 def _lag(info: NamespaceInfo) -> int | None:

@@ -93,6 +93,13 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
         f"(lag {'unknown' if lag is None else counted(lag, 'epoch')})"
     )
     print(f"events/s:        {report['events_per_s']} (last run)")
+    if "source_position" in report:
+        entries, seconds = report["source_lag_entries"], report["source_lag_seconds"]
+        if entries is None:
+            behind = "lag unknown: the stream is not on this Redis (--source-url?)"
+        else:
+            behind = f"{counted(entries, 'entry', 'entries')}, {seconds:.3f} s behind"
+        print(f"source:          after entry {report['source_position']} ({behind})")
     print(
         f"replayable from: epoch {retention['replayable_from']} "
         f"(--retain-epochs {retention['retain_epochs']})"
