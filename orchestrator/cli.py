@@ -24,6 +24,7 @@ from orchestrator.settings import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
     STREAM_OUTPUT,
+    STREAM_SOURCE,
     Settings,
 )
 from orchestrator.wording import counted
@@ -147,6 +148,15 @@ def _output(text: str) -> Path | str:
     return key
 
 
+def _input(text: str) -> Path:
+    """An argparse type: the input, a path or ``redis-stream:KEY`` (carried as a Path)."""
+    if text.startswith(STREAM_SOURCE) and str(Path(text)) != text:
+        # (a Path folds "a//b", "a/./b" and a trailing "/": another key would be read)
+        msg = f"a stream key that a path would change is not supported: {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return Path(text)
+
+
 def _namespace(text: str) -> str:
     try:
         return Keys(text).namespace
@@ -224,14 +234,29 @@ def _follow_option(parser: Any) -> None:
     )  # fmt: skip
 
 
+def _source_options(group: Any) -> None:
+    _option(
+        group, "--source-field", env="ORCHESTRATOR_SOURCE_FIELD", default=Settings.source_field,
+        metavar="NAME", help="with redis-stream:KEY: the entries' field that holds the event "
+        f"(default {Settings.source_field})",
+    )  # fmt: skip
+    _option(
+        group, "--source-url", env="ORCHESTRATOR_SOURCE_URL", metavar="URL",
+        help="with redis-stream:KEY: the Redis the stream lives on (a redis://, rediss:// or "
+        "unix:// URL; its password is never printed); default the pipeline's",
+    )  # fmt: skip
+
+
 def _run_options() -> _Parser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("how the run works")
     group.add_argument(
-        "file", type=Path, metavar="FILE",
+        "file", type=_input, metavar="FILE",
         help="input: one JSON event per line; '-' (or a pipe) reads standard input from its "
-        "start, and resume expects the same input again",
+        "start, and resume expects the same input again; redis-stream:KEY reads the entries "
+        "of a Redis stream, one event (--source-field) per entry, from its oldest entry",
     )  # fmt: skip
+    _source_options(group)
     _flow_option(group)
     _option(
         group, "--partitions", env="ORCHESTRATOR_PARTITIONS", type=_partition_count, metavar="P",
@@ -356,6 +381,23 @@ def build_parser() -> argparse.ArgumentParser:
         "to add workers; --json follows docs/status.schema.json.",
     )
     _json_option(status)
+    _option(
+        status, "--source-url", env="ORCHESTRATOR_SOURCE_URL", metavar="URL",
+        help="the Redis of a redis-stream:KEY input, for its lag (default the pipeline's)",
+    )  # fmt: skip
+    produce = sub.add_parser(
+        "produce",
+        parents=[conn],
+        help="add each line of a file to a Redis stream (an input for redis-stream:KEY)",
+        description="XADD each line of FILE (without its newline), in order, as one entry of "
+        "the stream KEY with the event in --source-field: for demos and tests.",
+    )
+    produce.add_argument("key", metavar="KEY", help="the stream")
+    produce.add_argument(
+        "file", nargs="?", type=Path, default=Path("-"), metavar="FILE",
+        help="the lines to add ('-' or nothing: standard input)",
+    )  # fmt: skip
+    _source_options(produce)
     _health_parser(sub, conn)
     state = sub.add_parser(
         "state",
@@ -466,6 +508,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         verbose=args.verbose,
         quiet=getattr(args, "quiet", False),
         follow=getattr(args, "follow", False),
+        source_field=getattr(args, "source_field", Settings.source_field),
+        source_url=getattr(args, "source_url", None),
     )
 
 
@@ -517,6 +561,10 @@ def _program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
     if args.command == "state":
         print_state(queries.key_state(settings, args.key, args.at_epoch), as_json=args.json)
         return ExitStatus.OK
+    if args.command == "produce":
+        added = commands.produce_lines(settings, args.key, args.file)
+        note(f"added {counted(added, 'entry', 'entries')} to stream {args.key!r}")
+        return ExitStatus.OK
     if args.command == "worker":
         workers.work(settings, burst=args.burst, announce_wait=not args.started_by_driver)
         return ExitStatus.OK
@@ -557,6 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "output_maxlen", None) and not isinstance(args.output, str):
         parser.error(f"--output-maxlen needs --output {STREAM_OUTPUT}KEY")
+    if args.command in RUN_COMMANDS and str(args.file) == STREAM_SOURCE:
+        parser.error(f"no stream key after {STREAM_SOURCE!r}")
     configure_logging(args.verbose, worker=args.command == "worker")
     if args.command in (*RUN_COMMANDS, "worker"):
         tune_process()
@@ -571,7 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command in RUN_COMMANDS
             and settings.redis_url is None
             # (a missing input leaves no data directory behind)
-            and (Path(args.file).is_file() or str(args.file) == "-")
+            and (
+                Path(args.file).is_file()
+                or str(args.file) == "-"
+                or str(args.file).startswith(STREAM_SOURCE)
+            )
         ):
             prestart(settings.data_dir)
         status = int(program(args, settings))

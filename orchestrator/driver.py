@@ -323,7 +323,9 @@ class Driver:
         and the line is read again from its start later.
         """
         size, oversized, ended = len(data), None, False
-        if size > limit:
+        if (rejected := source.rejection()) is not None:  # a stream entry without an event
+            oversized, ended = rejected, True
+        elif size > limit:
             data, size, oversized, ended = finish_oversized(source.file, data, limit)
         if not ended:
             if source.waits:

@@ -57,6 +57,8 @@ class NamespaceInfo:
     evicted_keys: int = 0  # keys the server evicted during a run (--allow-eviction)
     # (epoch, offset) of a committed last line that had no newline: resume reads it again
     open_line: tuple[int, int] | None = None
+    # a Redis stream input's committed position (``ID:INDEX``, streamsource.Position)
+    source_position: str | None = None
 
     @property
     def exists(self) -> bool:
@@ -95,6 +97,7 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         floors=tuple(json.loads(meta["floors"])) if "floors" in meta else None,
         evicted_keys=int(meta.get("evicted_keys", 0)),
         open_line=_epoch_offset(meta.get("open_line")),
+        source_position=meta.get("source_position") or None,
     )
 
 
@@ -147,6 +150,7 @@ def start_run(
     output: str | None = None,
     output_length: int | None = None,
     output_stream: OutputStream | None = None,
+    source_fields: SourceFields | None = None,
 ) -> Fence:
     """Take over the namespace for a run that processes input from ``start_epoch`` on.
 
@@ -176,8 +180,9 @@ def start_run(
         raise Superseded(msg)
     fence = Fence(generation, token, lock_ttl_ms)
     committer = Committer(
-        r, keys, partitions, fence, last_committed=info.committed, output_stream=output_stream
-    )
+        r, keys, partitions, fence, last_committed=info.committed, output_stream=output_stream,
+        source_fields=source_fields,
+    )  # fmt: skip
     committer.record(
         start_epoch - 1,
         start_offset,
@@ -345,7 +350,8 @@ class Committer:
         if self.retain_epochs is not None and (final or now - self._collected_at >= self.GC_EVERY):
             self._collected_at = now
             retained_from = max(0, committed + 1 - self.retain_epochs)
-        checkpoint = Checkpoint(committed + 1, offset, output_length)
+        # (a stream input's position goes with the checkpoint: replay reads on from there)
+        checkpoint = Checkpoint(committed + 1, offset, output_length, fields.get("source_position"))
         stream = self.output_stream
         entries = None
         if stream is not None:  # (the held lines are of epochs up to committed)
@@ -391,12 +397,15 @@ class Checkpoint:
     epoch: int
     offset: int
     output_length: int | None  # None: no output file was recorded
+    # a Redis stream input's position before the epoch (``ID:INDEX``, streamsource.Position)
+    source_position: str | None = None
 
     @property
     def member(self) -> str:
         """Its member in the checkpoints sorted set (scored by epoch)."""
         out = -1 if self.output_length is None else self.output_length
-        return f"{self.epoch}:{self.offset}:{out}"
+        source = "" if self.source_position is None else f":{self.source_position}"
+        return f"{self.epoch}:{self.offset}:{out}{source}"
 
 
 def checkpoint_at_or_before(r: Redis, keys: Keys, epoch: int) -> Checkpoint:
@@ -404,8 +413,9 @@ def checkpoint_at_or_before(r: Redis, keys: Keys, epoch: int) -> Checkpoint:
     found = cast("list[bytes]", r.zrevrangebyscore(keys.checkpoints, epoch, "-inf", start=0, num=1))
     if not found:
         return Checkpoint(0, 0, 0)
-    e, offset, out = found[0].decode().split(":")
-    return Checkpoint(int(e), int(offset), None if int(out) < 0 else int(out))
+    e, offset, out, *source = found[0].decode().split(":", 3)
+    position = source[0] if source else None
+    return Checkpoint(int(e), int(offset), None if int(out) < 0 else int(out), position)
 
 
 def reset(r: Redis, keys: Keys) -> int:

@@ -14,8 +14,15 @@ from orchestrator.lock import driver_running
 from orchestrator.namespace import NamespaceInfo, read_info, require_committed
 from orchestrator.outcome import iso_utc, last_run
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url
-from orchestrator.server import connect
-from orchestrator.settings import DEFAULT_DATA_DIR, DEFAULT_NAMESPACE, Settings, redact_url
+from orchestrator.server import connect, source_connection
+from orchestrator.settings import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_NAMESPACE,
+    STREAM_SOURCE,
+    Settings,
+    redact_url,
+)
+from orchestrator.streamsource import Position, lag
 from orchestrator.workers import listening_workers
 from tasks.errors import NamespaceError
 from tasks.keys import Keys, partition_of
@@ -105,9 +112,16 @@ def status(settings: Settings) -> dict[str, Any]:
             "queues": None,
             "rq_worker_command": None,
             "worker_command": None,
+            # a redis-stream:KEY input's committed entry id, and how far the stream is ahead
+            "source_position": None,
+            "source_lag_entries": None,
+            "source_lag_seconds": None,
         }
         if info.partitions is None:
             return report
+        if info.input is not None and info.input.startswith(STREAM_SOURCE):
+            with source_connection(settings.source_url, r) as source_r:
+                report |= _source_lag(source_r, info)
         report["partition_progress"] = _partitions(r, keys, info.partitions)
         report["queues"] = keys.queue_names(info.partitions)
         if conn.embedded:  # its unix socket is gone when the command that started it ends
@@ -121,6 +135,15 @@ def lag_events(r: Redis, keys: Keys) -> int:
     """Events the running driver has read and the partitions not yet committed."""
     backlog = cast("dict[bytes, bytes]", r.hgetall(keys.backlog))
     return sum(int(n) for n in backlog.values())
+
+
+def _source_lag(r: Redis, info: NamespaceInfo) -> dict[str, Any]:
+    """A Redis stream input: the committed position, and how far the stream's newest entry
+    is ahead of it (entries, seconds)."""
+    assert info.input is not None
+    position = Position.decode(info.source_position or "0-0:")
+    key = info.input.removeprefix(STREAM_SOURCE)
+    return {"source_position": position.id, **lag(r, key, position)}
 
 
 def _lag(info: NamespaceInfo) -> int | None:

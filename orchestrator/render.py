@@ -93,6 +93,13 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
         f"events/s:        {report['committed_events_per_s']} committed, "
         f"{report['events_per_s']} read (last run)"
     )
+    if report["source_position"] is not None:
+        entries, seconds = report["source_lag_entries"], report["source_lag_seconds"]
+        if entries is None:
+            behind = "lag unknown: the stream is not on this Redis (--source-url?)"
+        else:
+            behind = f"{counted(entries, 'entry', 'entries')}, {seconds:.3f} s behind"
+        print(f"source:          after entry {report['source_position']} ({behind})")
     print(
         f"replayable from: epoch {retention['replayable_from']} "
         f"(--retain-epochs {retention['retain_epochs']})"
