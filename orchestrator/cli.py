@@ -472,7 +472,17 @@ def _health_parser(sub: Any, conn: _Parser) -> None:
     )  # fmt: skip
     _option(
         health, "--max-lag", env="ORCHESTRATOR_MAX_LAG", type=_non_negative, metavar="EVENTS",
-        help="unhealthy when a running driver has more events read and not yet committed",
+        help="unhealthy when a running driver has more events read and not yet committed "
+        "(for a redis-stream:KEY input: more entries after the committed one)",
+    )  # fmt: skip
+    _option(
+        health, "--max-lag-seconds", env="ORCHESTRATOR_MAX_LAG_SECONDS", type=_seconds,
+        metavar="SECONDS", help="redis-stream:KEY input: unhealthy when its newest entry is more "
+        "than this much newer than the committed one",
+    )  # fmt: skip
+    _option(
+        health, "--source-url", env="ORCHESTRATOR_SOURCE_URL", metavar="URL",
+        help="the Redis of a redis-stream:KEY input, for its lag (default the pipeline's)",
     )  # fmt: skip
     _option(
         health, "--max-stall", env="ORCHESTRATOR_MAX_STALL", type=_seconds, default=30.0,
@@ -551,7 +561,7 @@ def _program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
     if args.command == "health":
         from orchestrator.health import check
 
-        verdict = check(settings, args.role, args.max_lag, args.max_stall)
+        verdict = check(settings, args.role, args.max_lag, args.max_stall, args.max_lag_seconds)
         if not verdict.healthy:
             note(f"unhealthy: {verdict.reason}")
             return ExitStatus.FAILED

@@ -21,12 +21,12 @@ from redis import Redis
 
 from orchestrator.lock import driver_running
 from orchestrator.namespace import NamespaceInfo, read_info
-from orchestrator.queries import lag_events
-from orchestrator.server import connect
-from orchestrator.settings import Settings
+from orchestrator.queries import lag_events, source_lag
+from orchestrator.server import connect, source_connection
+from orchestrator.settings import STREAM_SOURCE, Settings
 from orchestrator.wording import counted
 from orchestrator.workers import listening_workers
-from tasks.errors import RedisUnavailable
+from tasks.errors import NamespaceError, RedisUnavailable
 from tasks.keys import Keys
 
 ROLES = ("any", "worker", "driver")
@@ -48,23 +48,46 @@ def check(
     role: str = "any",
     max_lag: int | None = None,
     max_stall: float = DEFAULT_MAX_STALL,
+    max_lag_seconds: float | None = None,
 ) -> Health:
     """Run the checks of ``role`` against the namespace of ``settings``.
 
     Raises:
         RedisUrlError: the URL cannot be used at all (a usage error, not a health verdict).
+        NamespaceError: --max-lag-seconds on a namespace whose input is not a stream.
     """
     keys = Keys(settings.namespace)
+    limits = Limits(max_lag, max_stall, max_lag_seconds, settings.source_url)
     try:
         # (with the embedded server: only one that a command runs; health never starts one)
         with connect(settings, join_only=True) as conn:
-            return _check(conn.client, keys, role, max_lag, max_stall)
+            return _check(conn.client, keys, role, limits)
     except (RedisUnavailable, redis.RedisError) as e:
         return Health(False, f"Redis unreachable: {e}")
 
 
-def _check(r: Redis, keys: Keys, role: str, max_lag: int | None, max_stall: float) -> Health:
+@dataclass(frozen=True)
+class Limits:
+    """The thresholds given, and where a stream input lives."""
+
+    max_lag: int | None
+    max_stall: float
+    max_lag_seconds: float | None
+    source_url: str | None
+
+
+def _reads_stream(info: NamespaceInfo) -> bool:
+    return info.input is not None and info.input.startswith(STREAM_SOURCE)
+
+
+def _check(r: Redis, keys: Keys, role: str, limits: Limits) -> Health:
     info = read_info(r, keys)
+    if limits.max_lag_seconds is not None and not _reads_stream(info):
+        msg = (
+            f"--max-lag-seconds needs a redis-stream:KEY input (its entries carry their time); "
+            f"namespace {keys.namespace!r} reads {info.input or 'nothing yet'}: use --max-lag"
+        )
+        raise NamespaceError(msg)
     partitions = info.partitions or 1  # before the first ingest: workers wait unregistered
     here = socket.gethostname()
     found: list[str] = []
@@ -80,16 +103,39 @@ def _check(r: Redis, keys: Keys, role: str, max_lag: int | None, max_stall: floa
         found.append(f"{counted(workers, 'worker')} listening")
     driver = driver_running(r, keys)
     if role == "driver":
-        problem = _driver_problem(driver, info, here, max_stall)
+        problem = _driver_problem(driver, info, here, limits.max_stall)
         if problem:
             return Health(False, problem)
         found.append("driver recording")
-    if max_lag is not None and role != "worker":
-        lag = lag_events(r, keys) if driver else 0
-        if lag > max_lag:
-            return Health(False, f"lag {counted(lag, 'event')} is over --max-lag {max_lag}")
-        found.append(f"lag {counted(lag, 'event')}")
+    if role != "worker" and (limits.max_lag is not None or limits.max_lag_seconds is not None):
+        problem = _lag_problem(r, keys, info, driver, limits, found)
+        if problem:
+            return Health(False, problem)
     return Health(True, f"namespace {keys.namespace!r}: Redis answers, {', '.join(found)}")
+
+
+def _lag_problem(
+    r: Redis, keys: Keys, info: NamespaceInfo, driver: str | None, limits: Limits, found: list[str]
+) -> str:
+    """Lag over a threshold: events (read and not committed, or for a stream input: entries
+    after the committed one) and seconds (a stream's newest entry after the committed one)."""
+    seconds: float | None = None
+    if _reads_stream(info):
+        with source_connection(limits.source_url, r) as source_r:
+            behind = source_lag(source_r, info)
+        events, seconds = behind["source_lag_entries"], behind["source_lag_seconds"]
+        if events is None:
+            return "lag unknown: the input stream is not on this Redis (--source-url?)"
+    else:
+        events = lag_events(r, keys) if driver else 0
+    if limits.max_lag is not None and events > limits.max_lag:
+        return f"lag {counted(events, 'event')} is over --max-lag {limits.max_lag}"
+    found.append(f"lag {counted(events, 'event')}")
+    if limits.max_lag_seconds is not None and seconds is not None:
+        if seconds > limits.max_lag_seconds:
+            return f"lag {seconds:g} s is over --max-lag-seconds {limits.max_lag_seconds:g}"
+        found.append(f"{seconds:g} s behind the stream")
+    return ""
 
 
 def _driver_problem(driver: str | None, info: NamespaceInfo, here: str, max_stall: float) -> str:

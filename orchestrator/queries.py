@@ -121,7 +121,7 @@ def status(settings: Settings) -> dict[str, Any]:
             return report
         if info.input is not None and info.input.startswith(STREAM_SOURCE):
             with source_connection(settings.source_url, r) as source_r:
-                report |= _source_lag(source_r, info)
+                report |= source_lag(source_r, info)
         report["partition_progress"] = _partitions(r, keys, info.partitions)
         report["queues"] = keys.queue_names(info.partitions)
         if conn.embedded:  # its unix socket is gone when the command that started it ends
@@ -137,7 +137,7 @@ def lag_events(r: Redis, keys: Keys) -> int:
     return sum(int(n) for n in backlog.values())
 
 
-def _source_lag(r: Redis, info: NamespaceInfo) -> dict[str, Any]:
+def source_lag(r: Redis, info: NamespaceInfo) -> dict[str, Any]:
     """A Redis stream input: the committed position, and how far the stream's newest entry
     is ahead of it (entries, seconds)."""
     assert info.input is not None

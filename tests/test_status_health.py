@@ -161,3 +161,50 @@ def test_health_and_status_of_a_running_run_and_its_interrupted_outcome(redis_ur
     assert (last["committed_epoch"], last["epochs"], last["events"]) == (-1, 0, 0)
     code, line = health(*args, "--role", "driver", cwd=tmp_path)
     assert code == 1 and "no driver runs" in line
+
+
+@pytest.mark.integration
+def test_status_and_health_of_a_stream_input_show_how_far_the_stream_is_ahead(
+    redis_url, real, tmp_path
+):
+    ns = new_namespace()
+    key = f"{ns}-events"  # (not a key of the namespace: reset leaves it)
+    args = ["--redis-url", redis_url, "--namespace", ns]
+    for line in SEED[:5]:  # the seed's lines before its bad one
+        real.xadd(key, {"event": line.rstrip("\n")})
+    try:
+        run = run_cli("ingest", f"redis-stream:{key}", "--workers", "1", *args, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        report = status(args, tmp_path)
+        assert report["source_position"] == real.xrevrange(key, count=1)[0][0].decode()
+        assert (report["source_lag_entries"], report["source_lag_seconds"]) == (0, 0.0)
+        assert report["last_run"]["events"] == events_of(SEED, 0, 4)
+
+        # One entry a minute newer than the committed one arrives; nobody reads it.
+        committed_ms = int(report["source_position"].split("-")[0])
+        real.xadd(key, {"event": SEED[6].rstrip("\n")}, id=f"{committed_ms + 60_000}-0")
+        report = status(args, tmp_path)
+        assert report["source_lag_entries"] == 1 and report["source_lag_seconds"] == 60.0
+        worker = fake_worker(redis_url, Keys(ns), report["partitions"])
+        try:
+            code, line = health(*args, "--max-lag-seconds", "30", cwd=tmp_path)
+            assert code == 1 and "lag 60 s is over --max-lag-seconds 30" in line
+            code, line = health(*args, "--max-lag", "0", cwd=tmp_path)
+            assert code == 1 and "lag 1 event is over --max-lag 0" in line
+            code, line = health(*args, "--max-lag", "1", "--max-lag-seconds", "90", cwd=tmp_path)
+            assert code == 0 and "lag 1 event, 60 s behind the stream" in line, line
+        finally:
+            worker.register_death()
+    finally:
+        real.delete(key)
+
+
+@pytest.mark.integration
+def test_max_lag_seconds_on_a_file_input_is_refused(redis_url, tmp_path):
+    (tmp_path / "in.json").write_text("".join(SEED[:5]))
+    args = ["--redis-url", redis_url, "--namespace", new_namespace()]
+    assert run_cli("ingest", "in.json", "--workers", "1", *args, cwd=tmp_path).returncode == 0
+    run = run_cli("health", *args, "--max-lag-seconds", "5", cwd=tmp_path)
+    assert run.returncode == ExitStatus.USAGE and run.stdout == ""
+    assert run.stderr.startswith("orchestrator: --max-lag-seconds needs a redis-stream:KEY input")
+    assert len(run.stderr.splitlines()) == 1
