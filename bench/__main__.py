@@ -1,7 +1,7 @@
 """The throughput benchmark: the plain loop vs the recoverable pipeline, on one generated file.
 
     python -m bench [--events 1000000] [--users 100000] [--workers 2] [--partitions 4]
-                    [--repeat 3] [--growth-to EVENTS]
+                    [--repeat 3] [--growth-to EVENTS] [--hot-key-orders N]
 
 In one invocation and on the same file it times (1) the seed's code as a plain
 single-process loop (``bench/plain.py``), (2) ``orchestrator ingest`` with the
@@ -85,6 +85,19 @@ def cpu_summary(sampler: TreeSampler) -> str:
     return ", ".join(parts) + " s"
 
 
+def cpu_per_event(sampler: TreeSampler, events: int) -> str:
+    """CPU µs per event of each role, and for the driver and Redis the events/s that one of
+    them could carry at that cost with unlimited workers (workers scale out; they do not)."""
+    parts = []
+    for role, procs in sorted(sampler.by_role().items()):
+        micros = sum(p.cpu_seconds for p in procs) / events * 1e6
+        ceiling = ""
+        if role in ("driver", "redis"):  # (a run too short for one clock tick shows none)
+            ceiling = f" (ceiling {1e6 / micros:,.0f}/s)" if micros else " (ceiling unmeasured)"
+        parts.append(f"{role} {micros:.2f} µs{ceiling}")
+    return ", ".join(parts)
+
+
 @dataclass
 class Timed:
     """One timed run of a command: its wall time and its sampled process tree."""
@@ -128,10 +141,10 @@ def peak_rss_summary(runs: list[Timed]) -> str:
     return ", ".join(parts) + " MB"
 
 
-def write_events(path: Path, events: int, users: int, seed: int) -> None:
+def write_events(path: Path, events: int, users: int, seed: int, hot_key_orders: int = 0) -> None:
     """Write ``events`` generated cart events, a JSON line each."""
     with open(path, "w", encoding="utf-8") as f:
-        for line in generate(events, users, seed):
+        for line in generate(events, users, seed, hot_key_orders=hot_key_orders):
             f.write(line + "\n")
 
 
@@ -185,6 +198,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--hot-key-orders",
+        type=int,
+        default=0,
+        metavar="N",
+        help="make N of the events orders of one user (a hot key; python -m bench.generate)",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=3,
@@ -202,6 +222,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if not 0 <= args.hot_key_orders <= args.events:
+        parser.error("--hot-key-orders must be between 0 and --events")
     if args.growth_to is not None and args.growth_to <= args.events:
         parser.error("--growth-to must be more than --events")
     return args
@@ -213,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
     try:
         events = work / "events.json"
-        write_events(events, args.events, args.users, args.seed)
+        write_events(events, args.events, args.users, args.seed, args.hot_key_orders)
+        hot = f" + {args.hot_key_orders:,} orders of one user" if args.hot_key_orders else ""
         print(
-            f"{args.events:,} events, {args.users:,} users, {args.workers} workers, "
+            f"{args.events:,} events, {args.users:,} users{hot}, {args.workers} workers, "
             f"{args.partitions} partitions; input {events.stat().st_size / MB:.1f} MB; "
             f"median of {args.repeat} run(s) each",
             flush=True,
@@ -300,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             f"CPU of the median runs: (2) {cpu_summary(pipe_run.tree)}; "
             f"(1) {cpu_summary(plain_run.tree)}"
         )
+        print(f"CPU per event of (2): {cpu_per_event(pipe_run.tree, n)}")
         print(f"ratio (2)/(1), events/s:         {plain_run.wall / pipe_run.wall:.2f}")
         if args.repeat > 1:
             pairs = [f"{a.wall / b.wall:.2f}" for a, b in zip(plain_runs, pipe_runs, strict=True)]

@@ -23,6 +23,7 @@ from orchestrator.settings import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
     STREAM_OUTPUT,
+    STREAM_SOURCE,
     Settings,
 )
 from orchestrator.wording import counted
@@ -173,6 +174,15 @@ def _log_format(text: str) -> str:
     return text
 
 
+def _input(text: str) -> Path:
+    """An argparse type: the input, a path or ``redis-stream:KEY`` (carried as a Path)."""
+    if text.startswith(STREAM_SOURCE) and str(Path(text)) != text:
+        # (a Path folds "a//b", "a/./b" and a trailing "/": another key would be read)
+        msg = f"a stream key that a path would change is not supported: {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return Path(text)
+
+
 def _namespace(text: str) -> str:
     try:
         return Keys(text).namespace
@@ -259,14 +269,29 @@ def _follow_option(parser: Any) -> None:
     )  # fmt: skip
 
 
+def _source_options(group: Any) -> None:
+    _option(
+        group, "--source-field", env="ORCHESTRATOR_SOURCE_FIELD", default=Settings.source_field,
+        metavar="NAME", help="with redis-stream:KEY: the entries' field that holds the event "
+        f"(default {Settings.source_field})",
+    )  # fmt: skip
+    _option(
+        group, "--source-url", env="ORCHESTRATOR_SOURCE_URL", metavar="URL",
+        help="with redis-stream:KEY: the Redis the stream lives on (a redis://, rediss:// or "
+        "unix:// URL; its password is never printed); default the pipeline's",
+    )  # fmt: skip
+
+
 def _run_options() -> _Parser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("how the run works")
     group.add_argument(
-        "file", type=Path, metavar="FILE",
+        "file", type=_input, metavar="FILE",
         help="input: one JSON event per line; '-' (or a pipe) reads standard input from its "
-        "start, and resume expects the same input again",
+        "start, and resume expects the same input again; redis-stream:KEY reads the entries "
+        "of a Redis stream, one event (--source-field) per entry, from its oldest entry",
     )  # fmt: skip
+    _source_options(group)
     _flow_option(group)
     _option(
         group, "--partitions", env="ORCHESTRATOR_PARTITIONS", type=_partition_count, metavar="P",
@@ -387,9 +412,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="committed epoch, progress and backlog, queues, workers, rate, retention",
         description="Show the namespace's committed and read epoch, the lag, the last run's "
         "rate, each partition's progress and backlog, the queues and listening workers, "
-        "dead letters, the replay window, the running driver, and how to add workers.",
+        "dead letters, the replay window, the running driver, the last run's outcome, and how "
+        "to add workers; --json follows docs/status.schema.json.",
     )
     _json_option(status)
+    _option(
+        status, "--source-url", env="ORCHESTRATOR_SOURCE_URL", metavar="URL",
+        help="the Redis of a redis-stream:KEY input, for its lag (default the pipeline's)",
+    )  # fmt: skip
+    produce = sub.add_parser(
+        "produce",
+        parents=[conn],
+        help="add each line of a file to a Redis stream (an input for redis-stream:KEY)",
+        description="XADD each line of FILE (without its newline), in order, as one entry of "
+        "the stream KEY with the event in --source-field: for demos and tests.",
+    )
+    produce.add_argument("key", metavar="KEY", help="the stream")
+    produce.add_argument(
+        "file", nargs="?", type=Path, default=Path("-"), metavar="FILE",
+        help="the lines to add ('-' or nothing: standard input)",
+    )  # fmt: skip
+    _source_options(produce)
+    _health_parser(sub, conn)
     state = sub.add_parser(
         "state",
         parents=[conn],
@@ -447,6 +491,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _health_parser(sub: Any, conn: _Parser) -> None:
+    health = sub.add_parser(
+        "health",
+        parents=[conn],
+        help="exit 0 if healthy, 1 if not, with one line saying why (for container checks)",
+        description="Check that Redis answers and, by --role: any = a live worker listens on "
+        "the namespace; worker = a worker of this host is registered and heartbeating; "
+        "driver = a driver of this host holds the namespace and records its progress. "
+        "Exit 0 healthy (the line on stdout), 1 unhealthy (the line on stderr).",
+    )
+    _option(
+        health, "--role", env="ORCHESTRATOR_HEALTH_ROLE", default="any",
+        choices=["any", "worker", "driver"], help="what to check (default any)",
+    )  # fmt: skip
+    _option(
+        health, "--max-lag", env="ORCHESTRATOR_MAX_LAG", type=_non_negative, metavar="EVENTS",
+        help="unhealthy when a running driver has more events read and not yet committed "
+        "(for a redis-stream:KEY input: more entries after the committed one)",
+    )  # fmt: skip
+    _option(
+        health, "--max-lag-seconds", env="ORCHESTRATOR_MAX_LAG_SECONDS", type=_seconds,
+        metavar="SECONDS", help="redis-stream:KEY input: unhealthy when its newest entry is more "
+        "than this much newer than the committed one",
+    )  # fmt: skip
+    _option(
+        health, "--source-url", env="ORCHESTRATOR_SOURCE_URL", metavar="URL",
+        help="the Redis of a redis-stream:KEY input, for its lag (default the pipeline's)",
+    )  # fmt: skip
+    _option(
+        health, "--max-stall", env="ORCHESTRATOR_MAX_STALL", type=_seconds, default=30.0,
+        metavar="SECONDS",
+        help="--role driver: unhealthy when the driver recorded no progress for this long "
+        "(it records at least once a second; default 30)",
+    )  # fmt: skip
+    _option(
+        health, "-q", "--quiet", env="ORCHESTRATOR_QUIET", action="store_true",
+        help="print nothing; the exit status says it",
+    )  # fmt: skip
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Build the command's settings from parsed arguments."""
     output = getattr(args, "output", None)
@@ -470,6 +554,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         log_format=args.log_format,
         quiet=getattr(args, "quiet", False),
         follow=getattr(args, "follow", False),
+        source_field=getattr(args, "source_field", Settings.source_field),
+        source_url=getattr(args, "source_url", None),
     )
 
 
@@ -507,8 +593,22 @@ def _program(args: argparse.Namespace, settings: Settings) -> ExitStatus:
     if args.command == "status":
         print_status(queries.status(settings), as_json=args.json)
         return ExitStatus.OK
+    if args.command == "health":
+        from orchestrator.health import check
+
+        verdict = check(settings, args.role, args.max_lag, args.max_stall, args.max_lag_seconds)
+        if not verdict.healthy:
+            note(f"unhealthy: {verdict.reason}")
+            return ExitStatus.FAILED
+        if not settings.quiet:
+            print(f"healthy: {verdict.reason}")
+        return ExitStatus.OK
     if args.command == "state":
         print_state(queries.key_state(settings, args.key, args.at_epoch), as_json=args.json)
+        return ExitStatus.OK
+    if args.command == "produce":
+        added = commands.produce_lines(settings, args.key, args.file)
+        note(f"added {counted(added, 'entry', 'entries')} to stream {args.key!r}")
         return ExitStatus.OK
     if args.command == "worker":
         workers.work(settings, burst=args.burst, announce_wait=not args.started_by_driver)
@@ -550,6 +650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "output_maxlen", None) and not isinstance(args.output, str):
         parser.error(f"--output-maxlen needs --output {STREAM_OUTPUT}KEY")
+    if args.command in RUN_COMMANDS and str(args.file) == STREAM_SOURCE:
+        parser.error(f"no stream key after {STREAM_SOURCE!r}")
     configure_logging(
         args.verbose,
         log_format=args.log_format,
@@ -569,22 +671,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command in RUN_COMMANDS
             and settings.redis_url is None
             # (a missing input leaves no data directory behind)
-            and (Path(args.file).is_file() or str(args.file) == "-")
+            and (
+                Path(args.file).is_file()
+                or str(args.file) == "-"
+                or str(args.file).startswith(STREAM_SOURCE)
+            )
         ):
             prestart(settings.data_dir)
         status = int(program(args, settings))
         sys.stdout.flush()  # here, where a reader that left is handled
         return status
-    except KeyboardInterrupt:
-        resume = _resume_command(args, settings)
-        kept = f"; committed epochs are kept: '{resume}' continues" if resume else ""
-        say(f"interrupted{kept}", level="WARNING")
-        return int(ExitStatus.INTERRUPTED)
-    except BrokenPipeError:
-        # Nothing to say to a reader that left; stdout goes to /dev/null so that
-        # the interpreter's last flush does not fail again on exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return int(ExitStatus.OUTPUT_CLOSED)
+    except (KeyboardInterrupt, BrokenPipeError) as e:
+        from orchestrator.failures import failure  # (imports redis-py: only when needed)
+
+        status, message = failure(e, _resume_command(args, settings)) or (1, "")
+        if isinstance(e, BrokenPipeError):
+            # Nothing to say to a reader that left; stdout goes to /dev/null so that
+            # the interpreter's last flush does not fail again on exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        else:
+            say(message, level="WARNING")
+        return status
     except Exception as e:  # noqa: BLE001 - expected errors become one line; others propagate
         from orchestrator.failures import report_error  # (imports redis-py: only when needed)
 

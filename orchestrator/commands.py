@@ -30,6 +30,7 @@ from orchestrator.namespace import (
     source_fields,
     start_run,
 )
+from orchestrator.outcome import recording
 from orchestrator.output import OutputStream
 from orchestrator.progress import Progress
 from orchestrator.reader import (
@@ -43,11 +44,20 @@ from orchestrator.reader import (
     read_to_epoch,
     seek_epoch,
 )
-from orchestrator.server import connect, server_config
-from orchestrator.settings import DEFAULT_FLOW, STREAM_OUTPUT, Command, Mode, Settings
+from orchestrator.server import connect, server_config, source_connection
+from orchestrator.settings import (
+    DEFAULT_FLOW,
+    STREAM_OUTPUT,
+    STREAM_SOURCE,
+    Command,
+    Mode,
+    Settings,
+    redact_url,
+)
 from orchestrator.sink import open_sink
+from orchestrator.streamsource import Position, StreamInput, StreamLost, produce
 from orchestrator.workers import WorkerPool
-from tasks.errors import NamespaceError, RedisLostData, Superseded
+from tasks.errors import ExitStatus, NamespaceError, RedisLostData, Superseded
 from tasks.flow import load_flow
 from tasks.keys import Keys
 from tasks.store import NOTHING
@@ -91,6 +101,10 @@ def plan_start(
             )
             raise NamespaceError(msg)
         return Start(0, 0)
+    if f is not None and (info.input or "").startswith(STREAM_SOURCE):
+        # (its offsets count the bytes of the stream's entries: they mean nothing in a file)
+        msg = f"namespace {keys.namespace!r} reads {info.input}, not {path}: resume it with that"
+        raise InputError(msg)
     if mode == "resume":
         if not info.exists:
             msg = (
@@ -111,7 +125,20 @@ def plan_start(
         offset = position_checked(f, path, info, committed + 1, info.offset)
         return Start(committed + 1, offset)
     assert from_epoch is not None
+    check_replay_range(info, keys, from_epoch)
+    checkpoint = checkpoint_at_or_before(r, keys, from_epoch)
+    offset = position(f, path, checkpoint.epoch, checkpoint.offset, from_epoch)
+    return Start(from_epoch, offset, checkpoint)
+
+
+def check_replay_range(info: NamespaceInfo, keys: Keys, from_epoch: int) -> None:
+    """Refuse a replay from an epoch that is not committed and retained.
+
+    Raises:
+        NamespaceError: nothing committed, or ``from_epoch`` out of range.
+    """
     require_committed(info, keys)
+    committed = info.committed
     if not info.retained_from <= from_epoch <= committed + 1:
         kept = "" if info.retained_from == 0 else " (older history is past --retain-epochs)"
         msg = (
@@ -119,9 +146,50 @@ def plan_start(
             f"and replay can start at {info.retained_from} to {committed + 1}{kept}"
         )
         raise NamespaceError(msg)
+
+
+def plan_stream_start(
+    r: Redis, keys: Keys, info: NamespaceInfo, mode: Mode, from_epoch: int | None, f: StreamInput
+) -> Start:
+    """Where a run over a Redis stream begins: the position recorded with the committed epoch
+    (resume), or with the checkpoint at or before ``from_epoch`` and the entries after it
+    (replay); the stream is checked for entries lost after that position.
+
+    Raises:
+        NamespaceError: as ``plan_start``.
+        InputError: the namespace's input is not this stream.
+        StreamLost: entries after the position were lost.
+    """
+    path = Path(f.name)
+    if mode == "ingest" or (mode == "resume" and info.committed == NOTHING):
+        start = plan_start(r, keys, info, mode, None, None, path)
+        recorded = checkpoint_at_or_before(r, keys, 0).source_position if info.exists else None
+        f.start_at(None if recorded is None else Position.decode(recorded), 0)
+        f.open()
+        return start
+    if info.input != f.name:
+        msg = (
+            f"namespace {keys.namespace!r} reads {info.input}, not {f.name}: resume or replay "
+            f"it with its own input, or use a new namespace"
+        )
+        raise InputError(msg)
+    if mode == "resume":
+        if info.source_position is None:
+            msg = f"namespace {keys.namespace!r} has no recorded position in {f.name}"
+            raise InputError(msg)
+        f.start_at(Position.decode(info.source_position), info.offset)
+        f.open()
+        return Start(info.committed + 1, info.offset)
+    assert from_epoch is not None
+    check_replay_range(info, keys, from_epoch)
     checkpoint = checkpoint_at_or_before(r, keys, from_epoch)
-    offset = position(f, path, checkpoint.epoch, checkpoint.offset, from_epoch)
-    return Start(from_epoch, offset, checkpoint)
+    if checkpoint.source_position is None:
+        msg = f"namespace {keys.namespace!r} has no recorded position before epoch {from_epoch}"
+        raise InputError(msg)
+    f.start_at(Position.decode(checkpoint.source_position), checkpoint.offset)
+    f.open()
+    f.skip(from_epoch - checkpoint.epoch)
+    return Start(from_epoch, f.position, checkpoint)
 
 
 def position(f: Input, path: Path, epoch: int, offset: int, target: int) -> int:
@@ -241,7 +309,20 @@ def run_pipeline(
     keys = Keys(settings.namespace)
     if settings.flow is not None:
         load_flow(settings.flow)  # a flow that cannot load is refused before anything starts
-    with open_input(path) as f, connect(settings) as conn:
+    stream = str(path).startswith(STREAM_SOURCE)
+    with (
+        contextlib.nullcontext() if stream else open_input(path) as opened,
+        connect(settings) as conn,
+        # (a run that cannot open its input or reach Redis leaves no outcome)
+        recording(conn.client, conn.url, keys, mode, resume_hint(settings, path)) as outcome,
+        source_connection(settings.source_url if stream else None, conn.client) as source_r,
+    ):
+        f: Input | StreamInput
+        if opened is None:
+            key = str(path).removeprefix(STREAM_SOURCE)
+            f = StreamInput(source_r, key, field=settings.source_field, follow=settings.follow)
+        else:
+            f = opened
         # The worker processes start first: forked before the driver lock starts its
         # thread, they begin with everything imported (a resume's fixed cost is mostly
         # start-up time). Refused by the lock, the run stops them again.
@@ -259,13 +340,28 @@ def run_pipeline(
             with DriverLock(conn.client, keys) as lock:
                 r = conn.client
                 housekeeping = partial(RunHousekeeping, pool, r)
-                return drive(
+                result = drive(
                     settings, mode, path, from_epoch, f, r, conn.embedded, housekeeping, lock
                 )
         except RedisLostData as e:
             raise RedisLostData(f"{e}; {_what_resume_does(conn.client, keys, path)}") from e
         finally:
             pool.stop()
+        outcome.finish(run_exit_status(result), run_reason(path, result))
+        return result
+
+
+def run_exit_status(result: RunResult) -> ExitStatus:
+    """A finished run's exit status: a bad line that stopped it (under fail) is bad input."""
+    return ExitStatus.DATA_ERROR if result.failure is not None else ExitStatus.OK
+
+
+def run_reason(path: Path, result: RunResult) -> str:
+    """A finished run's outcome in one line."""
+    if result.failure is not None:
+        return f"{describe_bad(path, result.failure)}; committed through epoch {result.committed}"
+    skipped = f", {len(result.skipped)} bad lines left out" if result.skipped else ""
+    return f"done: {result.events} events read, committed through epoch {result.committed}{skipped}"
 
 
 def _what_resume_does(r: Redis, keys: Keys, path: Path) -> str:
@@ -325,7 +421,10 @@ def drive(
     partitions = check_compatible(info, settings.partitions, settings.flow)
     flow = settings.flow or info.flow or DEFAULT_FLOW
     load_flow(flow)
-    start = plan_start(r, keys, info, mode, from_epoch, f, path)
+    if isinstance(f, StreamInput):
+        start = plan_stream_start(r, keys, info, mode, from_epoch, f)
+    else:
+        start = plan_start(r, keys, info, mode, from_epoch, f, path)
     check_server(r, settings, embedded)
     if mode != "ingest":
         check_consistency(r, keys, info.floors, start.epoch, info.evicted_keys)
@@ -348,6 +447,7 @@ def drive(
             output=sink.name,
             output_length=sink.start_length,
             output_stream=sink.entries,
+            source_fields=f.fields if isinstance(f, StreamInput) else None,
         )
         generation = fence.generation
         evictions = EvictionWatch(r, keys)
@@ -361,7 +461,7 @@ def drive(
             retain_epochs=settings.retain_epochs,
             evictions=evictions,
             output_stream=sink.entries,
-            source_fields=source_fields(f),
+            source_fields=f.fields if isinstance(f, StreamInput) else source_fields(f),
         )
         progress = Progress(enabled=not settings.quiet)
         driver: Driver | None = None
@@ -383,7 +483,7 @@ def drive(
                 output_stream=sink.entries,
             )
             # (a followed file is watched by its name: standard input has none)
-            name = None if str(path) == "-" else path
+            name = None if str(path) == "-" or isinstance(f, StreamInput) else path
             source = LineSource(
                 f, start.epoch, start.offset, settings.max_line_bytes, settings.follow, name
             )
@@ -411,6 +511,9 @@ def drive(
             open_line=driver.open_line_through(result.committed),
             final=True,
         )
+    if isinstance(f, StreamInput) and f.stopped is not None:
+        msg = f"{f.stopped}; stopped after epoch {result.committed} (everything before committed)"
+        raise StreamLost(msg)
     if source.stopped is not None:
         msg = (
             f"{path} {source.stopped} while it was followed: stopped after epoch "
@@ -452,9 +555,30 @@ def resume_hint(settings: Settings, path: Path) -> str:
         parts += ["--output", str(settings.output)]
     elif settings.output_stream is not None:
         parts += ["--output", f"{STREAM_OUTPUT}{settings.output_stream}"]
+    if str(path).startswith(STREAM_SOURCE):
+        if settings.source_field != Settings.source_field:
+            parts += ["--source-field", settings.source_field]
+        if settings.source_url is not None:  # (never its password: the variable holds it)
+            shown = settings.source_url
+            if redact_url(shown) != shown:
+                shown = '"$ORCHESTRATOR_SOURCE_URL"'
+            parts += ["--source-url", shown]
     if settings.follow:
         parts.append("--follow")
     return " ".join(parts)
+
+
+def produce_lines(settings: Settings, key: str, path: Path) -> int:
+    """``orchestrator produce``: add each line of ``path`` to the stream ``key``; the count.
+
+    Raises:
+        InputError: the file cannot be read.
+    """
+    with open_input(path) as f, connect(settings) as conn:
+        if isinstance(f, PipeInput):
+            f.blocking = True
+        with source_connection(settings.source_url, conn.client) as r:
+            return produce(r, key, iter(f.readline, b""), settings.source_field)
 
 
 def reset_namespace(settings: Settings) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -184,6 +184,8 @@ class Driver:
         self.recorded_at = 0.0
         self.started_at = time.monotonic()
         self.read_through = -1
+        self.first_epoch = 0  # of the run
+        self.committed_events = 0  # events of this run that partitions committed
         # (epoch, offset) of the input's last line when it has no newline: a resume reads it
         # again (it may have been cut mid-write, or be followed by more lines).
         self.open_line: tuple[int, int] | None = None
@@ -201,6 +203,7 @@ class Driver:
         """
         result = self.result = RunResult(committed=source.epoch - 1, next_offset=source.offset)
         self.progress.start(source.offset, input_size(source.file, source.follow))
+        self.first_epoch = source.epoch
         waiting = ended = False  # no whole line to read now; no more lines ever
         while True:
             if not ended and result.failure is None and not self._full():
@@ -323,7 +326,9 @@ class Driver:
         and the line is read again from its start later.
         """
         size, oversized, ended = len(data), None, False
-        if size > limit:
+        if (rejected := source.rejection()) is not None:  # a stream entry without an event
+            oversized, ended = rejected, True
+        elif size > limit:
             data, size, oversized, ended = finish_oversized(source.file, data, limit)
         if not ended:
             if source.waits:
@@ -345,9 +350,13 @@ class Driver:
         for flight in [*self.in_flight.values(), *self.staged.values()]:
             p = flight.batch.partition
             backlog[p] = backlog.get(p, 0) + flight.events
+        elapsed = max(now - self.started_at, 1e-6)
         return {
             "read_epoch": self.read_through,
-            "events_per_s": round(result.events / max(now - self.started_at, 1e-6), 1),
+            "events_per_s": round(result.events / elapsed, 1),
+            "committed_events": self.committed_events,
+            "committed_events_per_s": round(self.committed_events / elapsed, 1),
+            "run_first_epoch": self.first_epoch,
             "backlog": {p: n for p, n in backlog.items() if n},
         }
 
@@ -458,6 +467,10 @@ class Driver:
         self.buffered -= flight.events
         self.buffered_bytes -= flight.size
         self.after[p] = notice.applied_through
+        events, epochs = flight.events, flight.batch.epochs
+        if notice.applied_through < flight.batch.last_epoch:  # stopped by a bad event (fail)
+            events = events * bisect_right(epochs, notice.applied_through) // len(epochs)
+        self.committed_events += events
         successor = self.staged.pop(p, None)
         if successor is not None and notice.failed is None:
             self.in_flight[p] = successor

@@ -13,42 +13,54 @@ from tasks.errors import ExitStatus, PipelineError
 
 
 def report_error(e: Exception, verbose: bool, resume: str | None = None) -> int:
-    """The one-line message and exit status of an expected error; others propagate.
+    """Say the one-line message of an expected error and return its exit status; others
+    propagate.
 
     ``resume`` is the command that continues the run, for errors that a fixed disk cures.
     """
     import redis
 
+    known = failure(e, resume)
+    if known is None:
+        raise e
+    status, message = known
+    # A lost connection says all there is; the other errors' tracebacks help with --verbose.
+    if verbose and not isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+        traceback.print_exc()
+    say(message)
+    return status
+
+
+def failure(e: BaseException, resume: str | None = None) -> tuple[int, str] | None:
+    """The exit status and one-line message of an error: the one mapping from failures to
+    exit statuses (None for a bug, which keeps its traceback)."""
+    import redis
+
+    if isinstance(e, KeyboardInterrupt):
+        kept = f"; committed epochs are kept: '{resume}' continues" if resume else ""
+        return int(ExitStatus.INTERRUPTED), f"interrupted{kept}"
+    if isinstance(e, BrokenPipeError):
+        return int(ExitStatus.OUTPUT_CLOSED), "the reader of standard output went away"
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
-        say(f"lost the connection to Redis{outage_note()}: {e}")
-        return int(ExitStatus.REDIS_UNAVAILABLE)
+        lost = f"lost the connection to Redis{outage_note()}: {e}"
+        return int(ExitStatus.REDIS_UNAVAILABLE), lost
     if isinstance(e, redis.ResponseError) and "MISCONF" in str(e):
-        if verbose:
-            traceback.print_exc()
         # The server refuses writes because it cannot persist them (a full or failing disk).
         # (Inside a pipeline's error the reply comes after "Command # N (...) of pipeline".)
         reply = str(e)[str(e).index("MISCONF") :]
         then = f", then run '{resume}'" if resume else ""
-        say(f"the Redis server cannot write to its disk, so it refuses writes: {reply}{then}")
-        return int(ExitStatus.REDIS_UNAVAILABLE)
+        return int(ExitStatus.REDIS_UNAVAILABLE), (
+            f"the Redis server cannot write to its disk, so it refuses writes: {reply}{then}"
+        )
     if isinstance(e, redis.RedisError):
-        if verbose:
-            traceback.print_exc()
-        say(f"Redis refused a command: {e}")
-        return int(ExitStatus.REDIS_UNAVAILABLE)
+        return int(ExitStatus.REDIS_UNAVAILABLE), f"Redis refused a command: {e}"
     if isinstance(e, PipelineError):
-        if verbose:
-            traceback.print_exc()
-        say(str(e) + disk_advice(e, resume))
-        return int(e.exit_status)
+        return int(e.exit_status), str(e) + disk_advice(e, resume)
     if isinstance(e, OSError) and e.filename is not None:
         # A file the command needs (besides the input, the output and the data directory,
         # which have their own messages): a read-only or full disk, permissions.
-        if verbose:
-            traceback.print_exc()
-        say(f"cannot use {os.fsdecode(e.filename)}: {e.strerror}")
-        return int(ExitStatus.NO_INPUT)
-    raise e
+        return int(ExitStatus.NO_INPUT), f"cannot use {os.fsdecode(e.filename)}: {e.strerror}"
+    return None
 
 
 def disk_advice(e: PipelineError, resume: str | None) -> str:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from redis import Redis
 
@@ -39,6 +39,12 @@ class NamespaceInfo:
     retained_from: int = 0  # the oldest epoch replay can start at
     read_epoch: int | None = None  # the last epoch the driver read
     events_per_s: float | None = None  # of the last run, as it went
+    # Committed by the partitions, in the last run (for status): events, their rate, and the
+    # epoch that run started at; ``at`` is when the last record was written (Unix time).
+    committed_events: int | None = None
+    committed_events_per_s: float | None = None
+    run_first_epoch: int | None = None
+    at: float | None = None
     retain_epochs: int | None = None
     fingerprint: str | None = None  # of the input's first fingerprint_end bytes
     fingerprint_end: int = 0
@@ -51,11 +57,16 @@ class NamespaceInfo:
     evicted_keys: int = 0  # keys the server evicted during a run (--allow-eviction)
     # (epoch, offset) of a committed last line that had no newline: resume reads it again
     open_line: tuple[int, int] | None = None
+    # a Redis stream input's committed position (``ID:INDEX``, streamsource.Position)
+    source_position: str | None = None
 
     @property
     def exists(self) -> bool:
         """Whether a run has ever started on the namespace."""
         return self.partitions is not None
+
+
+_N = TypeVar("_N", int, float)
 
 
 def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
@@ -75,6 +86,10 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         read_epoch=int(meta["read_epoch"]) if "read_epoch" in meta else None,
         events_per_s=float(meta["events_per_s"]) if "events_per_s" in meta else None,
         retain_epochs=int(meta["retain_epochs"]) if "retain_epochs" in meta else None,
+        committed_events=_number(meta, "committed_events", int),
+        committed_events_per_s=_number(meta, "committed_events_per_s", float),
+        run_first_epoch=_number(meta, "run_first_epoch", int),
+        at=_number(meta, "at", float),
         fingerprint=meta.get("fingerprint") or None,
         fingerprint_end=int(meta.get("fingerprint_end", 0)),
         prefix_sha256=meta.get("prefix_sha256") or None,
@@ -82,7 +97,12 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         floors=tuple(json.loads(meta["floors"])) if "floors" in meta else None,
         evicted_keys=int(meta.get("evicted_keys", 0)),
         open_line=_epoch_offset(meta.get("open_line")),
+        source_position=meta.get("source_position") or None,
     )
+
+
+def _number(meta: dict[str, str], field: str, kind: type[_N]) -> _N | None:
+    return kind(meta[field]) if field in meta else None
 
 
 def _epoch_offset(text: str | None) -> tuple[int, int] | None:
@@ -130,6 +150,7 @@ def start_run(
     output: str | None = None,
     output_length: int | None = None,
     output_stream: OutputStream | None = None,
+    source_fields: SourceFields | None = None,
 ) -> Fence:
     """Take over the namespace for a run that processes input from ``start_epoch`` on.
 
@@ -159,8 +180,9 @@ def start_run(
         raise Superseded(msg)
     fence = Fence(generation, token, lock_ttl_ms)
     committer = Committer(
-        r, keys, partitions, fence, last_committed=info.committed, output_stream=output_stream
-    )
+        r, keys, partitions, fence, last_committed=info.committed, output_stream=output_stream,
+        source_fields=source_fields,
+    )  # fmt: skip
     committer.record(
         start_epoch - 1,
         start_offset,
@@ -328,7 +350,8 @@ class Committer:
         if self.retain_epochs is not None and (final or now - self._collected_at >= self.GC_EVERY):
             self._collected_at = now
             retained_from = max(0, committed + 1 - self.retain_epochs)
-        checkpoint = Checkpoint(committed + 1, offset, output_length)
+        # (a stream input's position goes with the checkpoint: replay reads on from there)
+        checkpoint = Checkpoint(committed + 1, offset, output_length, fields.get("source_position"))
         stream = self.output_stream
         entries = None
         if stream is not None:  # (the held lines are of epochs up to committed)
@@ -374,12 +397,15 @@ class Checkpoint:
     epoch: int
     offset: int
     output_length: int | None  # None: no output file was recorded
+    # a Redis stream input's position before the epoch (``ID:INDEX``, streamsource.Position)
+    source_position: str | None = None
 
     @property
     def member(self) -> str:
         """Its member in the checkpoints sorted set (scored by epoch)."""
         out = -1 if self.output_length is None else self.output_length
-        return f"{self.epoch}:{self.offset}:{out}"
+        source = "" if self.source_position is None else f":{self.source_position}"
+        return f"{self.epoch}:{self.offset}:{out}{source}"
 
 
 def checkpoint_at_or_before(r: Redis, keys: Keys, epoch: int) -> Checkpoint:
@@ -387,8 +413,9 @@ def checkpoint_at_or_before(r: Redis, keys: Keys, epoch: int) -> Checkpoint:
     found = cast("list[bytes]", r.zrevrangebyscore(keys.checkpoints, epoch, "-inf", start=0, num=1))
     if not found:
         return Checkpoint(0, 0, 0)
-    e, offset, out = found[0].decode().split(":")
-    return Checkpoint(int(e), int(offset), None if int(out) < 0 else int(out))
+    e, offset, out, *source = found[0].decode().split(":", 3)
+    position = source[0] if source else None
+    return Checkpoint(int(e), int(offset), None if int(out) < 0 else int(out), position)
 
 
 def reset(r: Redis, keys: Keys) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import time
 from typing import Any, cast
 
 import orjson
@@ -11,9 +12,17 @@ from redis import Redis
 
 from orchestrator.lock import driver_running
 from orchestrator.namespace import NamespaceInfo, read_info, require_committed
+from orchestrator.outcome import iso_utc, last_run
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url
-from orchestrator.server import connect
-from orchestrator.settings import DEFAULT_DATA_DIR, DEFAULT_NAMESPACE, Settings, redact_url
+from orchestrator.server import connect, source_connection
+from orchestrator.settings import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_NAMESPACE,
+    STREAM_SOURCE,
+    Settings,
+    redact_url,
+)
+from orchestrator.streamsource import Position, lag
 from orchestrator.workers import listening_workers
 from tasks.errors import NamespaceError
 from tasks.keys import Keys, partition_of
@@ -57,13 +66,24 @@ def orchestrator_worker_command(settings: Settings) -> str:
     return command
 
 
+# Of docs/status.schema.json: keys are only added (readers ignore what they do not know);
+# renaming or removing one, or changing its meaning, raises it.
+STATUS_SCHEMA_VERSION = 1
+
+
 def status(settings: Settings) -> dict[str, Any]:
-    """Committed epoch, partition progress and backlog, queues, workers, rate, retention."""
+    """Committed epoch, partition progress and backlog, queues, workers, rate, retention.
+
+    Every key of docs/status.schema.json is there, null when unknown.
+    """
     keys = Keys(settings.namespace)
     with connect(settings) as conn:
         r = conn.client
         info = read_info(r, keys)
+        driver = driver_running(r, keys)
         report: dict[str, Any] = {
+            "schema_version": STATUS_SCHEMA_VERSION,
+            "generated_at": iso_utc(time.time()),
             "namespace": keys.namespace,
             "redis": redact_url(conn.url)
             if not conn.embedded
@@ -76,25 +96,54 @@ def status(settings: Settings) -> dict[str, Any]:
             "next_offset": info.offset if info.exists else None,
             "read_epoch": info.read_epoch,
             "lag_epochs": _lag(info),
+            "lag_events": lag_events(r, keys) if driver else None,
             "events_per_s": info.events_per_s,
-            "driver": driver_running(r, keys),
+            "committed_events_per_s": info.committed_events_per_s,
+            "recorded_at": iso_utc(info.at),
+            "driver": driver,
+            "last_run": last_run(r, keys),
             "retention": {
                 "retain_epochs": info.retain_epochs,
                 "replayable_from": info.retained_from if info.exists else None,
             },
             "dead_letters": r.xlen(keys.dead_letters),
+            "partition_progress": None,
+            "workers": listening_workers(r, keys, info.partitions or 1),
+            "queues": None,
+            "rq_worker_command": None,
+            "worker_command": None,
+            # a redis-stream:KEY input's committed entry id, and how far the stream is ahead
+            "source_position": None,
+            "source_lag_entries": None,
+            "source_lag_seconds": None,
         }
         if info.partitions is None:
             return report
+        if info.input is not None and info.input.startswith(STREAM_SOURCE):
+            with source_connection(settings.source_url, r) as source_r:
+                report |= source_lag(source_r, info)
         report["partition_progress"] = _partitions(r, keys, info.partitions)
-        report["workers"] = listening_workers(r, keys, info.partitions)
         report["queues"] = keys.queue_names(info.partitions)
         if conn.embedded:  # its unix socket is gone when the command that started it ends
-            report["rq_worker_command"] = None
             report["worker_command"] = orchestrator_worker_command(settings)
         else:
             report["rq_worker_command"] = rq_worker_command(conn.url, keys, info.partitions)
         return report
+
+
+def lag_events(r: Redis, keys: Keys) -> int:
+    """Events the running driver has read and the partitions not yet committed."""
+    backlog = cast("dict[bytes, bytes]", r.hgetall(keys.backlog))
+    return sum(int(n) for n in backlog.values())
+
+
+def source_lag(r: Redis, info: NamespaceInfo) -> dict[str, Any]:
+    """A Redis stream input: the committed position, and how far the stream's newest entry
+    is ahead of it (entries, seconds)."""
+    assert info.input is not None
+    position = Position.decode(info.source_position or "0-0:")
+    key = info.input.removeprefix(STREAM_SOURCE)
+    return {"source_position": position.id, **lag(r, key, position)}
 
 
 def _lag(info: NamespaceInfo) -> int | None:

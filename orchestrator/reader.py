@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 from orchestrator.errors import InputError
 from orchestrator.settings import Settings
+from orchestrator.streamsource import StreamInput
 
 FINGERPRINT_BLOCK = 4096
 FINGERPRINT_SAMPLES = 16
@@ -32,7 +33,7 @@ class LineSource:
     truncated or replaced (``gone``), which ends the run.
     """
 
-    file: Input
+    file: Input | StreamInput
     epoch: int
     offset: int
     max_line_bytes: int = Settings.max_line_bytes
@@ -44,7 +45,7 @@ class LineSource:
     _suspect: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.file, PipeInput):
+        if isinstance(self.file, PipeInput | StreamInput):
             self.file.blocking = False  # the driver goes on committing while it waits
             return
         self.file.seek(self.offset)
@@ -55,23 +56,27 @@ class LineSource:
     def waits(self) -> bool:
         """Whether the end of the data so far may not be the end: a followed file, or a
         pipe that its writer has not closed (following a pipe changes nothing)."""
-        if isinstance(self.file, PipeInput):
+        if isinstance(self.file, PipeInput | StreamInput):
             return not self.file.ended
         return self.follow
 
     def wait_at(self, offset: int, data: bytes) -> None:
         """No whole line at ``offset`` yet (``data`` is what came of it): it is read again
         from its start later."""
-        if isinstance(self.file, PipeInput):
+        if isinstance(self.file, PipeInput | StreamInput):
             self.file.unread(data)
         else:
             self.file.seek(offset)
 
     def finished(self) -> bool:
         """At the end of the data for now: whether no more lines will ever come."""
-        if isinstance(self.file, PipeInput):
+        if isinstance(self.file, PipeInput | StreamInput):
             return self.file.ended
         return not self.follow or self.gone()
+
+    def rejection(self) -> str | None:
+        """Why the line just read, without a newline, is bad (a stream's entry), if it is."""
+        return self.file.rejection if isinstance(self.file, StreamInput) else None
 
     def gone(self) -> bool:
         """Followed, at the end of the data: whether the file was truncated or replaced.
@@ -90,6 +95,7 @@ class LineSource:
         return True
 
     def _change(self) -> str | None:
+        assert not isinstance(self.file, StreamInput)  # (a stream is never followed as a file)
         size = os.fstat(self.file.fileno()).st_size
         if size < self.offset:
             return f"was truncated (to {size:,} bytes, before the read position {self.offset:,})"
@@ -316,7 +322,9 @@ class PipeInput:
 Input = io.BufferedReader | PipeInput
 
 
-def finish_oversized(f: Input, start: bytes, max_line_bytes: int) -> tuple[bytes, int, str, bool]:
+def finish_oversized(
+    f: Input | StreamInput, start: bytes, max_line_bytes: int
+) -> tuple[bytes, int, str, bool]:
     """Skip the rest of a line longer than the limit, without holding it in memory.
 
     Returns:

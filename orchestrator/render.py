@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import queries
-from orchestrator.commands import describe_bad, resume_hint
+from orchestrator.commands import describe_bad, resume_hint, run_exit_status, run_reason
 from orchestrator.driver import RunResult
 from orchestrator.messages import note, say
 from orchestrator.settings import Settings
@@ -59,16 +59,13 @@ def report_run(settings: Settings, path: Path, result: RunResult) -> ExitStatus:
         else:  # the flow hung or killed its worker on a valid line: the input is not at fault
             more = " with a higher --batch-timeout" if result.failure.kind == "timeout" else ""
             advice = f"fix the flow, or run '{resume}'{more} or with --on-error skip or dead-letter"
-        say(
-            f"{describe_bad(path, result.failure)}; committed through epoch "
-            f"{result.committed}; {advice}"
-        )
-        return ExitStatus.DATA_ERROR
+        say(f"{run_reason(path, result)}; {advice}")
+        return run_exit_status(result)
     events = counted(result.events, "event")
     reruns = counted(result.reruns, "batch", "batches")
     more = f", {reruns} re-run after losing a worker" if result.reruns else ""
     note(f"done: {events}, committed through epoch {result.committed}{more}")
-    return ExitStatus.OK
+    return run_exit_status(result)
 
 
 def print_status(report: dict[str, Any], *, as_json: bool) -> None:
@@ -92,13 +89,28 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
         f"read epoch:      {report['read_epoch']} "
         f"(lag {'unknown' if lag is None else counted(lag, 'epoch')})"
     )
-    print(f"events/s:        {report['events_per_s']} (last run)")
+    print(
+        f"events/s:        {report['committed_events_per_s']} committed, "
+        f"{report['events_per_s']} read (last run)"
+    )
+    if report["source_position"] is not None:
+        entries, seconds = report["source_lag_entries"], report["source_lag_seconds"]
+        if entries is None:
+            behind = "lag unknown: the stream is not on this Redis (--source-url?)"
+        else:
+            behind = f"{counted(entries, 'entry', 'entries')}, {seconds:.3f} s behind"
+        print(f"source:          after entry {report['source_position']} ({behind})")
     print(
         f"replayable from: epoch {retention['replayable_from']} "
         f"(--retain-epochs {retention['retain_epochs']})"
     )
     print(f"dead letters:    {report['dead_letters']}")
     print(f"driver:          {report['driver'] or 'not running'}")
+    if (last := report["last_run"]) is not None:
+        print(
+            f"last run:        {last['command']} ended {last['ended_at']}, exit "
+            f"{last['exit_status']}: {escape_controls(last['reason'])}"
+        )
     print(f"workers:         {report['workers']} listening")
     print(f"partitions:      {report['partitions']}")
     for row in report["partition_progress"]:

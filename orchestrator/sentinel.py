@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
 from redis import Redis
@@ -117,9 +117,14 @@ class ConciseSentinel(Sentinel):
     of characters each); this one names the sentinels and why each failed.
     """
 
+    def __init__(self, sentinels: list[tuple[str, int]], **kwargs: Any) -> None:
+        # redis-py's Sentinel is unannotated before 8.2 (strict mypy refuses such calls), and
+        # annotated since (a type: ignore would be unused): cast(Any) passes on both
+        cast(Any, super()).__init__(sentinels, **kwargs)
+
     def discover_master(self, service_name: str) -> Any:
         try:
-            return super().discover_master(service_name)  # type: ignore[no-untyped-call]
+            return cast(Any, super()).discover_master(service_name)  # (see __init__)
         except MasterNotFoundError as e:
             reasons = sorted(set(re.findall(r" - (\w+:\w+)", str(e))))
             why = (
@@ -191,11 +196,8 @@ def sentinel_client(address: SentinelAddress, **kwargs: Any) -> Redis:
     if address.sentinel_password is not None:
         sentinel_kwargs["password"] = address.sentinel_password
         sentinel_kwargs["username"] = address.sentinel_username
-    # (redis-py's Sentinel is unannotated)
-    sentinel = ConciseSentinel(  # type: ignore[no-untyped-call]
-        list(address.sentinels), sentinel_kwargs=sentinel_kwargs
-    )
-    primary: Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    sentinel = ConciseSentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs)
+    primary: Redis = cast(Any, sentinel).master_for(
         address.service,
         db=address.db,
         username=address.username,

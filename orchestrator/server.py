@@ -297,6 +297,26 @@ def connect(settings: Settings, *, join_only: bool = False) -> Iterator[Connecti
             client.close()
 
 
+@contextlib.contextmanager
+def source_connection(url: str | None, default: Redis) -> Iterator[Redis]:
+    """A client of the Redis a source stream lives on: ``url`` (--source-url), probed, or
+    ``default`` (the pipeline's).
+
+    Raises:
+        RedisUrlError: the URL cannot be used.
+        RedisUnavailable: it cannot be reached.
+    """
+    if url is None:
+        yield default
+        return
+    _ping(url, f"--source-url {redact_url(url)}")
+    client = client_for(url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 def _ping(url: str, where: str) -> None:
     probe = client_for(url, retry=False)
     try:

@@ -26,6 +26,10 @@ Command = Literal["ingest", "resume", "replay", "run"]
 
 # --output redis-stream:KEY writes the output lines to a Redis stream (orchestrator/sink.py)
 STREAM_OUTPUT = "redis-stream:"
+# ingest/resume/replay/run redis-stream:KEY read the input from a Redis stream
+# (orchestrator/streamsource.py)
+STREAM_SOURCE = "redis-stream:"
+DEFAULT_SOURCE_FIELD = "event"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,10 @@ class Settings:
     batch_timeout: float = 60.0
     # --follow: keep reading the input as it grows, until interrupted
     follow: bool = False
+    # redis-stream:KEY input: the entries' field holding the event, and the Redis the stream
+    # lives on (None: the pipeline's)
+    source_field: str = DEFAULT_SOURCE_FIELD
+    source_url: str | None = None
 
     @property
     def worker_count(self) -> int:

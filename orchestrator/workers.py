@@ -61,11 +61,14 @@ CRASH_LOOP_DEATHS = 3  # ...this many times in a row is not restarted again
 STALE_AFTER = 60.0
 
 
-def listening_workers(r: Redis, keys: Keys, partitions: int) -> int:
-    """How many live RQ workers listen on at least one partition queue of the namespace."""
+def listening_workers(r: Redis, keys: Keys, partitions: int, host: str | None = None) -> int:
+    """How many live RQ workers (of ``host``, if given) listen on at least one partition
+    queue of the namespace."""
     names = set(keys.queue_names(partitions))
     return sum(
-        1 for w in SimpleWorker.all(connection=r) if names & set(w.queue_names()) and _alive(w)
+        1
+        for w in SimpleWorker.all(connection=r)
+        if names & set(w.queue_names()) and (host is None or w.hostname == host) and _alive(w)
     )
 
 

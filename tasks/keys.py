@@ -72,6 +72,11 @@ class Keys:
         return f"{self.namespace}:backlog"
 
     @property
+    def last_run(self) -> str:
+        """String: the last run's outcome (JSON: command, times, exit status, reason, counts)."""
+        return f"{self.namespace}:last-run"
+
+    @property
     def dead_letters(self) -> str:
         """Stream: rejected lines and events (epoch, line, raw text, reason) under dead-letter."""
         return f"{self.namespace}:dead-letters"

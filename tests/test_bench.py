@@ -14,13 +14,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_bench_runs_small_and_its_outputs_match():
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--events", "20000", "--users", "2000", "--repeat", "2",
-         "--growth-to", "30000"],
+         "--growth-to", "30000", "--hot-key-orders", "300"],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "output (1) == (2), byte for byte: True" in run.stdout
     assert "output after resume == (1):       True" in run.stdout
+    assert "20,000 events, 2,000 users + 300 orders of one user" in run.stdout
+    assert re.search(
+        r"CPU per event of \(2\): driver [\d.]+ µs \(ceiling [\d,]+/s\), "
+        r"redis [\d.]+ µs \(ceiling [\d,]+/s\)",
+        run.stdout,
+    )
     for figure in (
         "ratio (2)/(1)",
         "... of each pair of runs",

@@ -89,6 +89,13 @@ def test_the_compose_topology_gives_the_embedded_runs_output(tmp_path):
             as_local(entrypoint() + [host_path(a, volumes) for a in args]),
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
+        # The workers' health check, run where they run (the same host), says healthy.
+        check = services["worker"]["healthcheck"]["test"]
+        assert check[0] == "CMD"
+        health = subprocess.run(
+            as_local(check[1:]), env=env, capture_output=True, text=True, timeout=60
+        )
+        assert health.returncode == 0 and "3 workers of this host" in health.stdout, health
     finally:
         for w in workers:
             w.terminate()
