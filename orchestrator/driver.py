@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import logging
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import orjson
 from redis import Redis
@@ -39,6 +39,9 @@ from tasks.errors import InvalidEvent
 from tasks.flow import load_flow, make_router
 from tasks.keys import Keys, partition_of
 from tasks.store import applied_epochs
+
+if TYPE_CHECKING:
+    from orchestrator.metrics import DriverMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +152,10 @@ class Driver:
         batch_timeout: float,
         output_is_file: bool = False,
         output_stream: OutputStream | None = None,
+        metrics: DriverMetrics | None = None,
     ) -> None:
         self.r = r
+        self.metrics = metrics  # counted per chunk and per batch (--metrics-port)
         self.output_stream = output_stream
         self.batch_timeout = batch_timeout
         self.batch_events = batch_events
@@ -184,6 +189,7 @@ class Driver:
         self.recorded_at = 0.0
         self.started_at = time.monotonic()
         self.read_through = -1
+        self.first_epoch = 0  # of the run
         # (epoch, offset) of the input's last line when it has no newline: a resume reads it
         # again (it may have been cut mid-write, or be followed by more lines).
         self.open_line: tuple[int, int] | None = None
@@ -200,6 +206,7 @@ class Driver:
         replaced (``source.stopped`` then says how), or the command is interrupted.
         """
         result = self.result = RunResult(committed=source.epoch - 1, next_offset=source.offset)
+        self.first_epoch = source.epoch
         waiting = ended = False  # no whole line to read now; no more lines ever
         while True:
             if not ended and result.failure is None and not self._full():
@@ -229,6 +236,8 @@ class Driver:
                 read_through,
                 len(self.in_flight) + len(self.staged),
             )
+            if self.metrics is not None:
+                self.metrics.publish(self)
             done = ended or result.failure is not None
             if done and not self.in_flight and not self.staged and not self.pending:
                 # Nothing may stay counted as buffered, or a long run would stop reading.
@@ -239,6 +248,8 @@ class Driver:
                 self._record(result, force=True)
                 self.notices.close()
                 result.reruns = self.dispatcher.reruns
+                if self.metrics is not None:
+                    self.metrics.publish(self, force=True)
                 return result
 
     def record_interrupted(self) -> None:
@@ -376,6 +387,8 @@ class Driver:
         return result.failure is not None
 
     def _reject(self, bad: BadLine, result: RunResult) -> None:
+        if self.metrics is not None:
+            self.metrics.bad_line(bad.reason, bad.kind)
         if self.on_error == "fail":
             if result.failure is None or bad.epoch < result.failure.epoch:
                 result.failure = bad
@@ -435,6 +448,10 @@ class Driver:
             flight = self.dispatcher.new_flight(
                 batch, pending.offsets, pending.events, pending.size
             )
+            flight.read_at = pending.since
+            if self.metrics is not None:
+                self.metrics.batch_events.observe(pending.events, self.metrics.ns)
+                self.metrics.batches_sent.inc(1, self.metrics.ns)
             if head is None:
                 self.in_flight[p] = flight
                 sent.append(flight)
@@ -455,6 +472,8 @@ class Driver:
         self.buffered -= flight.events
         self.buffered_bytes -= flight.size
         self.after[p] = notice.applied_through
+        if self.metrics is not None:
+            self._count_commit(self.metrics, flight, notice.applied_through)
         successor = self.staged.pop(p, None)
         if successor is not None and notice.failed is None:
             self.in_flight[p] = successor
@@ -466,6 +485,15 @@ class Driver:
         self.merger.add(p, list(zip(notice.epochs, notice.lines, strict=True)))
         for rejection in [*notice.rejected, *([notice.failed] if notice.failed else [])]:
             self._reject(_bad(rejection, flight), result)
+
+    def _count_commit(self, m: DriverMetrics, flight: InFlight, applied_through: int) -> None:
+        epochs = flight.batch.epochs
+        events = flight.events
+        if applied_through < flight.batch.last_epoch:  # stopped by a bad event (under fail)
+            events = events * bisect_right(epochs, applied_through) // len(epochs)
+        m.events_committed.inc(events, m.ns)
+        m.batches_committed.inc(1, m.ns)
+        m.batch_seconds.observe(time.monotonic() - flight.sent_at, m.ns)
 
     def _forget_from(self, epoch: int) -> None:
         """Drop buffered events and lines at or after ``epoch``: the run stops before it."""
@@ -533,6 +561,9 @@ class Driver:
             open_line=self.open_line_through(committed),
         )
         self._writing = False
+        if self.metrics is not None:
+            self.metrics.commit_seconds.observe(time.monotonic() - now, self.metrics.ns)
+            self.metrics.dead_letters.inc(len(dead), self.metrics.ns)
         self.recorded, self.recorded_at = committed, now
 
 

@@ -9,6 +9,7 @@ from typing import Literal
 from urllib.parse import unquote, unquote_plus
 
 from tasks.batch import OnError
+from tasks.metrics import Address
 
 DEFAULT_NAMESPACE = "cart-join"
 DEFAULT_DATA_DIR = Path(".orchestrator")
@@ -56,6 +57,8 @@ class Settings:
     batch_timeout: float = 60.0
     # --follow: keep reading the input as it grows, until interrupted
     follow: bool = False
+    # --metrics-port: where this command serves Prometheus metrics (None: it does not)
+    metrics: Address | None = None
 
     @property
     def worker_count(self) -> int:
