@@ -1,7 +1,7 @@
 """The throughput benchmark: the plain loop vs the recoverable pipeline, on one generated file.
 
     python -m bench [--events 1000000] [--users 100000] [--workers 2] [--partitions 4]
-                    [--repeat 3] [--growth-to EVENTS]
+                    [--repeat 3] [--growth-to EVENTS] [--metrics-port PORT]
 
 In one invocation and on the same file it times (1) the seed's code as a plain
 single-process loop (``bench/plain.py``), (2) ``orchestrator ingest`` with the
@@ -19,7 +19,10 @@ for every run but the first after a boot). Then (1) and (2) run
 the 99% run's data; the table shows the median run with the range, and the
 ratio of each pair: on a shared machine single runs drift (docs/performance.md).
 With ``--growth-to`` it also ingests that many events of the same users and
-prints how Redis memory grew, beside the growth of the states' JSON.
+prints how Redis memory grew, beside the growth of the states' JSON. With
+``--metrics-port`` the runs serve metrics there (and the workers on the next
+ports), scraped every second as a busy Prometheus would: the cost of metrics is
+the ratio of an invocation with it over one without.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +182,34 @@ def print_growth(
     print(f"  final states, JSON              {grew('state_json_bytes')}")
 
 
+class Scraper:
+    """Scrapes the metrics of the driver and its workers every second (while it runs)."""
+
+    def __init__(self, port: int, workers: int) -> None:
+        self.ports = [port + i for i in range(1 + workers)]
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            for port in self.ports:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                        r.read()
+                    self.scrapes += 1
+                except OSError:
+                    pass  # (between runs nothing serves)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -198,6 +231,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also ingest this many events of the same users (untimed) and print how Redis "
         "memory grew from --events to it, beside the growth of the states' JSON",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="the runs serve Prometheus metrics on PORT (workers on the next ports), "
+        "scraped every second",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -209,7 +249,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.metrics_port is None:
+        return run_bench(args)
+    with Scraper(args.metrics_port, args.workers) as scraper:
+        status = run_bench(args)
+    print(f"metrics served on {args.metrics_port} and scraped {scraper.scrapes} times")
+    return status
 
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Generate the input, time the runs, print the table; 0 if every output matched."""
     work = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
     try:
         events = work / "events.json"
@@ -221,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         run = ["--workers", str(args.workers), "--partitions", str(args.partitions), "-q"]
+        if args.metrics_port is not None:
+            run += ["--metrics-port", str(args.metrics_port)]
 
         def plain(source: Path, out: Path) -> Timed:
             with open(out, "wb") as f:

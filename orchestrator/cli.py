@@ -51,7 +51,7 @@ the system's jemalloc when there is one (ORCHESTRATOR_SERVER_JEMALLOC=0: not).
 
 EPILOG = """\
 exit status: 0 ok, 1 internal error (a worker failed), 2 usage (a bad option or
-Redis URL) or namespace mismatch (or a server that can evict keys), 3 Redis
+Redis URL, a --metrics-port in use) or namespace mismatch (or a server that can evict keys), 3 Redis
 unavailable or it lost data it had acknowledged (resume continues from what it
 holds), or its disk is full (the embedded server's data directory, or MISCONF),
 65 bad input (or an event the flow timed out or killed its worker on) under

@@ -139,14 +139,32 @@ def test_bad_line_reasons_become_few_labels():
 
 def test_docs_metrics_lists_exactly_the_metrics_the_code_exposes():
     page = (REPO / "docs" / "metrics.md").read_text()
-    documented = re.findall(r"^\| `(orchestrator_[a-z_]+)` \|", page, re.MULTILINE)
-    exposed = DriverMetrics("ns", "fail").registry.names() + WorkerMetrics().registry.names()
-    assert sorted(set(documented)) == sorted(set(exposed))
-    assert len(documented) == len(set(documented))
-    for name in exposed:  # Prometheus conventions: counters end in _total, times in _seconds
-        kind = page.split(f"| `{name}` |")[1].split("|")[1].strip()
-        assert name.endswith("_total") == (kind == "counter"), name
-        assert "duration" not in name or name.endswith("_seconds"), name
+    driver_part, worker_part = page.split("## A worker's metrics")
+    for part, registry in (
+        (driver_part, DriverMetrics("ns", "fail").registry),
+        (worker_part, WorkerMetrics().registry),
+    ):
+        rows = re.findall(r"^\| `(orchestrator_[a-z_]+)` \| (\w+) \|", part, re.MULTILINE)
+        assert [name for name, _ in rows] == registry.names()  # each once, in the code's order
+        for metric, (_, kind) in zip(registry.metrics, rows, strict=True):
+            assert kind == metric.kind, metric.name
+            # Prometheus conventions: counters end in _total, times are in seconds
+            assert metric.name.endswith("_total") == (kind == "counter"), metric.name
+            assert "duration" not in metric.name or metric.name.endswith("_seconds")
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_code_exposes():
+    import json
+
+    dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {
+        re.sub(r"_(bucket|sum|count)$", "", n)
+        for e in exprs
+        for n in re.findall(r"orchestrator_\w+", e)
+    }
+    exposed = set(DriverMetrics("ns", "fail").registry.names() + WorkerMetrics().registry.names())
+    assert queried <= exposed and len(queried) >= 15
 
 
 # ------------------------------------------------------------------ the port
