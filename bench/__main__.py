@@ -20,9 +20,10 @@ the 99% run's data; the table shows the median run with the range, and the
 ratio of each pair: on a shared machine single runs drift (docs/performance.md).
 With ``--growth-to`` it also ingests that many events of the same users and
 prints how Redis memory grew, beside the growth of the states' JSON. With
-``--metrics-port`` the runs serve metrics there (and the workers on the next
-ports), scraped every second as a busy Prometheus would: the cost of metrics is
-the ratio of an invocation with it over one without.
+``--metrics-port`` every repeat also times (2m), the ingest serving metrics
+there (its workers on the next ports), scraped every second as a busy
+Prometheus would, next to (2) (which goes first alternates): the cost of
+metrics is the ratio of (2m) to (2) in each pair.
 """
 
 from __future__ import annotations
@@ -210,6 +211,26 @@ class Scraper:
                     pass  # (between runs nothing serves)
 
 
+def sides(repeat: int, metrics: bool) -> list[bool]:
+    """Whether each ingest of a repeat serves metrics: (2), or (2) and (2m) in turns first."""
+    if not metrics:
+        return [False]
+    return [False, True] if repeat % 2 == 0 else [True, False]
+
+
+def print_metrics_cost(plain: list[Timed], off: list[Timed], on: list[Timed]) -> None:
+    """(2m) beside (2), if timed: its wall time, its ratio to (1), and on/off of each pair."""
+    if not on:
+        return
+    n_on = median(on)
+    print(f"(2m) ingest, --metrics-port:     {walls(on)} s, CPU {cpu_summary(n_on.tree)}")
+    print(f"ratio (2m)/(1), events/s:        {median(plain).wall / n_on.wall:.2f}")
+    pairs = [b.wall / a.wall for a, b in zip(off, on, strict=True)]
+    shown = ", ".join(f"{x:.3f}" for x in pairs)
+    middle = sorted(pairs)[(len(pairs) - 1) // 2]
+    print(f"wall (2m)/(2), each pair:        {shown} (median {middle:.3f})")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -270,17 +291,16 @@ def run_bench(args: argparse.Namespace) -> int:
             flush=True,
         )
         run = ["--workers", str(args.workers), "--partitions", str(args.partitions), "-q"]
-        if args.metrics_port is not None:
-            run += ["--metrics-port", str(args.metrics_port)]
+        serving = [] if args.metrics_port is None else ["--metrics-port", str(args.metrics_port)]
 
         def plain(source: Path, out: Path) -> Timed:
             with open(out, "wb") as f:
                 return timed([sys.executable, "-m", "bench.plain", str(source)], "the plain loop",
                              stdout=f)  # fmt: skip
 
-        def ingest(source: Path, data: Path, out: Path) -> Timed:
+        def ingest(source: Path, data: Path, out: Path, *more: str) -> Timed:
             return timed(orchestrator(
-                "ingest", str(source), "--data-dir", str(data), "--output", str(out), *run
+                "ingest", str(source), "--data-dir", str(data), "--output", str(out), *run, *more
             ), "orchestrator ingest")  # fmt: skip
 
         byte_compile_project()
@@ -293,21 +313,24 @@ def run_bench(args: argparse.Namespace) -> int:
         ingest(warm, work / "warm-data", work / "warm-pipe.out")
         shutil.rmtree(work / "warm-data")
 
-        # (1) the plain loop and (2) the pipeline, alternating
+        # (1) the plain loop and (2) the pipeline, alternating (and (2m) beside (2))
         plain_runs: list[Timed] = []
         pipe_runs: list[Timed] = []
+        metrics_runs: list[Timed] = []
         identical = True
         for i in range(args.repeat):
             plain_runs.append(plain(events, work / f"plain{i}.out"))
             if i:
                 identical &= filecmp.cmp(work / "plain0.out", work / f"plain{i}.out", shallow=False)
                 os.remove(work / f"plain{i}.out")
-            data = work / f"data{i}"
-            pipe_runs.append(ingest(events, data, work / f"pipe{i}.out"))
-            identical &= filecmp.cmp(work / "plain0.out", work / f"pipe{i}.out", shallow=False)
-            os.remove(work / f"pipe{i}.out")
-            if i < args.repeat - 1:
-                shutil.rmtree(data)
+            for on in sides(i, bool(serving)):
+                data = work / f"data{i}{'m' if on else ''}"
+                timed_run = ingest(events, data, work / f"pipe{i}.out", *(serving if on else []))
+                (metrics_runs if on else pipe_runs).append(timed_run)
+                identical &= filecmp.cmp(work / "plain0.out", work / f"pipe{i}.out", shallow=False)
+                os.remove(work / f"pipe{i}.out")
+                if on or i < args.repeat - 1:
+                    shutil.rmtree(data)
         figures = redis_figures(work / f"data{args.repeat - 1}", "cart-join")
 
         # (3) resume with 1% of the input left: a run over 99% of it, then the rest
@@ -355,6 +378,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.repeat > 1:
             pairs = [f"{a.wall / b.wall:.2f}" for a, b in zip(plain_runs, pipe_runs, strict=True)]
             print(f"  ... of each pair of runs:      {', '.join(pairs)}")
+        print_metrics_cost(plain_runs, pipe_runs, metrics_runs)
         print(f"resume / full run, wall:         {resume_run.wall / pipe_run.wall:.1%}")
         print(f"output (1) == (2), byte for byte: {identical}")
         print(f"output after resume == (1):       {resumed_identical}")

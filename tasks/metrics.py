@@ -13,6 +13,7 @@ Off unless a port is given: nothing here is imported by a process that serves no
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import threading
@@ -242,23 +243,28 @@ class MetricsServer:
 
     Binding comes first (so that a port in use stops a command before it starts
     anything) and serving later: a command that forks its workers must run no
-    other thread at the fork.
+    other thread at the fork. One request at a time (a scrape takes well under a
+    millisecond); the thread blocks in ``accept`` and ends when the socket is shut
+    down, so stopping costs nothing (``http.server``'s loop polls every 0.5 s, and
+    its shutdown waited for that).
     """
 
     def __init__(self, registry: Registry, address: Address) -> None:
         self.registry, self.address = registry, address
         self.sock: socket.socket | None = bind(address)
-        self._server: object | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Serve from a daemon thread (once)."""
-        if self._server is not None or self.sock is None:
+        if self._thread is not None or self.sock is None:
             return
         import http.server  # (only in processes that serve metrics)
 
         registry = self.registry
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 10  # seconds a client may take to send its request
+
             def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404)
@@ -273,28 +279,37 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # a scrape every few seconds is not news
 
-        server = http.server.ThreadingHTTPServer(("", 0), Handler, bind_and_activate=False)
-        server.socket.close()
-        server.socket = self.sock
-        server.daemon_threads = True
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        sock = self.sock
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, peer = sock.accept()
+                except OSError:
+                    return  # shut down
+                try:
+                    Handler(conn, peer, self)
+                except OSError:
+                    pass  # the client went away
+                finally:
+                    conn.close()
+
+        self._thread = threading.Thread(target=serve, name="metrics", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         """Stop serving and free the port."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()  # type: ignore[attr-defined]
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # (wakes the thread in accept)
+            sock.close()
 
     def close_in_child(self) -> None:
         """In a forked child: let go of the parent's listening socket (never served here)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        self._server = None
 
 
 class WorkerMetrics:
