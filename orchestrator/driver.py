@@ -23,12 +23,13 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 import orjson
 from redis import Redis
 
 from orchestrator.dispatch import Dispatcher, InFlight
+from orchestrator.metrics import DriverMetrics
 from orchestrator.notices import NoticeReader
 from orchestrator.output import OutputMerger, OutputStream, synced_length, write_lines
 from orchestrator.progress import Progress
@@ -39,9 +40,6 @@ from tasks.errors import InvalidEvent
 from tasks.flow import load_flow, make_router
 from tasks.keys import Keys, partition_of
 from tasks.store import applied_epochs
-
-if TYPE_CHECKING:
-    from orchestrator.metrics import DriverMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +234,8 @@ class Driver:
                 read_through,
                 len(self.in_flight) + len(self.staged),
             )
-            if self.metrics is not None:
-                self.metrics.publish(self)
+            if self.metrics is not None and self.metrics.due():
+                self._publish(self.metrics, result)
             done = ended or result.failure is not None
             if done and not self.in_flight and not self.staged and not self.pending:
                 # Nothing may stay counted as buffered, or a long run would stop reading.
@@ -249,7 +247,7 @@ class Driver:
                 self.notices.close()
                 result.reruns = self.dispatcher.reruns
                 if self.metrics is not None:
-                    self.metrics.publish(self, force=True)
+                    self._publish(self.metrics, result)
                 return result
 
     def record_interrupted(self) -> None:
@@ -485,6 +483,21 @@ class Driver:
         self.merger.add(p, list(zip(notice.epochs, notice.lines, strict=True)))
         for rejection in [*notice.rejected, *([notice.failed] if notice.failed else [])]:
             self._reject(_bad(rejection, flight), result)
+
+    def _publish(self, m: DriverMetrics, result: RunResult) -> None:
+        """Hand the run's counts and lag to its metrics (from the loop, a few times a second)."""
+        flights = [*self.in_flight.values(), *self.staged.values()]
+        read_at = [f.read_at for f in flights] + [q[0].since for q in self.pending.values() if q]
+        m.publish(
+            committed=result.committed,
+            read_epoch=self.read_through,
+            events_read=result.events,
+            lines_read=self.read_through - self.first_epoch + 1,
+            lag_events=self.buffered,
+            oldest_read_at=min(read_at, default=None),
+            in_flight=len(flights),
+            resent=self.dispatcher.reruns,
+        )
 
     def _count_commit(self, m: DriverMetrics, flight: InFlight, applied_through: int) -> None:
         epochs = flight.batch.epochs

@@ -25,7 +25,6 @@ from tasks.metrics import (
 )
 
 if TYPE_CHECKING:
-    from orchestrator.driver import Driver
     from orchestrator.namespace import Committer
 
 PUBLISH_EVERY = 0.1  # seconds between two updates of the gauges from the driver's loop
@@ -175,26 +174,37 @@ class DriverMetrics:
         """Count one bad line or rejected event."""
         self.bad_lines.inc(1, (*self.ns, self.policy, reason_label(reason, kind)))
 
-    def publish(self, driver: Driver, *, force: bool = False) -> None:
-        """Update the gauges from the driver's state (from its loop: at most every
-        PUBLISH_EVERY seconds, unless ``force``)."""
+    def due(self) -> bool:
+        """Whether the gauges are due for an update (at most every PUBLISH_EVERY seconds)."""
         now = time.monotonic()
-        if not force and now - self._published_at < PUBLISH_EVERY:
-            return
+        if now - self._published_at < PUBLISH_EVERY:
+            return False
         self._published_at = now
+        return True
+
+    def publish(
+        self,
+        *,
+        committed: int,
+        read_epoch: int,
+        events_read: int,
+        lines_read: int,
+        lag_events: int,
+        oldest_read_at: float | None,
+        in_flight: int,
+        resent: int,
+    ) -> None:
+        """Update the gauges, and the counts the driver keeps itself, from its loop."""
         ns = self.ns
-        result = driver.result
-        if result is not None:  # (the run's own counts, mirrored)
-            self.committed_epoch.set(result.committed, ns)
-            self.events_read.values[ns] = result.events
-            self.lines_read.values[ns] = driver.read_through - driver.first_epoch + 1
-        self.read_epoch.set(driver.read_through, ns)
-        self.lag_events.set(driver.buffered, ns)
-        oldest = [f.read_at for f in (*driver.in_flight.values(), *driver.staged.values())]
-        oldest += [queue[0].since for queue in driver.pending.values() if queue]
-        self.lag_seconds.set(max(0.0, now - min(oldest)) if oldest else 0.0, ns)
-        self.in_flight.set(len(driver.in_flight) + len(driver.staged), ns)
-        self.resent.values[ns] = driver.dispatcher.reruns
+        self.committed_epoch.set(committed, ns)
+        self.read_epoch.set(read_epoch, ns)
+        self.events_read.values[ns] = events_read
+        self.lines_read.values[ns] = lines_read
+        self.lag_events.set(lag_events, ns)
+        lag = 0.0 if oldest_read_at is None else max(0.0, time.monotonic() - oldest_read_at)
+        self.lag_seconds.set(lag, ns)
+        self.in_flight.set(in_flight, ns)
+        self.resent.values[ns] = resent
         if self.committer is not None and self.committer.retained_from is not None:
             self.retained_from.set(self.committer.retained_from, ns)
 

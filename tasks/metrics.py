@@ -288,7 +288,8 @@ class MetricsServer:
                 except OSError:
                     return  # shut down
                 try:
-                    Handler(conn, peer, self)
+                    # (a handler keeps its "server" only as an attribute: no socketserver here)
+                    Handler(conn, peer, self)  # type: ignore[arg-type]
                 except OSError:
                     pass  # the client went away
                 finally:
