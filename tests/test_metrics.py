@@ -292,3 +292,65 @@ def test_a_runs_metrics_match_its_facts_during_and_after_killed_workers(tmp_path
     assert 0 < applied <= len(rest)
     expected, _ = reference_run([*first, *rest], skip_bad=True)
     assert (tmp_path / "out").read_text() == expected
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """The metrics of every driver command run in this process, as they were at its end."""
+    from orchestrator.metrics import DriverServer
+
+    seen: list[DriverMetrics] = []
+    real_init = DriverServer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append(self.metrics)
+
+    monkeypatch.setattr(DriverServer, "__init__", init)
+    return seen
+
+
+@pytest.mark.integration
+def test_dead_letters_and_a_failing_line_are_counted_by_policy(redis_url, tmp_path, served):
+    from conftest import SEED_INPUT, new_namespace
+    from helpers import run_command
+
+    common = ["--redis-url", redis_url, "--workers", "0", "--partitions", "2"]
+    port = str(free_ports(1))
+    dead = run_command(
+        ["ingest", str(SEED_INPUT), *common, "--namespace", new_namespace(),
+         "--on-error", "dead-letter", "--metrics-port", port], redis_url,
+    )  # fmt: skip
+    failed = run_command(
+        ["ingest", str(SEED_INPUT), *common, "--namespace", (ns := new_namespace()),
+         "--metrics-port", port], redis_url,
+    )  # fmt: skip
+    assert (dead.status, failed.status) == (0, 65)
+    after_dead, after_fail = (parse(m.registry.render().decode()) for m in served)
+    name = {"namespace": served[0].ns[0]}
+    assert (
+        value(
+            after_dead,
+            "orchestrator_bad_lines_total",
+            policy="dead-letter",
+            reason="invalid_json",
+            **name,
+        )
+        == 1
+    )
+    assert value(after_dead, "orchestrator_dead_letters_total", **name) == 1
+    assert value(after_dead, "orchestrator_events_committed_total", **name) == 7
+    assert value(after_dead, "orchestrator_committed_epoch", **name) == 7
+    assert (
+        value(
+            after_fail,
+            "orchestrator_bad_lines_total",
+            policy="fail",
+            reason="invalid_json",
+            namespace=ns,
+        )
+        == 1
+    )
+    assert value(after_fail, "orchestrator_events_committed_total", namespace=ns) == 5
+    assert value(after_fail, "orchestrator_committed_epoch", namespace=ns) == 4
+    assert value(after_fail, "orchestrator_dead_letters_total", namespace=ns) == 0
