@@ -229,6 +229,16 @@ def print_metrics_cost(plain: list[Timed], off: list[Timed], on: list[Timed]) ->
     shown = ", ".join(f"{x:.3f}" for x in pairs)
     middle = sorted(pairs)[(len(pairs) - 1) // 2]
     print(f"wall (2m)/(2), each pair:        {shown} (median {middle:.3f})")
+    # CPU seconds of every process of the run: less moved by other jobs than wall time
+    cpu = [total_cpu(b) / total_cpu(a) for a, b in zip(off, on, strict=True)]
+    shown = ", ".join(f"{x:.3f}" for x in cpu)
+    middle = sorted(cpu)[(len(cpu) - 1) // 2]
+    print(f"CPU (2m)/(2), each pair:         {shown} (median {middle:.3f})")
+
+
+def total_cpu(run: Timed) -> float:
+    """CPU seconds of every process of a run."""
+    return sum(p.cpu_seconds for procs in run.tree.by_role().values() for p in procs)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
