@@ -2,13 +2,13 @@
 the worker's metrics (the driver's are in ``orchestrator/metrics.py``).
 
 Written here rather than with ``prometheus_client``: its import took ~50 ms (a resume's
-whole fixed cost is ~0.3 s), and it would be a dependency for ~200 lines. Everything is
+whole fixed cost is ~0.3 s), and its updates cost 2-3 times these (docs/metrics.md). Everything is
 counted per batch or per chunk of lines, never per event, and only by the process's one
 working thread; the server's thread reads the values. A histogram keeps per-bucket counts
 and derives ``_count`` from them, so a scrape never sees ``+Inf`` and ``_count`` differ.
 
-Off unless a port is given: nothing here is imported by a process that serves no metrics
-(``tasks.jobs`` looks at ``WORKER`` only).
+Off unless a port is given: a process that serves none counts nothing (``WORKER`` stays
+None), runs no thread for it and never imports ``http.server``.
 """
 
 from __future__ import annotations
