@@ -4,6 +4,8 @@ port checks, and docs/metrics.md against the metrics the code exposes."""
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import math
 import re
 import signal
@@ -20,11 +22,13 @@ import pytest
 from bench.generate import generate
 from orchestrator.driver import _reason
 from orchestrator.errors import InputError
-from orchestrator.metrics import DriverMetrics, reason_label
+from orchestrator.metrics import DriverMetrics, DriverServer, reason_label
 from orchestrator.reader import finish_oversized
+from tasks.keys import Keys
 from tasks.metrics import Registry, WorkerMetrics, parse_address
 
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, SEED_INPUT, cli_env, new_namespace, run_cli
+from helpers import run_command
 from reference import reference_run
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$")
@@ -128,7 +132,6 @@ def test_bad_line_reasons_become_few_labels():
     assert reason_label(reason_of(b"FAIL HERE"), "rejected") == "invalid_json"
     assert reason_label(reason_of(b'{"a": 1'), "rejected") == "invalid_json"
     assert reason_label(reason_of(b'"\xff"'), "rejected") == "invalid_utf8"
-    import io
 
     _, _, too_long, _ = finish_oversized(io.BytesIO(b"x" * 50 + b"\n"), b"x" * 20, 10)
     assert reason_label(too_long, "rejected") == "too_long"
@@ -154,7 +157,6 @@ def test_docs_metrics_lists_exactly_the_metrics_the_code_exposes():
 
 
 def test_the_grafana_dashboard_queries_only_metrics_the_code_exposes():
-    import json
 
     dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
@@ -214,8 +216,10 @@ def workers_of(pid: int) -> list[psutil.Process]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_runs_metrics_match_its_facts_during_and_after_killed_workers(tmp_path):
+def test_a_runs_metrics_match_its_facts_during_and_after_killed_workers(tmp_path, redis_url, real):
+
     port = free_ports(3)
+    namespace = new_namespace()
     lines = list(generate(3_000, 200, seed=5))
     first, rest = lines[:300], lines[300:]
     bad_at = 100
@@ -225,11 +229,11 @@ def test_a_runs_metrics_match_its_facts_during_and_after_killed_workers(tmp_path
     out = open(tmp_path / "out", "w")  # noqa: SIM115
     driver = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "ingest", str(path), "--follow",
-         "--on-error", "skip", "--metrics-port", str(port), "--data-dir", str(tmp_path / "d"),
-         "--workers", "2", "--partitions", "2", "--flow", "tests.flows.slow_cart:flow", "-q"],
+         "--on-error", "skip", "--metrics-port", str(port), "--redis-url", redis_url,
+         "--namespace", namespace, "--workers", "2", "--partitions", "2", "--flow", "tests.flows.slow_cart:flow", "-q"],
         cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    ns = {"namespace": "cart-join"}
+    ns = {"namespace": namespace}
     try:
         # During the run: the first part committed, a bad line counted by its reason.
         during = wait_for(
@@ -241,13 +245,20 @@ def test_a_runs_metrics_match_its_facts_during_and_after_killed_workers(tmp_path
         )
         assert value(during, "orchestrator_events_committed_total", **ns) == len(first) - 1
         assert value(during, "orchestrator_lag_events", **ns) == 0
+        assert (
+            value(
+                during, "orchestrator_bad_lines_total", policy="skip", reason="invalid_json", **ns
+            )
+            == 1
+        )
         # Every forked worker serves its own metrics on the next ports.
         for i in range(2):
             assert wait_for(lambda i=i: scrape(port + 1 + i)) is not None
         # More lines, and both workers killed while the slow flow runs a batch of them.
         with open(path, "a") as f:
             f.write("\n".join(rest) + "\n")
-        wait_for(lambda: (s := scrape(port)) and value(s, "orchestrator_lag_events", **ns) > 0)
+        # (a worker holds a partition's lease while it runs a batch)
+        wait_for(lambda: any(real.get(Keys(namespace).lease(p)) for p in range(2)), every=0.01)
         victims = workers_of(driver.pid)
         assert len(victims) == 2
         for victim in victims:
@@ -297,7 +308,6 @@ def test_a_runs_metrics_match_its_facts_during_and_after_killed_workers(tmp_path
 @pytest.fixture
 def served(monkeypatch):
     """The metrics of every driver command run in this process, as they were at its end."""
-    from orchestrator.metrics import DriverServer
 
     seen: list[DriverMetrics] = []
     real_init = DriverServer.__init__
@@ -312,8 +322,6 @@ def served(monkeypatch):
 
 @pytest.mark.integration
 def test_dead_letters_and_a_failing_line_are_counted_by_policy(redis_url, tmp_path, served):
-    from conftest import SEED_INPUT, new_namespace
-    from helpers import run_command
 
     common = ["--redis-url", redis_url, "--workers", "0", "--partitions", "2"]
     port = str(free_ports(1))
