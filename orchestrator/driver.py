@@ -153,7 +153,7 @@ class Driver:
         metrics: DriverMetrics | None = None,
     ) -> None:
         self.r = r
-        self.metrics = metrics  # counted per chunk and per batch (--metrics-port)
+        self.metrics = metrics  # --metrics-port: counted per batch, published a few times a second
         self.output_stream = output_stream
         self.batch_timeout = batch_timeout
         self.batch_events = batch_events

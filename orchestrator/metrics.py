@@ -2,7 +2,7 @@
 
 The driver serves on the address given; the worker processes the command starts serve
 on the next ports, worker i (from 0) on PORT + 1 + i. Every metric is listed in
-docs/metrics.md. The driver counts per chunk of lines and per batch; the gauges are
+docs/metrics.md. The driver counts per batch, and its own counts and the gauges are
 published from its loop at most every PUBLISH_EVERY seconds, so a scrape (from the
 server's thread) reads plain values and never the driver's changing structures.
 """
