@@ -2,6 +2,7 @@
 
     python -m bench [--events 1000000] [--users 100000] [--workers 2] [--partitions 4]
                     [--repeat 3] [--growth-to EVENTS] [--hot-key-orders N]
+                    [--metrics-port PORT]
 
 In one invocation and on the same file it times (1) the seed's code as a plain
 single-process loop (``bench/plain.py``), (2) ``orchestrator ingest`` with the
@@ -19,7 +20,11 @@ for every run but the first after a boot). Then (1) and (2) run
 the 99% run's data; the table shows the median run with the range, and the
 ratio of each pair: on a shared machine single runs drift (docs/performance.md).
 With ``--growth-to`` it also ingests that many events of the same users and
-prints how Redis memory grew, beside the growth of the states' JSON.
+prints how Redis memory grew, beside the growth of the states' JSON. With
+``--metrics-port`` every repeat also times (2m), the ingest serving metrics
+there (its workers on the next ports), scraped every second as a busy
+Prometheus would, next to (2) (which goes first alternates): the cost of
+metrics is the ratio of (2m) to (2) in each pair.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +197,64 @@ def print_growth(
     print(f"  final states, JSON              {grew('state_json_bytes')}")
 
 
+class Scraper:
+    """Scrapes the metrics of the driver and its workers every second (while it runs)."""
+
+    def __init__(self, port: int, workers: int) -> None:
+        self.ports = [port + i for i in range(1 + workers)]
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            for port in self.ports:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                        r.read()
+                    self.scrapes += 1
+                except OSError:
+                    pass  # (between runs nothing serves)
+
+
+def sides(repeat: int, metrics: bool) -> list[bool]:
+    """Whether each ingest of a repeat serves metrics: (2), or (2) and (2m) in turns first."""
+    if not metrics:
+        return [False]
+    return [False, True] if repeat % 2 == 0 else [True, False]
+
+
+def print_metrics_cost(plain: list[Timed], off: list[Timed], on: list[Timed]) -> None:
+    """(2m) beside (2), if timed: its wall time, its ratio to (1), and on/off of each pair."""
+    if not on:
+        return
+    n_on = median(on)
+    print(f"(2m) ingest, --metrics-port:     {walls(on)} s, CPU {cpu_summary(n_on.tree)}")
+    print(f"ratio (2m)/(1), events/s:        {median(plain).wall / n_on.wall:.2f}")
+    pairs = [b.wall / a.wall for a, b in zip(off, on, strict=True)]
+    shown = ", ".join(f"{x:.3f}" for x in pairs)
+    middle = sorted(pairs)[(len(pairs) - 1) // 2]
+    print(f"wall (2m)/(2), each pair:        {shown} (median {middle:.3f})")
+    # CPU seconds of every process of the run: less moved by other jobs than wall time
+    cpu = [total_cpu(b) / total_cpu(a) for a, b in zip(off, on, strict=True)]
+    shown = ", ".join(f"{x:.3f}" for x in cpu)
+    middle = sorted(cpu)[(len(cpu) - 1) // 2]
+    print(f"CPU (2m)/(2), each pair:         {shown} (median {middle:.3f})")
+
+
+def total_cpu(run: Timed) -> float:
+    """CPU seconds of every process of a run."""
+    return sum(p.cpu_seconds for procs in run.tree.by_role().values() for p in procs)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -218,6 +283,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also ingest this many events of the same users (untimed) and print how Redis "
         "memory grew from --events to it, beside the growth of the states' JSON",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="the runs serve Prometheus metrics on PORT (workers on the next ports), "
+        "scraped every second",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -231,7 +303,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.metrics_port is None:
+        return run_bench(args)
+    with Scraper(args.metrics_port, args.workers) as scraper:
+        status = run_bench(args)
+    print(f"metrics served on {args.metrics_port} and scraped {scraper.scrapes} times")
+    return status
 
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Generate the input, time the runs, print the table; 0 if every output matched."""
     work = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
     try:
         events = work / "events.json"
@@ -244,15 +325,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         run = ["--workers", str(args.workers), "--partitions", str(args.partitions), "-q"]
+        serving = [] if args.metrics_port is None else ["--metrics-port", str(args.metrics_port)]
 
         def plain(source: Path, out: Path) -> Timed:
             with open(out, "wb") as f:
                 return timed([sys.executable, "-m", "bench.plain", str(source)], "the plain loop",
                              stdout=f)  # fmt: skip
 
-        def ingest(source: Path, data: Path, out: Path) -> Timed:
+        def ingest(source: Path, data: Path, out: Path, *more: str) -> Timed:
             return timed(orchestrator(
-                "ingest", str(source), "--data-dir", str(data), "--output", str(out), *run
+                "ingest", str(source), "--data-dir", str(data), "--output", str(out), *run, *more
             ), "orchestrator ingest")  # fmt: skip
 
         byte_compile_project()
@@ -265,21 +347,24 @@ def main(argv: list[str] | None = None) -> int:
         ingest(warm, work / "warm-data", work / "warm-pipe.out")
         shutil.rmtree(work / "warm-data")
 
-        # (1) the plain loop and (2) the pipeline, alternating
+        # (1) the plain loop and (2) the pipeline, alternating (and (2m) beside (2))
         plain_runs: list[Timed] = []
         pipe_runs: list[Timed] = []
+        metrics_runs: list[Timed] = []
         identical = True
         for i in range(args.repeat):
             plain_runs.append(plain(events, work / f"plain{i}.out"))
             if i:
                 identical &= filecmp.cmp(work / "plain0.out", work / f"plain{i}.out", shallow=False)
                 os.remove(work / f"plain{i}.out")
-            data = work / f"data{i}"
-            pipe_runs.append(ingest(events, data, work / f"pipe{i}.out"))
-            identical &= filecmp.cmp(work / "plain0.out", work / f"pipe{i}.out", shallow=False)
-            os.remove(work / f"pipe{i}.out")
-            if i < args.repeat - 1:
-                shutil.rmtree(data)
+            for on in sides(i, bool(serving)):
+                data = work / f"data{i}{'m' if on else ''}"
+                timed_run = ingest(events, data, work / f"pipe{i}.out", *(serving if on else []))
+                (metrics_runs if on else pipe_runs).append(timed_run)
+                identical &= filecmp.cmp(work / "plain0.out", work / f"pipe{i}.out", shallow=False)
+                os.remove(work / f"pipe{i}.out")
+                if on or i < args.repeat - 1:
+                    shutil.rmtree(data)
         figures = redis_figures(work / f"data{args.repeat - 1}", "cart-join")
 
         # (3) resume with 1% of the input left: a run over 99% of it, then the rest
@@ -328,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.repeat > 1:
             pairs = [f"{a.wall / b.wall:.2f}" for a, b in zip(plain_runs, pipe_runs, strict=True)]
             print(f"  ... of each pair of runs:      {', '.join(pairs)}")
+        print_metrics_cost(plain_runs, pipe_runs, metrics_runs)
         print(f"resume / full run, wall:         {resume_run.wall / pipe_run.wall:.1%}")
         print(f"output (1) == (2), byte for byte: {identical}")
         print(f"output after resume == (1):       {resumed_identical}")

@@ -51,7 +51,7 @@ the system's jemalloc when there is one (ORCHESTRATOR_SERVER_JEMALLOC=0: not).
 
 EPILOG = """\
 exit status: 0 ok, 1 internal error (a worker failed), 2 usage (a bad option or
-Redis URL) or namespace mismatch (or a server that can evict keys), 3 Redis
+Redis URL, a --metrics-port in use) or namespace mismatch (or a server that can evict keys), 3 Redis
 unavailable or it lost data it had acknowledged (resume continues from what it
 holds), or its disk is full (the embedded server's data directory, or MISCONF),
 65 bad input (or an event the flow timed out or killed its worker on) under
@@ -210,6 +210,24 @@ def _option(
     group.add_argument(*flags, help=f"{help} (env {shown})", **kwargs)
 
 
+def _metrics_address(text: str) -> Any:
+    from tasks.metrics import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _metrics_option(parser: Any, workers: str) -> None:
+    _option(
+        parser, "--metrics-port", env="ORCHESTRATOR_METRICS_PORT", type=_metrics_address,
+        metavar="[HOST:]PORT",
+        help=f"serve Prometheus metrics at http://HOST:PORT/metrics (HOST default 127.0.0.1)"
+        f"{workers}; see docs/metrics.md; default: none",
+    )  # fmt: skip
+
+
 def _json_option(parser: Any) -> None:
     _option(
         parser, "--json", env="ORCHESTRATOR_JSON", action="store_true",
@@ -358,6 +376,7 @@ def _run_options() -> _Parser:
         group, "-q", "--quiet", env="ORCHESTRATOR_QUIET", action="store_true",
         help="errors only on stderr: no progress line, summary or note",
     )  # fmt: skip
+    _metrics_option(group, "; the worker processes it starts on PORT+1, PORT+2, ...")
     return parent
 
 
@@ -463,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         worker, "-q", "--quiet", env="ORCHESTRATOR_QUIET", action="store_true",
         help="errors only on stderr (no warnings)",
     )  # fmt: skip
+    _metrics_option(worker, "")
     # Set on the workers a driver command starts itself: they wait for its first
     # ingest without saying so (the driver is about to set the partitions).
     worker.add_argument("--started-by-driver", action="store_true", help=argparse.SUPPRESS)
@@ -556,6 +576,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         follow=getattr(args, "follow", False),
         source_field=getattr(args, "source_field", Settings.source_field),
         source_url=getattr(args, "source_url", None),
+        metrics=getattr(args, "metrics_port", None),
     )
 
 

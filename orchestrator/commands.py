@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -17,6 +18,7 @@ from orchestrator.errors import InputError
 from orchestrator.fence import EvictionWatch, check_consistency, eviction_problem
 from orchestrator.lock import DriverLock
 from orchestrator.messages import note, say
+from orchestrator.metrics import DriverMetrics, DriverServer
 from orchestrator.namespace import (
     Checkpoint,
     Committer,
@@ -309,6 +311,13 @@ def run_pipeline(
     keys = Keys(settings.namespace)
     if settings.flow is not None:
         load_flow(settings.flow)  # a flow that cannot load is refused before anything starts
+    metrics = None
+    if settings.metrics is not None:  # (a port in use is refused before anything starts)
+        metrics = DriverServer(
+            settings.metrics,
+            DriverMetrics(keys.namespace, settings.on_error),
+            settings.worker_count,
+        )
     stream = str(path).startswith(STREAM_SOURCE)
     with (
         contextlib.nullcontext() if stream else open_input(path) as opened,
@@ -334,19 +343,25 @@ def run_pipeline(
             log_format=settings.log_format,
             quiet=settings.quiet,
             client=conn.client,
+            metrics=settings.metrics,
         )
         pool.start()
         try:
+            if metrics is not None:
+                metrics.server.start()  # (its thread: after the fork)
             with DriverLock(conn.client, keys) as lock:
                 r = conn.client
-                housekeeping = partial(RunHousekeeping, pool, r)
+                housekeeping = partial(RunHousekeeping, pool, r, metrics)
                 result = drive(
-                    settings, mode, path, from_epoch, f, r, conn.embedded, housekeeping, lock
-                )
+                    settings, mode, path, from_epoch, f, r, conn.embedded, housekeeping, lock,
+                    None if metrics is None else metrics.metrics,
+                )  # fmt: skip
         except RedisLostData as e:
             raise RedisLostData(f"{e}; {_what_resume_does(conn.client, keys, path)}") from e
         finally:
             pool.stop()
+            if metrics is not None:
+                metrics.close()
         outcome.finish(run_exit_status(result), run_reason(path, result))
         return result
 
@@ -409,6 +424,7 @@ def drive(
     embedded: bool,
     housekeeping: Callable[[Keys, int], Housekeeping],
     lock: DriverLock,
+    metrics: DriverMetrics | None = None,
 ) -> RunResult:
     """A run on a connected Redis, holding the namespace's lock: plan where it starts, claim
     the partitions, drive the batches to the end of the input, record the last commit.
@@ -433,6 +449,7 @@ def drive(
     if settings.output_stream is not None:
         output = OutputStream(settings.output_stream, settings.output_maxlen)
     with open_sink(output, sink_mode, info, start.checkpoint, start.epoch, r) as sink:
+        starting = time.monotonic()
         fence = start_run(
             r,
             keys,
@@ -450,6 +467,9 @@ def drive(
             source_fields=f.fields if isinstance(f, StreamInput) else None,
         )
         generation = fence.generation
+        if metrics is not None:
+            metrics.restore_seconds.set(time.monotonic() - starting, metrics.ns)
+            metrics.retain_epochs.set(settings.retain_epochs, metrics.ns)
         evictions = EvictionWatch(r, keys)
         committer = Committer(
             r,
@@ -463,6 +483,9 @@ def drive(
             output_stream=sink.entries,
             source_fields=f.fields if isinstance(f, StreamInput) else source_fields(f),
         )
+        if metrics is not None:
+            metrics.committer = committer
+            metrics.retained_from.set(0 if mode == "ingest" else info.retained_from, metrics.ns)
         progress = Progress(enabled=not settings.quiet)
         driver: Driver | None = None
         try:
@@ -481,6 +504,7 @@ def drive(
                 batch_timeout=settings.batch_timeout,
                 output_is_file=sink.path is not None,
                 output_stream=sink.entries,
+                metrics=metrics,
             )
             # (a followed file is watched by its name: standard input has none)
             name = None if str(path) == "-" or isinstance(f, StreamInput) else path
@@ -527,12 +551,19 @@ def drive(
 class RunHousekeeping:
     """Beside a run: replace worker processes that died, trim memory, say workers are missing."""
 
-    def __init__(self, pool: WorkerPool, r: Redis, keys: Keys, partitions: int) -> None:
+    def __init__(
+        self, pool: WorkerPool, r: Redis, server: DriverServer | None, keys: Keys, partitions: int
+    ) -> None:
         self.pool, self.r, self.keys, self.partitions = pool, r, keys, partitions
+        self.metrics = None if server is None else server.metrics
 
     def between_reads(self) -> None:
         self.pool.supervise(self.r)
         trim_now_and_then()
+        if self.metrics is not None:
+            m = self.metrics
+            m.restarts.values[m.ns] = self.pool.restarts
+            m.workers.set(sum(proc.poll() is None for proc in self.pool.processes), m.ns)
 
     def batches_wait(self) -> None:
         self.pool.note_if_none(self.r, self.keys, self.partitions)

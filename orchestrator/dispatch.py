@@ -58,6 +58,7 @@ class InFlight:
     attempt: int = 1
     suspect_since: float | None = None
     sent_at: float = field(default_factory=time.monotonic)
+    read_at: float = field(default_factory=time.monotonic)  # when its first line was read
 
     @property
     def first_epoch(self) -> int:

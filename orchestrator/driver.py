@@ -29,6 +29,7 @@ import orjson
 from redis import Redis
 
 from orchestrator.dispatch import Dispatcher, InFlight
+from orchestrator.metrics import DriverMetrics
 from orchestrator.notices import NoticeReader
 from orchestrator.output import OutputMerger, OutputStream, synced_length, write_lines
 from orchestrator.progress import Progress, input_size
@@ -149,8 +150,10 @@ class Driver:
         batch_timeout: float,
         output_is_file: bool = False,
         output_stream: OutputStream | None = None,
+        metrics: DriverMetrics | None = None,
     ) -> None:
         self.r = r
+        self.metrics = metrics  # --metrics-port: counted per batch, published a few times a second
         self.output_stream = output_stream
         self.batch_timeout = batch_timeout
         self.batch_events = batch_events
@@ -235,6 +238,8 @@ class Driver:
                 committed_offset=result.next_offset,
                 in_flight=len(self.in_flight) + len(self.staged),
             )
+            if self.metrics is not None and self.metrics.due():
+                self._publish(self.metrics, result)
             done = ended or result.failure is not None
             if done and not self.in_flight and not self.staged and not self.pending:
                 # Nothing may stay counted as buffered, or a long run would stop reading.
@@ -245,6 +250,8 @@ class Driver:
                 self._record(result, force=True)
                 self.notices.close()
                 result.reruns = self.dispatcher.reruns
+                if self.metrics is not None:
+                    self._publish(self.metrics, result)
                 return result
 
     def record_interrupted(self) -> None:
@@ -388,6 +395,8 @@ class Driver:
         return result.failure is not None
 
     def _reject(self, bad: BadLine, result: RunResult) -> None:
+        if self.metrics is not None:
+            self.metrics.bad_line(bad.reason, bad.kind)
         if self.on_error == "fail":
             if result.failure is None or bad.epoch < result.failure.epoch:
                 result.failure = bad
@@ -447,6 +456,10 @@ class Driver:
             flight = self.dispatcher.new_flight(
                 batch, pending.offsets, pending.events, pending.size
             )
+            flight.read_at = pending.since
+            if self.metrics is not None:
+                self.metrics.batch_events.observe(pending.events, self.metrics.ns)
+                self.metrics.batches_sent.inc(1, self.metrics.ns)
             if head is None:
                 self.in_flight[p] = flight
                 sent.append(flight)
@@ -471,6 +484,8 @@ class Driver:
         if notice.applied_through < flight.batch.last_epoch:  # stopped by a bad event (fail)
             events = events * bisect_right(epochs, notice.applied_through) // len(epochs)
         self.committed_events += events
+        if self.metrics is not None:
+            self._count_commit(self.metrics, flight, events)
         successor = self.staged.pop(p, None)
         if successor is not None and notice.failed is None:
             self.in_flight[p] = successor
@@ -482,6 +497,26 @@ class Driver:
         self.merger.add(p, list(zip(notice.epochs, notice.lines, strict=True)))
         for rejection in [*notice.rejected, *([notice.failed] if notice.failed else [])]:
             self._reject(_bad(rejection, flight), result)
+
+    def _publish(self, m: DriverMetrics, result: RunResult) -> None:
+        """Hand the run's counts and lag to its metrics (from the loop, a few times a second)."""
+        flights = [*self.in_flight.values(), *self.staged.values()]
+        read_at = [f.read_at for f in flights] + [q[0].since for q in self.pending.values() if q]
+        m.publish(
+            committed=result.committed,
+            read_epoch=self.read_through,
+            events_read=result.events,
+            lines_read=self.read_through - self.first_epoch + 1,
+            lag_events=self.buffered,
+            oldest_read_at=min(read_at, default=None),
+            in_flight=len(flights),
+            resent=self.dispatcher.reruns,
+        )
+
+    def _count_commit(self, m: DriverMetrics, flight: InFlight, events: int) -> None:
+        m.events_committed.inc(events, m.ns)
+        m.batches_committed.inc(1, m.ns)
+        m.batch_seconds.observe(time.monotonic() - flight.sent_at, m.ns)
 
     def _forget_from(self, epoch: int) -> None:
         """Drop buffered events and lines at or after ``epoch``: the run stops before it."""
@@ -549,6 +584,9 @@ class Driver:
             open_line=self.open_line_through(committed),
         )
         self._writing = False
+        if self.metrics is not None:
+            self.metrics.commit_seconds.observe(time.monotonic() - now, self.metrics.ns)
+            self.metrics.dead_letters.inc(len(dead), self.metrics.ns)
         self.recorded, self.recorded_at = committed, now
 
 

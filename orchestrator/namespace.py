@@ -301,6 +301,7 @@ class Committer:
         self.retain_epochs = retain_epochs
         self._fingerprinted_at = float("-inf")
         self._collected_at = time.monotonic()
+        self.retained_from: int | None = None  # the retention window's start, last recorded
 
     def record(
         self,
@@ -379,6 +380,8 @@ class Committer:
         if refusal is not None:
             raise refusal_error(refusal, self.keys, self.fence)
         self.last_committed = committed
+        if retained_from is not None:
+            self.retained_from = retained_from
 
     def _dead_letter(self, bad: Any) -> dict[str, Any]:
         return {

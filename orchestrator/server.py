@@ -91,6 +91,7 @@ class AnnouncedRetry(Retry):
     outage_since: float | None = None  # monotonic time of the outage's first failure
     last_failure = 0.0  # monotonic time of the latest failure
     last_error = ""  # and what it was
+    reconnects = 0  # outages that ended with Redis back (orchestrator_redis_reconnects_total)
     # called (instead of raising) when the deadline passes: workers exit there (exit 3)
     on_deadline: Any = None
     _lock = threading.Lock()
@@ -204,6 +205,7 @@ class AnnouncedRetry(Retry):
             if not retried and time.monotonic() - cls.last_failure <= OUTAGE_GAP:
                 return
             cls.outage_since = None
+            cls.reconnects += 1
             if cls.lost:
                 cls.lost = False
                 logger.warning("reconnected to Redis")

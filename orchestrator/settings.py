@@ -10,6 +10,7 @@ from urllib.parse import unquote, unquote_plus
 
 from orchestrator.logs import LogFormat
 from tasks.batch import OnError
+from tasks.metrics import Address
 
 DEFAULT_NAMESPACE = "cart-join"
 DEFAULT_DATA_DIR = Path(".orchestrator")
@@ -67,6 +68,8 @@ class Settings:
     # lives on (None: the pipeline's)
     source_field: str = DEFAULT_SOURCE_FIELD
     source_url: str | None = None
+    # --metrics-port: where this command serves Prometheus metrics (None: it does not)
+    metrics: Address | None = None
 
     @property
     def worker_count(self) -> int:

@@ -46,6 +46,7 @@ from tasks.careful import alive_here
 from tasks.errors import ExitStatus, RedisUnavailable
 from tasks.flow import load_flow
 from tasks.keys import Keys
+from tasks.metrics import Address
 from tasks.rqcompat import LeanWorker, partition_queues, worker_name
 from tasks.tuning import tune_process
 
@@ -161,6 +162,10 @@ def work(settings: Settings, *, burst: bool = False, announce_wait: bool = True)
     keys = Keys(settings.namespace)
     if settings.flow is not None:
         load_flow(settings.flow)  # fail now, not on the first batch
+    if settings.metrics is not None:
+        from orchestrator.metrics import serve_or_refuse
+
+        serve_or_refuse(settings.metrics, lambda: AnnouncedRetry.reconnects)
     with connect(settings, join_only=True) as conn:
         run_worker(
             conn.client,
@@ -362,8 +367,11 @@ class WorkerPool:
         quiet: bool = False,
         log_format: LogFormat = "text",
         client: Redis | None = None,
+        metrics: Address | None = None,
     ) -> None:
         self.count = count
+        self.metrics = metrics  # worker i serves its metrics on the port after it + 1 + i
+        self.restarts = 0  # workers that died and were started again
         self.quiet = quiet
         self.client = client  # to remove the RQ registrations of workers that were killed
         self.url = url
@@ -384,25 +392,30 @@ class WorkerPool:
         """
         if self.count and _argv_holds_secret(self.url):
             _mask_in_own_cmdline(url_secrets(self.url))
-        for _ in range(self.count):
-            self.processes.append(self._start_one())
+        for i in range(self.count):
+            self.processes.append(self._start_one(i))
         logger.info("started %d worker processes", self.count)
 
-    def _start_one(self) -> WorkerProcess:
+    def _start_one(self, index: int) -> WorkerProcess:
         # A forked worker has every module imported already (a spawned one imports them
         # again: a large share of a short resume). Forking is safe only while
         # this process runs no other thread, so restarts during a run are spawned.
         if threading.active_count() == 1:
-            return self._fork()
-        return self._spawn()
+            return self._fork(index)
+        return self._spawn(index)
 
-    def _worker_args(self) -> list[str]:
+    def _metrics_address(self, index: int) -> Address | None:
+        return None if self.metrics is None else self.metrics.offset(1 + index)
+
+    def _worker_args(self, index: int) -> list[str]:
         args = ["worker", "--namespace", self.namespace, "--started-by-driver"]
         if self.quiet:
             args.append("--quiet")
+        if (address := self._metrics_address(index)) is not None:
+            args += ["--metrics-port", str(address)]
         return [*args, *worker_flags(self.verbose, self.log_format)]
 
-    def _fork(self) -> WorkerProcess:
+    def _fork(self, index: int) -> WorkerProcess:
         sys.stdout.flush()
         sys.stderr.flush()
         parent = os.getpid()
@@ -417,13 +430,14 @@ class WorkerPool:
                     signal.signal(signal.SIGINT, signal.default_int_handler)
                     os.environ["REDIS_URL"] = self.url
                     os.environ.pop("RQ_REDIS_URL", None)
-                    self._hide_driver_argv()
+                    self._hide_driver_argv(index)
                     settings = Settings(
                         redis_url=self.url,
                         namespace=self.namespace,
                         verbose=self.verbose,
                         log_format=self.log_format,
                         quiet=self.quiet,
+                        metrics=self._metrics_address(index),
                     )
                     status = forked_worker_main(settings)
             except KeyboardInterrupt:  # Ctrl-C before RQ's worker took over its signals
@@ -436,7 +450,7 @@ class WorkerPool:
         self._started[pid] = time.monotonic()
         return ForkedProcess(pid)
 
-    def _hide_driver_argv(self) -> None:
+    def _hide_driver_argv(self, index: int) -> None:
         """In a forked worker: show its own command line, not the driver's (which may hold a
         password, if masking it in the driver failed).
 
@@ -446,16 +460,16 @@ class WorkerPool:
         that fails it execs a fresh worker instead (which imports everything again).
         """
         # Always: `ps` then tells the workers from their driver.
-        args = [sys.executable, "-m", "orchestrator", *self._worker_args()]
+        args = [sys.executable, "-m", "orchestrator", *self._worker_args(index)]
         _overwrite_cmdline(args)
         if _argv_holds_secret(self.url):
             os.execv(sys.executable, args)
 
-    def _spawn(self) -> WorkerProcess:
+    def _spawn(self, index: int) -> WorkerProcess:
         env = {**os.environ, "REDIS_URL": self.url}
         env.pop("RQ_REDIS_URL", None)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", *self._worker_args()],
+            [sys.executable, "-m", "orchestrator", *self._worker_args(index)],
             env=env,
             stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent,  # noqa: PLW1509
@@ -497,7 +511,8 @@ class WorkerPool:
             if self._quick_deaths >= CRASH_LOOP_DEATHS:
                 msg = f"worker process {proc.pid} {how}, and workers keep dying at start"
                 raise WorkerDied(msg)
-            self.processes[i] = self._start_one()
+            self.processes[i] = self._start_one(i)
+            self.restarts += 1
             logger.warning(
                 "worker process %d %s; started worker %d", proc.pid, how, self.processes[i].pid
             )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, cast
 
 import orjson
 from redis import Redis
 
+from tasks import metrics
 from tasks.apply import AppliedBatch, apply_events
 from tasks.batch import Batch, CommitNotice, Rejection
 from tasks.careful import CarefulRun, ProbingIterator
@@ -37,11 +39,31 @@ def process_batch(
     job = get_current_job()
     assert job is not None, "process_batch runs inside an RQ job"
     r = job.connection
-    with partition_lease(r, Keys(namespace).lease(partition), job.id) as lease:
-        payload = cast("bytes | None", r.get(batch_key))
-        if payload is None:  # committed already (its commit deleted it), or a stale run's
-            return {"partition": partition, "batch": batch_key, "outcome": "gone"}
-        return run_batch(r, Batch.decode(payload), attempt=attempt, lease=lease)
+    started = time.perf_counter()
+    try:
+        with partition_lease(r, Keys(namespace).lease(partition), job.id) as lease:
+            payload = cast("bytes | None", r.get(batch_key))
+            if payload is None:  # committed already (its commit deleted it), or a stale run's
+                result = {"partition": partition, "batch": batch_key, "outcome": "gone"}
+            else:
+                result = run_batch(r, Batch.decode(payload), attempt=attempt, lease=lease)
+    except Exception:
+        if metrics.WORKER is not None:
+            metrics.WORKER.failures.inc(1, (namespace,))
+        raise
+    if metrics.WORKER is not None:
+        _count(metrics.WORKER, namespace, result, time.perf_counter() - started)
+    return result
+
+
+def _count(m: metrics.WorkerMetrics, namespace: str, result: dict[str, Any], took: float) -> None:
+    """Count one batch job in the worker's metrics (served with ``--metrics-port``)."""
+    ns = (namespace,)
+    m.batches.inc(1, (namespace, result["outcome"]))
+    if result["outcome"] == "committed":
+        m.events.inc(result["events"], ns)
+        m.rejected.inc(result["rejected"], ns)
+    m.apply_seconds.observe(took, ns)
 
 
 def batch_events(batch: Batch) -> list[tuple[int, str, Any]]:
@@ -134,9 +156,14 @@ def _apply_and_commit(
                 applied.rejected,
                 applied.failed,
             )
+            started = time.perf_counter()
             outcome = txn.commit(target, applied, notice)
+            if metrics.WORKER is not None:
+                took = time.perf_counter() - started
+                metrics.WORKER.commit_seconds.observe(took, (batch.namespace,))
         if outcome is not CommitOutcome.OUT_OF_ORDER:
-            return _result(batch, outcome)
+            rejected = len(applied.rejected) + (applied.failed is not None)
+            return _result(batch, outcome, events=len(events), rejected=rejected)
     raise _out_of_order(batch, None)
 
 
@@ -186,10 +213,14 @@ def _out_of_order(batch: Batch, applied: int | None) -> OutOfOrder:
     return OutOfOrder(msg)
 
 
-def _result(batch: Batch, outcome: CommitOutcome) -> dict[str, Any]:
+def _result(
+    batch: Batch, outcome: CommitOutcome, *, events: int = 0, rejected: int = 0
+) -> dict[str, Any]:
     return {
         "partition": batch.partition,
         "last_epoch": batch.last_epoch,
         "lines": len(batch.lines),
         "outcome": outcome.name.lower(),
+        "events": events,  # (those the batch applied, when it committed)
+        "rejected": rejected,
     }

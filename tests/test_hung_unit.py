@@ -294,7 +294,7 @@ def quick_deaths(fake, monkeypatch, *, registered):
     pool = WorkerPool(1, "unix:///nowhere", "ns")
     pids = iter(range(900_000, 900_010))
 
-    def start_one():
+    def start_one(index=0):
         proc = Exited(next(pids))
         pool._started[proc.pid] = time.monotonic()  # it dies at once
         if registered:  # it registered with RQ, then a job killed it
