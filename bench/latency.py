@@ -194,10 +194,12 @@ def measure(name: str, args: argparse.Namespace, run_dir: Path) -> Figures:
                "--partitions", str(args.partitions)]  # fmt: skip
     if args.output_file:
         command += ["--output", str(out_path)]
+    stderr = (run_dir / "stderr.txt").open("wb")
     proc = subprocess.Popen(
         command,
         stdin=subprocess.PIPE if source.stdin else subprocess.DEVNULL,
         stdout=subprocess.DEVNULL if args.output_file else subprocess.PIPE,
+        stderr=stderr,
         start_new_session=True,  # our Ctrl-C is not the pipeline's
     )
     received = Received()
@@ -232,10 +234,14 @@ def measure(name: str, args: argparse.Namespace, run_dir: Path) -> Figures:
             status = None
         stop.set()
         reader.join(timeout=10)
+        stderr.close()
     missing = sorted(set(range(total)) - set(received.at))
-    if not complete or missing or received.duplicates:
+    # a followed file runs until interrupted; standard input ends when we close it
+    expected = 0 if source.stdin else 130
+    if not complete or missing or received.duplicates or status != expected:
         msg = (f"{name}: {len(missing)} events without output (first {missing[:5]}), "
-               f"duplicates {received.duplicates[:5]}, exit status {status}")  # fmt: skip
+               f"duplicates {received.duplicates[:5]}, exit status {status}; its stderr:\n"
+               + (run_dir / "stderr.txt").read_text(errors="replace"))  # fmt: skip
         raise SystemExit(msg)
     timed = sorted((received.at[e] - sent[e]) / 1e6 for e in range(WARM_UP, total))
     return Figures(

@@ -66,7 +66,7 @@ MAINTENANCE_DELAY = 30.0  # seconds before a worker's first cleaning of RQ's reg
 class LeanWorker(SimpleWorker):
     """RQ's SimpleWorker, with its bookkeeping writes thinned out (the ``rq`` knob)."""
 
-    _heartbeat_sent_at = -HEARTBEAT_EVERY
+    _heartbeat_sent_at = float("-inf")  # the first one is always sent
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
