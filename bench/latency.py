@@ -13,7 +13,8 @@ append-to-output per source, and fails unless every event's line came, once.
 The pipeline first answers one warm-up event, so start-up is not measured.
 
 A source is one function (``SOURCES``): given the run's directory, it returns
-the command's arguments and how to append lines to its input.
+the command's arguments and how to append lines to its input (the embedded
+server's data directory is ``DATA`` in it, for a source that writes to Redis).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bench.generate import generate
 
 WARM_UP = 1  # events answered before the timed ones
 DRAIN_TIMEOUT = 30.0  # seconds to wait for the last outputs after the producer stopped
+DATA = "data"  # the command's --data-dir, in the run's directory
 
 
 @dataclass
@@ -190,7 +192,7 @@ def measure(name: str, args: argparse.Namespace, run_dir: Path) -> Figures:
     source = SOURCES[name](run_dir)
     out_path = run_dir / "out.txt"
     command = [sys.executable, "-m", "orchestrator", *source.args, "-q", "--data-dir",
-               str(run_dir / "data"), "--workers", str(args.workers),
+               str(run_dir / DATA), "--workers", str(args.workers),
                "--partitions", str(args.partitions)]  # fmt: skip
     if args.output_file:
         command += ["--output", str(out_path)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from redis import Redis
@@ -37,8 +37,8 @@ def process_batch(
     job = get_current_job()
     assert job is not None, "process_batch runs inside an RQ job"
     r = job.connection
-    with partition_lease(r, Keys(namespace).lease(partition), job.id) as lease:
-        payload = cast("bytes | None", r.get(batch_key))
+    with partition_lease(r, Keys(namespace).lease(partition), job.id, fetch=batch_key) as lease:
+        payload = lease.fetched
         if payload is None:  # committed already (its commit deleted it), or a stale run's
             return {"partition": partition, "batch": batch_key, "outcome": "gone"}
         return run_batch(r, Batch.decode(payload), attempt=attempt, lease=lease)
