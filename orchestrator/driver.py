@@ -58,8 +58,8 @@ RECORD_EVERY = 0.1  # seconds between two records of the committed epoch
 # data or that another driver took over, whatever it is waiting for.
 FENCE_EVERY = 1.0
 LINGER = 0.2  # a batch waits for half of --batch-events lines or this many seconds
-# A followed input at its end: how often to look for more lines (half of it is the mean
-# delay an appended line adds; an idle driver's look costs ~0.1 ms of CPU).
+# A followed input at its end: how often to look for more lines. Half of it is the mean delay
+# it adds to a line; an idle followed driver used 4.9% of a core at 5 ms, 1.9% at 20 ms.
 FOLLOW_POLL_MS = 5
 WAITING_NOTE_AFTER = 2.0  # seconds a batch may wait before the driver says it needs workers
 
