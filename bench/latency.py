@@ -1,12 +1,13 @@
 """The latency benchmark: from an event's append to its output line, at a fixed input rate.
 
-    python -m bench.latency [--rate 1000] [--seconds 10] [--source file] [--source stdin]
+    python -m bench.latency [--rate 1000] [--seconds 10] [--source file|stdin|stream] ...
                             [--workers 2] [--partitions 4] [--output-file]
 
 For each source, a producer thread appends cart events at ``--rate`` events a
 second, each carrying its send time (field ``sent``, ns since the epoch; the
-cart join ignores it), to the input of ``orchestrator ingest ... --follow``
-(embedded server, ``--workers`` workers); a reader thread takes the output lines
+cart join ignores it), to the input of ``orchestrator ingest ... --follow`` (a
+followed file, standard input, or a Redis stream on the embedded server) with
+the embedded server and ``--workers`` workers; a reader thread takes the output lines
 (stdout, or with ``--output-file`` an output file it follows) as they come and
 matches each to its event by epoch. It prints p50/p95/p99/max of
 append-to-output per source, and fails unless every event's line came, once.
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import IO
 
 from bench.generate import generate
+from orchestrator.server import EmbeddedServer, client_for
 
 WARM_UP = 1  # events answered before the timed ones
 DRAIN_TIMEOUT = 30.0  # seconds to wait for the last outputs after the producer stopped
@@ -89,7 +91,35 @@ def stdin_source(run_dir: Path) -> Source:  # noqa: ARG001 - every source gets t
     return Source(["ingest", "-"], stdin=True, open=opened, close=close)
 
 
-SOURCES: dict[str, Callable[[Path], Source]] = {"file": file_source, "stdin": stdin_source}
+def stream_source(run_dir: Path) -> Source:
+    """A Redis stream on the pipeline's (embedded) server, one entry per event, followed.
+
+    The producer attaches to the server first (the command then shares it) and adds each
+    chunk of due lines in one pipeline.
+    """
+    server = EmbeddedServer(run_dir / DATA)
+    client = client_for(server.__enter__())
+
+    def append(data: bytes) -> None:
+        pipe = client.pipeline(transaction=False)
+        for line in data.splitlines():
+            pipe.xadd(STREAM_KEY, {"event": line})
+        pipe.execute()
+
+    def close() -> None:
+        client.close()
+        server.__exit__(None, None, None)
+
+    command = ["ingest", f"redis-stream:{STREAM_KEY}", "--follow"]
+    return Source(command, open=lambda _: append, close=close)
+
+
+STREAM_KEY = "events"
+SOURCES: dict[str, Callable[[Path], Source]] = {
+    "file": file_source,
+    "stdin": stdin_source,
+    "stream": stream_source,
+}
 
 
 @dataclass
@@ -226,14 +256,17 @@ def measure(name: str, args: argparse.Namespace, run_dir: Path) -> Figures:
         sent = {WARM_UP + i: t for i, t in sent.items()} | warm
         complete = received.wait_for(total, DRAIN_TIMEOUT)
     finally:
-        source.close()
-        if proc.poll() is None and not source.stdin:
+        if source.stdin:
+            source.close()  # the input ends: so does the run
+        elif proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # a followed run ends at an interrupt
         try:
             status: int | None = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             status = None
+        if not source.stdin:
+            source.close()
         stop.set()
         reader.join(timeout=10)
         stderr.close()
@@ -258,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=int, default=1000, help="events a second (default 1000)")
     parser.add_argument("--seconds", type=int, default=10, help="how long to produce (10)")
     parser.add_argument("--source", action="append", choices=sorted(SOURCES),
-                        help="file (default) or stdin; may be given twice")  # fmt: skip
+                        help="file (default), stdin or stream; may be given again")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--users", type=int, default=10_000)
