@@ -112,9 +112,9 @@ class LeanWorker(SimpleWorker):
     def handle_execution_ended(self, job: Any, queue: Any, heartbeat_ttl: int) -> None:
         """RQ's end of a job, without the job heartbeat it writes there.
 
-        That heartbeat gives a success or failure callback time to run (the pipeline
-        sets none), and the success transaction right after it deletes the job's hash
-        (``result_ttl`` 0): a write, and an fsync, per batch for nothing.
+        That heartbeat (the job hash's ``last_heartbeat``) gives a success or failure
+        callback time to run, and the pipeline sets none; the transaction right after it
+        records the job's end and result: a write, and an fsync, per batch for nothing.
         """
         if not self._lean:
             super().handle_execution_ended(job, queue, heartbeat_ttl)

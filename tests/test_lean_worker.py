@@ -37,7 +37,7 @@ def calls(monkeypatch):
 def run_jobs(fake, count: int) -> None:
     queue = Queue("lean", connection=fake, serializer=JSONSerializer)
     for i in range(count):
-        queue.enqueue("builtins.len", [i], result_ttl=0)
+        queue.enqueue("builtins.len", [i], result_ttl=120)  # as the batch jobs are
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         LeanWorker([queue], connection=fake, serializer=JSONSerializer).work(burst=True)
@@ -56,7 +56,7 @@ def test_jobs_within_a_heartbeat_interval_write_the_workers_heartbeat_once(
     # included); the start of each job still writes its own, in its transaction.
     assert calls.count("worker") == 1
     assert calls.count("worker at a job's start") == 3
-    # A finished job's hash is deleted right after it ends: no heartbeat is written for it.
+    # A job's end is recorded right after it ends: no heartbeat is written for it alone.
     assert calls.count("job at its start") == 3
     assert "job alone" not in calls
 
