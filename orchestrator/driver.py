@@ -6,7 +6,10 @@ seconds, have accumulated), which the first one's commit moves into the queue. S
 worker finds the partition's next batch queued the moment the previous one
 commits, without waiting for the driver; batches grow with the workers'
 latency; and a partition's batches are never applied out of order or
-concurrently (the commit also refuses both).
+concurrently (the commit also refuses both). Batching adapts to the load: once
+the driver has read all there is for now (a followed input, a pipe), a partition
+with no batch in flight is sent what was read at once, however little; with a
+backlog to read, batches fill up as above.
 
 The namespace's committed epoch advances when every epoch up to it is
 committed by its partition; the driver then writes those epochs' lines, and
@@ -56,7 +59,9 @@ RECORD_EVERY = 0.1  # seconds between two records of the committed epoch
 # data or that another driver took over, whatever it is waiting for.
 FENCE_EVERY = 1.0
 LINGER = 0.2  # a batch waits for half of --batch-events lines or this many seconds
-FOLLOW_POLL_MS = 20  # a followed input at its end: how often to look for more lines
+# A followed input at its end: how often to look for more lines. Half of it is the mean delay
+# it adds to a line; an idle followed driver used 4.9% of a core at 5 ms, 1.9% at 20 ms.
+FOLLOW_POLL_MS = 5
 WAITING_NOTE_AFTER = 2.0  # seconds a batch may wait before the driver says it needs workers
 
 
@@ -214,9 +219,9 @@ class Driver:
                 ended = waiting and source.finished()
             read_through, read_offset = source.epoch - 1, source.offset
             self.read_through = read_through
-            flush = waiting or result.failure is not None
-            self._dispatch(read_through, result.failure, flush=flush)
-            idle = flush or self._full()
+            stopping = result.failure is not None
+            self._dispatch(read_through, result.failure, flush=ended or stopping, caught_up=waiting)
+            idle = waiting or stopping or self._full()
             block = BLOCK_MS if idle and self.in_flight else None
             if waiting and not ended:
                 # Lines may arrive any moment: look for them again soon.
@@ -409,13 +414,18 @@ class Driver:
 
     # ------------------------------------------------------------ dispatching
 
-    def _dispatch(self, read_through: int, failure: BadLine | None, *, flush: bool) -> None:
+    def _dispatch(
+        self, read_through: int, failure: BadLine | None, *, flush: bool, caught_up: bool
+    ) -> None:
         """Send a batch to every partition that has events and a free place in flight.
 
         A partition's first batch goes to its queue, the next one is staged behind
         it. A batch waits to fill up (half of ``batch_events`` lines, or LINGER
-        seconds since its first line) unless ``flush``: every job has a fixed cost
-        (over the worker, the driver and Redis), so small batches cost more per event.
+        seconds since its first line): every job has a fixed cost (over the worker,
+        the driver and Redis), so small batches cost more per event. Except: nothing
+        more will be read (``flush``); or the driver has read all there is for now
+        (``caught_up``) and the partition has no batch in flight, so nothing is gained
+        by waiting (the lines that come while this batch runs make the next one).
         """
         last_allowed = read_through if failure is None else min(read_through, failure.epoch - 1)
         sent = []
@@ -428,6 +438,7 @@ class Driver:
             first = queue[0]
             if (
                 not flush
+                and not (caught_up and head is None)
                 and len(queue) == 1
                 and len(first.epochs) < self.min_batch_lines
                 and now - first.since < LINGER

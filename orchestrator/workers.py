@@ -20,7 +20,7 @@ import redis
 from redis import Redis
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
-from rq.worker import WorkerStatus
+from rq.worker import DequeueStrategy, WorkerStatus
 
 from orchestrator.embedded import (
     SERVER_DIED,
@@ -219,8 +219,14 @@ def run_worker(
     worker = PipelineWorker(
         queues, connection=r, serializer=JSONSerializer, name=worker_name(keys.namespace)
     )
-    # RQ sets its loggers' level itself: -v leaves them at warnings, -vv shows their debug lines
-    worker.work(burst=burst, logging_level=logging.getLevelName(current().library_level))
+    # RQ sets its loggers' level itself: -v leaves them at warnings, -vv shows their debug lines.
+    # Round robin: BLPOP takes the first non-empty queue, and a partition whose commit queues
+    # its staged successor at once would keep a worker while the partitions after it wait.
+    worker.work(
+        burst=burst,
+        logging_level=logging.getLevelName(current().library_level),
+        dequeue_strategy=DequeueStrategy.ROUND_ROBIN,
+    )
 
 
 def _end_with_server(server_pid: int, data_dir: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from redis import Redis
@@ -41,8 +41,8 @@ def process_batch(
     r = job.connection
     started = time.perf_counter()
     try:
-        with partition_lease(r, Keys(namespace).lease(partition), job.id) as lease:
-            payload = cast("bytes | None", r.get(batch_key))
+        with partition_lease(r, Keys(namespace).lease(partition), job.id, fetch=batch_key) as lease:
+            payload = lease.fetched
             if payload is None:  # committed already (its commit deleted it), or a stale run's
                 result = {"partition": partition, "batch": batch_key, "outcome": "gone"}
             else:

@@ -27,6 +27,7 @@ class Lease:
     def __init__(self, r: Redis, key: str, job_id: str) -> None:
         self.r, self.key, self.job_id = r, key, job_id
         self.renewed_at = time.monotonic()
+        self.fetched: bytes | None = None
 
     def renew(self) -> None:
         with contextlib.suppress(redis.RedisError):
@@ -46,10 +47,19 @@ class Lease:
 
 
 @contextlib.contextmanager
-def partition_lease(r: Redis, key: str, job_id: str) -> Iterator[Lease]:
-    """Hold ``key`` = ``job_id`` (renewed every second, expiring 3 s after a crash) while inside."""
-    r.set(key, job_id, px=LEASE_TTL_MS)
+def partition_lease(r: Redis, key: str, job_id: str, *, fetch: str = "") -> Iterator[Lease]:
+    """Hold ``key`` = ``job_id`` (renewed every second, expiring 3 s after a crash) while inside.
+
+    With ``fetch``, that key's value is read in the same round trip, after the lease is
+    taken (``Lease.fetched``): a job's first two calls are one.
+    """
+    pipe = r.pipeline(transaction=False)
+    pipe.set(key, job_id, px=LEASE_TTL_MS)
+    if fetch:
+        pipe.get(fetch)
+    replies = pipe.execute()
     lease = Lease(r, key, job_id)
+    lease.fetched = replies[1] if fetch else None
     stop = threading.Event()
 
     def renew() -> None:
