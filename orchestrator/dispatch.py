@@ -40,8 +40,9 @@ JOB_TIMEOUT = -1
 BATCH_TTL = 7 * 24 * 3600  # a stored batch outlives any run that could still commit it
 FAILED_JOB_TTL = 7 * 24 * 3600
 # A finished batch job (and its result) is kept this long, so that RQ's finished registries
-# (rq-dashboard's counts) hold the last minutes' batches: ~7 KB each (docs/performance.md).
-RESULT_TTL = 120
+# (rq-dashboard's counts) hold the last seconds' batches: ~7 KB each, and a live input at
+# 1,000 events/s finishes ~84 batches a second (docs/performance.md).
+RESULT_TTL = 10
 WATCH_EVERY = 1.0  # seconds between two looks at the batches in flight
 LOST_AFTER = 2.0  # seconds a batch may look abandoned before it is sent again
 
