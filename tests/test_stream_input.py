@@ -250,7 +250,8 @@ def test_chaos_a_producer_adds_events_while_killed_drivers_and_workers_follow_th
         report = status_json(url, ns)
         assert report["source_lag_entries"] == 0 and report["source_lag_seconds"] == 0
         driver.send_signal(signal.SIGINT)
-        assert driver.wait(timeout=30) == 130
+        code = driver.wait(timeout=30)
+        assert code == 130, driver.stderr.read()
     finally:
         killed(producer)
         killed(driver)
