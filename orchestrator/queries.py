@@ -42,7 +42,7 @@ def rq_worker_command(url: str, keys: Keys, partitions: int) -> str:
         }
         auth = ", plus PASSWORD" if address.password else ""
         return (
-            f"rq worker -c SETTINGS --serializer json {queues}  "
+            f"rq worker -c SETTINGS --serializer json {ROUND_ROBIN} {queues}  "
             f"(SETTINGS: a module with SENTINEL = {settings!r}{auth})"
         )
     # Double quotes, so that a pasted "$REDIS_URL" is expanded (never print a password).
@@ -50,7 +50,12 @@ def rq_worker_command(url: str, keys: Keys, partitions: int) -> str:
         shown = '"$REDIS_URL"'
     else:
         shown = '"' + _SHELL_SPECIAL.sub(r"\\\g<0>", url) + '"'
-    return f"rq worker --url {shown} --serializer json {queues}"
+    return f"rq worker --url {shown} --serializer json {ROUND_ROBIN} {queues}"
+
+
+# RQ's default takes the first non-empty queue: partitions whose next batch is always queued
+# keep every worker, and the others wait (docs/performance.md, Latency).
+ROUND_ROBIN = "--dequeue-strategy round_robin"
 
 
 _SHELL_SPECIAL = re.compile(r'["$`\\]')  # what a backslash escapes inside double quotes

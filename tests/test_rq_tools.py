@@ -65,6 +65,7 @@ def test_a_plain_rq_worker_from_the_status_command_line_runs_our_jobs(redis_url,
     status = json.loads(run_cli("status", "--json", *args, cwd=tmp_path).stdout)
     command = status["rq_worker_command"]
     assert command.startswith("rq worker --url ") and "--serializer json" in command
+    assert "--dequeue-strategy round_robin" in command  # as our own workers take the queues
     argv = [RQ if a == "rq" else a for a in shlex.split(command.replace("$REDIS_URL", redis_url))]
     worker = subprocess.Popen(
         argv,
