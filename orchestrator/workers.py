@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from redis import Redis
 from rq import SimpleWorker
+from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 from rq.worker import DequeueStrategy, WorkerStatus
 
@@ -222,11 +223,16 @@ def run_worker(
     # RQ sets its loggers' level itself: -v leaves them at warnings, -vv shows their debug lines.
     # Round robin: BLPOP takes the first non-empty queue, and a partition whose commit queues
     # its staged successor at once would keep a worker while the partitions after it wait.
-    worker.work(
-        burst=burst,
-        logging_level=logging.getLevelName(current().library_level),
-        dequeue_strategy=DequeueStrategy.ROUND_ROBIN,
-    )
+    try:
+        worker.work(
+            burst=burst,
+            logging_level=logging.getLevelName(current().library_level),
+            dequeue_strategy=DequeueStrategy.ROUND_ROBIN,
+        )
+    except StopRequested:
+        # RQ raises it from its SIGTERM handler; outside its loop (while it tears down after
+        # an error, say) nothing of RQ's catches it: stopping is what was asked for anyway
+        logger.debug("stopped while RQ's worker was tearing down")
 
 
 def _end_with_server(server_pid: int, data_dir: Path) -> None:

@@ -258,7 +258,8 @@ def test_the_rq_worker_command_of_status_pastes_into_a_shell(url):
         env={"REDIS_URL": url, "PATH": os.environ["PATH"]}, capture_output=True, text=True,
     )  # fmt: skip
     assert run.stdout.splitlines() == [
-        "rq", "worker", "--url", url, "--serializer", "json", "ns-p0", "ns-p1"
+        "rq", "worker", "--url", url, "--serializer", "json",
+        "--dequeue-strategy", "round_robin", "ns-p0", "ns-p1",
     ]  # fmt: skip
     assert "hunter2" not in command
 

@@ -72,3 +72,22 @@ def test_a_worker_without_a_running_embedded_server_says_what_to_do(tmp_path):
     run = run_cli("worker", cwd=tmp_path)
     assert run.returncode == 3
     assert "no command is running an embedded server" in run.stderr
+
+
+def test_a_stop_asked_while_rqs_worker_tears_down_ends_the_worker_quietly(fake, monkeypatch):
+    """RQ raises StopRequested from its SIGTERM handler; a SIGTERM that lands while its worker
+    tears down after an error (a full disk: MISCONF) escapes RQ's loop. It is the stop that
+    was asked for, not a crash with a traceback (seen in tests/test_full_disk.py)."""
+    from rq.exceptions import StopRequested
+
+    from orchestrator import workers
+    from tasks.keys import Keys
+
+    keys = Keys(new_namespace())
+    fake.hset(keys.meta, "partitions", 2)
+
+    def tear_down_stopped(self, **kwargs):
+        raise StopRequested()
+
+    monkeypatch.setattr(workers.PipelineWorker, "work", tear_down_stopped)
+    workers.run_worker(fake, keys, announce_wait=False)  # returns: no exception
