@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
@@ -43,6 +44,7 @@ from tasks.errors import InvalidEvent
 from tasks.flow import load_flow, make_router
 from tasks.keys import Keys, partition_of
 from tasks.store import applied_epochs
+from tasks.tuning import enabled
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +173,12 @@ class Driver:
         self.generation = generation
         self.partitions = partitions
         self.flow_path = flow_path
-        before, stateful, _ = load_flow(flow_path).split()
+        flow = load_flow(flow_path)
+        before, stateful, _ = flow.split()
         self.route = make_router(before, stateful)
+        # (the ``line-key`` tuning knob switches it off, to measure what it buys)
+        self.line_key = flow.line_key.fullmatch if flow.line_key and enabled("line-key") else None
+        self.line_key_group = flow.line_key.groupindex["key"] if flow.line_key else 0
         self.on_error = on_error
         self.out = out
         self.housekeeping = housekeeping
@@ -272,9 +278,10 @@ class Driver:
         chunk before it. This is the driver's hot loop: it reads with the file's own
         ``readline``, keeps to local names and does one dict lookup per event.
         """
-        route, loads, partitions = self.route, orjson.loads, self.partitions
+        partitions = self.partitions
         pending_of, readline, limit = self.pending, source.file.readline, source.max_line_bytes
-        batch_lines = self.batch_events
+        batch_lines, crc32 = self.batch_events, zlib.crc32
+        fast, key_group = self.line_key, self.line_key_group
         epoch, offset = source.epoch, source.offset  # of the next line
         count = nbytes = 0
         exhausted = False
@@ -292,18 +299,19 @@ class Driver:
                 data, size, oversized = whole
             if data.strip():  # blank lines are skipped silently and keep their epoch number
                 text = data[:-1] if data[-1:] == b"\n" else data
-                try:
-                    if oversized:
-                        raise InvalidEvent(oversized)
-                    events = route(loads(data))
-                except Exception as e:  # the input or the flow's code rejected the line
-                    if self._stops_at(BadLine(epoch, offset, _reason(e), text), result):
+                # A line of the flow's declared layout is one event, keyed by a group of its
+                # bytes (Dataflow.key_lines_by): crc32 of them is partition_of the key.
+                match = fast(text) if fast is not None and not oversized else None
+                if match is not None:
+                    parts: Sequence[int] = (crc32(match[key_group]) % partitions,)
+                else:
+                    parts, bad = self._route_line(data, oversized)
+                    if bad is not None and self._stops_at(
+                        BadLine(epoch, offset, bad, text), result
+                    ):
                         break
-                    events = []
-                for key, _ in events:
-                    # crc32 each time: a cache of keys would pin memory arenas full of
-                    # garbage all over the run (the driver's RSS grew with the input)
-                    p = partition_of(key, partitions)
+                count += len(parts)  # (1 or 0..n: a tuple or a list)
+                for p in parts:
                     queue = pending_of.get(p)
                     if queue is None:
                         queue = pending_of[p] = deque([Pending()])
@@ -318,7 +326,6 @@ class Driver:
                         pending.size += size
                         nbytes += size
                     pending.events += 1
-                count += len(events)
             epoch += 1
             offset += size
         self.buffered += count
@@ -326,6 +333,19 @@ class Driver:
         source.epoch, source.offset = epoch, offset
         result.events += count
         return exhausted
+
+    def _route_line(self, data: bytes, oversized: str | None) -> tuple[list[int], str | None]:
+        """Parse a line and run the flow's first steps on it: the partition of each of its
+        events, or none and why the line is rejected."""
+        try:
+            if oversized:
+                raise InvalidEvent(oversized)
+            events = self.route(orjson.loads(data))
+        except Exception as e:  # the input or the flow's code rejected the line
+            return [], _reason(e)
+        # crc32 each time: a cache of keys would pin memory arenas full of
+        # garbage all over the run (the driver's RSS grew with the input)
+        return [partition_of(key, self.partitions) for key, _ in events], None
 
     def _unterminated(
         self, source: LineSource, data: bytes, limit: int, epoch: int, offset: int
