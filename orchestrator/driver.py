@@ -25,7 +25,7 @@ import time
 import zlib
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
@@ -84,7 +84,7 @@ class BadLine:
         return self.epoch + 1
 
 
-@dataclass
+@dataclass(slots=True)  # (its fields are read and written for every line)
 class Pending:
     """Input lines of one partition waiting for a batch: epochs, text and offsets.
 
@@ -291,41 +291,40 @@ class Driver:
                 exhausted = True
                 break
             size, oversized = len(data), None
-            if data[-1:] != b"\n":  # over the limit, or the last line (or both)
+            if data[-1] == 10:  # a whole line (10: the newline's byte)
+                text = data[:-1]
+            else:  # over the limit, or the last line (or both)
                 whole = self._unterminated(source, data, limit, epoch, offset)
                 if whole is None:  # followed: the rest of the line has not arrived yet
                     exhausted = True
                     break
                 data, size, oversized = whole
-            if data.strip():  # blank lines are skipped silently and keep their epoch number
                 text = data[:-1] if data[-1:] == b"\n" else data
-                # A line of the flow's declared layout is one event, keyed by a group of its
-                # bytes (Dataflow.key_lines_by): crc32 of them is partition_of the key.
-                match = fast(text) if fast is not None and not oversized else None
-                if match is not None:
-                    parts: Sequence[int] = (crc32(match[key_group]) % partitions,)
-                else:
-                    parts, bad = self._route_line(data, oversized)
-                    if bad is not None and self._stops_at(
-                        BadLine(epoch, offset, bad, text), result
-                    ):
-                        break
-                count += len(parts)  # (1 or 0..n: a tuple or a list)
-                for p in parts:
-                    queue = pending_of.get(p)
-                    if queue is None:
-                        queue = pending_of[p] = deque([Pending()])
-                    pending = queue[-1]
-                    if not pending.epochs or pending.epochs[-1] != epoch:
-                        if len(pending.epochs) >= batch_lines:  # full: start the next batch
-                            pending = Pending()
-                            queue.append(pending)
-                        pending.epochs.append(epoch)  # the line goes once to each partition
-                        pending.lines.append(text)
-                        pending.offsets.append(offset)
-                        pending.size += size
-                        nbytes += size
-                    pending.events += 1
+            match = fast(text) if fast is not None and oversized is None else None
+            if match is not None:
+                # The flow's declared layout (Dataflow.key_lines_by): one valid event, keyed
+                # by a group of the line's bytes, whose crc32 is partition_of the key.
+                p = crc32(match[key_group]) % partitions
+                queue = pending_of.get(p)
+                if queue is None:
+                    queue = pending_of[p] = deque([Pending()])
+                pending = queue[-1]
+                if len(pending.epochs) >= batch_lines:  # full: start the next batch
+                    pending = Pending()
+                    queue.append(pending)
+                pending.epochs.append(epoch)
+                pending.lines.append(text)
+                pending.offsets.append(offset)
+                pending.size += size
+                pending.events += 1
+                count += 1
+                nbytes += size
+            elif data.strip():  # blank lines are skipped silently and keep their epoch number
+                buffered = self._buffer_line(data, text, oversized, epoch, offset, result)
+                if buffered is None:  # a bad line under fail: the run stops before it
+                    break
+                count += buffered[0]
+                nbytes += buffered[1]
             epoch += 1
             offset += size
         self.buffered += count
@@ -334,18 +333,45 @@ class Driver:
         result.events += count
         return exhausted
 
-    def _route_line(self, data: bytes, oversized: str | None) -> tuple[list[int], str | None]:
-        """Parse a line and run the flow's first steps on it: the partition of each of its
-        events, or none and why the line is rejected."""
+    def _buffer_line(
+        self,
+        data: bytes,
+        text: bytes,
+        oversized: str | None,
+        epoch: int,
+        offset: int,
+        result: RunResult,
+    ) -> tuple[int, int] | None:
+        """Parse a line, run the flow's first steps on it and buffer it for the partition of
+        each of its events: (events, bytes buffered), or None if the run stops before it."""
         try:
             if oversized:
                 raise InvalidEvent(oversized)
             events = self.route(orjson.loads(data))
         except Exception as e:  # the input or the flow's code rejected the line
-            return [], _reason(e)
-        # crc32 each time: a cache of keys would pin memory arenas full of
-        # garbage all over the run (the driver's RSS grew with the input)
-        return [partition_of(key, self.partitions) for key, _ in events], None
+            if self._stops_at(BadLine(epoch, offset, _reason(e), text), result):
+                return None
+            return 0, 0
+        size, nbytes = len(data), 0
+        for key, _ in events:
+            # crc32 each time: a cache of keys would pin memory arenas full of
+            # garbage all over the run (the driver's RSS grew with the input)
+            p = partition_of(key, self.partitions)
+            queue = self.pending.get(p)
+            if queue is None:
+                queue = self.pending[p] = deque([Pending()])
+            pending = queue[-1]
+            if not pending.epochs or pending.epochs[-1] != epoch:
+                if len(pending.epochs) >= self.batch_events:  # full: start the next batch
+                    pending = Pending()
+                    queue.append(pending)
+                pending.epochs.append(epoch)  # the line goes once to each partition
+                pending.lines.append(text)
+                pending.offsets.append(offset)
+                pending.size += size
+                nbytes += size
+            pending.events += 1
+        return len(events), nbytes
 
     def _unterminated(
         self, source: LineSource, data: bytes, limit: int, epoch: int, offset: int
