@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from tasks.errors import InvalidEvent
 from tasks.flow import load_flow, make_router
 from tasks.keys import Keys, partition_of
 from tasks.store import applied_epochs
+from tasks.tuning import enabled
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ class BadLine:
         return self.epoch + 1
 
 
-@dataclass
+@dataclass(slots=True)  # (its fields are read and written for every line)
 class Pending:
     """Input lines of one partition waiting for a batch: epochs, text and offsets.
 
@@ -171,8 +173,12 @@ class Driver:
         self.generation = generation
         self.partitions = partitions
         self.flow_path = flow_path
-        before, stateful, _ = load_flow(flow_path).split()
+        flow = load_flow(flow_path)
+        before, stateful, _ = flow.split()
         self.route = make_router(before, stateful)
+        # (the ``line-key`` tuning knob switches it off, to measure what it buys)
+        self.line_key = flow.line_key.fullmatch if flow.line_key and enabled("line-key") else None
+        self.line_key_group = flow.line_key.groupindex["key"] if flow.line_key else 0
         self.on_error = on_error
         self.out = out
         self.housekeeping = housekeeping
@@ -272,9 +278,10 @@ class Driver:
         chunk before it. This is the driver's hot loop: it reads with the file's own
         ``readline``, keeps to local names and does one dict lookup per event.
         """
-        route, loads, partitions = self.route, orjson.loads, self.partitions
+        partitions = self.partitions
         pending_of, readline, limit = self.pending, source.file.readline, source.max_line_bytes
-        batch_lines = self.batch_events
+        batch_lines, crc32 = self.batch_events, zlib.crc32
+        fast, key_group = self.line_key, self.line_key_group
         epoch, offset = source.epoch, source.offset  # of the next line
         count = nbytes = 0
         exhausted = False
@@ -284,41 +291,40 @@ class Driver:
                 exhausted = True
                 break
             size, oversized = len(data), None
-            if data[-1:] != b"\n":  # over the limit, or the last line (or both)
+            if data[-1] == 10:  # a whole line (10: the newline's byte)
+                text = data[:-1]
+            else:  # over the limit, or the last line (or both)
                 whole = self._unterminated(source, data, limit, epoch, offset)
                 if whole is None:  # followed: the rest of the line has not arrived yet
                     exhausted = True
                     break
                 data, size, oversized = whole
-            if data.strip():  # blank lines are skipped silently and keep their epoch number
                 text = data[:-1] if data[-1:] == b"\n" else data
-                try:
-                    if oversized:
-                        raise InvalidEvent(oversized)
-                    events = route(loads(data))
-                except Exception as e:  # the input or the flow's code rejected the line
-                    if self._stops_at(BadLine(epoch, offset, _reason(e), text), result):
-                        break
-                    events = []
-                for key, _ in events:
-                    # crc32 each time: a cache of keys would pin memory arenas full of
-                    # garbage all over the run (the driver's RSS grew with the input)
-                    p = partition_of(key, partitions)
-                    queue = pending_of.get(p)
-                    if queue is None:
-                        queue = pending_of[p] = deque([Pending()])
-                    pending = queue[-1]
-                    if not pending.epochs or pending.epochs[-1] != epoch:
-                        if len(pending.epochs) >= batch_lines:  # full: start the next batch
-                            pending = Pending()
-                            queue.append(pending)
-                        pending.epochs.append(epoch)  # the line goes once to each partition
-                        pending.lines.append(text)
-                        pending.offsets.append(offset)
-                        pending.size += size
-                        nbytes += size
-                    pending.events += 1
-                count += len(events)
+            match = fast(text) if fast is not None and oversized is None else None
+            if match is not None:
+                # The flow's declared layout (Dataflow.key_lines_by): one valid event, keyed
+                # by a group of the line's bytes, whose crc32 is partition_of the key.
+                p = crc32(match[key_group]) % partitions
+                queue = pending_of.get(p)
+                if queue is None:
+                    queue = pending_of[p] = deque([Pending()])
+                pending = queue[-1]
+                if len(pending.epochs) >= batch_lines:  # full: start the next batch
+                    pending = Pending()
+                    queue.append(pending)
+                pending.epochs.append(epoch)
+                pending.lines.append(text)
+                pending.offsets.append(offset)
+                pending.size += size
+                pending.events += 1
+                count += 1
+                nbytes += size
+            elif data.strip():  # blank lines are skipped silently and keep their epoch number
+                buffered = self._buffer_line(data, text, oversized, epoch, offset, result)
+                if buffered is None:  # a bad line under fail: the run stops before it
+                    break
+                count += buffered[0]
+                nbytes += buffered[1]
             epoch += 1
             offset += size
         self.buffered += count
@@ -326,6 +332,46 @@ class Driver:
         source.epoch, source.offset = epoch, offset
         result.events += count
         return exhausted
+
+    def _buffer_line(
+        self,
+        data: bytes,
+        text: bytes,
+        oversized: str | None,
+        epoch: int,
+        offset: int,
+        result: RunResult,
+    ) -> tuple[int, int] | None:
+        """Parse a line, run the flow's first steps on it and buffer it for the partition of
+        each of its events: (events, bytes buffered), or None if the run stops before it."""
+        try:
+            if oversized:
+                raise InvalidEvent(oversized)
+            events = self.route(orjson.loads(data))
+        except Exception as e:  # the input or the flow's code rejected the line
+            if self._stops_at(BadLine(epoch, offset, _reason(e), text), result):
+                return None
+            return 0, 0
+        size, nbytes = len(data), 0
+        for key, _ in events:
+            # crc32 each time: a cache of keys would pin memory arenas full of
+            # garbage all over the run (the driver's RSS grew with the input)
+            p = partition_of(key, self.partitions)
+            queue = self.pending.get(p)
+            if queue is None:
+                queue = self.pending[p] = deque([Pending()])
+            pending = queue[-1]
+            if not pending.epochs or pending.epochs[-1] != epoch:
+                if len(pending.epochs) >= self.batch_events:  # full: start the next batch
+                    pending = Pending()
+                    queue.append(pending)
+                pending.epochs.append(epoch)  # the line goes once to each partition
+                pending.lines.append(text)
+                pending.offsets.append(offset)
+                pending.size += size
+                nbytes += size
+            pending.events += 1
+        return len(events), nbytes
 
     def _unterminated(
         self, source: LineSource, data: bytes, limit: int, epoch: int, offset: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ class Dataflow:
 
     steps: list[Step | StatefulMapStep] = field(default_factory=list)
     captured: bool = False
+    # set by ``line_key``: lines the driver may route by a regex, without parsing them
+    line_key: re.Pattern[bytes] | None = None
 
     def map(self, fn: Callable[[Any], Any]) -> Dataflow:
         """Transform every item with ``fn``."""
@@ -96,6 +99,34 @@ class Dataflow:
             msg = "the flow is already captured"
             raise FlowError(msg)
         self.captured = True
+        return self
+
+    def key_lines_by(self, pattern: bytes) -> Dataflow:
+        """Declare which input lines the driver may route without parsing them.
+
+        ``pattern`` is a regex over a line's bytes (without its newline) with a group
+        named ``key``. It is a promise: every line it matches in full is valid input
+        that the steps before ``stateful_map`` turn into exactly one event, whose key
+        is the ``key`` group's bytes decoded as UTF-8. The driver then finds such a
+        line's partition from those bytes alone; every other line (another layout, bad
+        input) is parsed and checked as without it, so a narrow pattern is always safe.
+        The workers parse every line anyway.
+
+        Raises:
+            FlowError: the pattern does not compile, is not bytes, or has no ``key`` group.
+        """
+        if not isinstance(pattern, bytes):
+            msg = f"key_lines_by expects a bytes pattern, got {type(pattern).__name__}"
+            raise FlowError(msg)
+        try:
+            compiled = re.compile(pattern)
+        except re.error as e:
+            msg = f"key_lines_by: invalid pattern: {e}"
+            raise FlowError(msg) from None
+        if "key" not in compiled.groupindex:
+            msg = "key_lines_by: the pattern has no group named 'key': (?P<key>...)"
+            raise FlowError(msg)
+        self.line_key = compiled
         return self
 
     def _add(self, step: Step | StatefulMapStep) -> Dataflow:

@@ -25,6 +25,8 @@ The knobs (``KNOBS``):
   append-only file only once it is large, 50 cron ticks a second, uncompressed
   rewrites.
 - ``rq``: RQ's worker writes its bookkeeping less often (``tasks/rqcompat.py``).
+- ``line-key``: the driver routes a line of the flow's declared layout by a regex
+  over its bytes, without parsing it (``Dataflow.key_lines_by``).
 
 Kept to the standard library: the driver and every worker import it first.
 """
@@ -36,7 +38,7 @@ import gc
 import os
 import time
 
-KNOBS = ("gc", "malloc", "encoder", "fast-exit", "jemalloc", "server", "rq")
+KNOBS = ("gc", "malloc", "encoder", "fast-exit", "jemalloc", "server", "rq", "line-key")
 SWITCH = "ORCHESTRATOR_TUNING"
 
 
