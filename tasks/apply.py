@@ -1,8 +1,9 @@
 """Apply a batch of keyed events to their states: pure, no Redis.
 
 The result holds everything the commit writes: the final state of each
-touched key, an undo record (each event's before-image, so any epoch of the
-batch can be restored later), the outputs and the rejected events.
+touched key, an undo record (each key's before-image once, and the values that
+re-derive its states after it, so any epoch of the batch can be restored
+later: ``tasks/undo.py``), the outputs and the rejected events.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tasks.batch import OnError, Rejection
 from tasks.errors import InvalidEvent
 from tasks.flow import Dataflow, StatefulMapStep, make_emitter, single_emitter
 from tasks.tuning import enabled
-from tasks.undo import Raw, encode_undo
+from tasks.undo import IMAGE, VALUE_OPTIONS, Raw, encode_undo_v2
 from tasks.watchdog import EventWatch, FlowTimeout
 
 
@@ -30,11 +31,14 @@ class AppliedBatch:
     applied_through: int
     # key -> final state (None deletes the key's state)
     writes: dict[str, Raw] = field(default_factory=dict)
-    # Each applied event's epoch, key and state before it (the undo record): restoring
-    # epoch N-1 sets each key to the before-image of its first event at epoch >= N.
+    # Each applied event's epoch, key and where its before-image comes from (the undo
+    # record): restoring epoch N-1 sets each key to the before-image of its first event
+    # at epoch >= N. A step is IMAGE (the next of undo_images) or the previous event's
+    # value of the same key, as ``[value]`` JSON.
     undo_epochs: list[int] = field(default_factory=list)
     undo_keys: list[str] = field(default_factory=list)
-    undo_befores: list[Raw] = field(default_factory=list)
+    undo_steps: list[bytes] = field(default_factory=list)
+    undo_images: list[Raw] = field(default_factory=list)
     # The epoch of each rendered output, and the outputs, in epoch order
     out_epochs: list[int] = field(default_factory=list)
     out_items: list[Any] = field(default_factory=list)
@@ -48,14 +52,9 @@ class AppliedBatch:
         """``(epoch, rendered output)`` pairs in epoch order."""
         return list(zip(self.out_epochs, self.out_items, strict=True))
 
-    @property
-    def undo(self) -> list[tuple[int, str, Raw]]:
-        """``(epoch, key, state before)`` of each applied event."""
-        return list(zip(self.undo_epochs, self.undo_keys, self.undo_befores, strict=True))
-
     def encode_undo(self) -> bytes:
         """The batch's undo record (see ``tasks/undo.py``)."""
-        return encode_undo(self.undo_epochs, self.undo_keys, self.undo_befores)
+        return encode_undo_v2(self.undo_epochs, self.undo_keys, self.undo_steps, self.undo_images)
 
 
 def describe_exception(e: BaseException) -> str:
@@ -130,7 +129,10 @@ def apply_events(
     raw: dict[str, Raw] = dict(loaded)
     result = AppliedBatch(applied_through=last_epoch)
     writes = result.writes
-    undo_epochs, undo_keys, undo_befores = result.undo_epochs, result.undo_keys, result.undo_befores
+    undo_epochs, undo_keys = result.undo_epochs, result.undo_keys
+    undo_steps, undo_images = result.undo_steps, result.undo_images
+    # key -> (JSON of the value of its last applied event, or None, and that value)
+    last_values: dict[str, tuple[bytes | None, Any]] = {}
     out_epochs, out_items = result.out_epochs, result.out_items
     iterator = iter(events)
     if watch is not None:
@@ -146,6 +148,7 @@ def apply_events(
             if _stop(result, rejection, on_error, e):
                 break
             continue
+        value_json = _value_json(value)  # before the mapper runs: it may change the value
         try:
             try:
                 new_state, emitted = mapper(state, value)
@@ -166,7 +169,15 @@ def apply_events(
             continue
         undo_epochs.append(epoch)
         undo_keys.append(key)
-        undo_befores.append(before)
+        last = last_values.get(key)
+        # The state before this event is re-derived from the key's previous event if that
+        # event's value comes back equal from its JSON (no tuple, NaN, changed in place...).
+        if last is not None and last[0] is not None and loads(last[0]) == last[1]:
+            undo_steps.append(b"[%b]" % last[0])
+        else:
+            undo_steps.append(IMAGE)
+            undo_images.append(before)
+        last_values[key] = (value_json, value)
         raw[key] = writes[key] = new_raw
         if emit_one is not None:
             out_epochs.append(epoch)
@@ -175,6 +186,14 @@ def apply_events(
             out_epochs += [epoch] * len(rendered_all)
             out_items += rendered_all
     return result
+
+
+def _value_json(value: Any) -> bytes | None:
+    """The value as JSON for the undo record, or None if it is not JSON."""
+    try:
+        return orjson.dumps(value, option=VALUE_OPTIONS)
+    except TypeError:  # (orjson's error) its key's next event keeps its image instead
+        return None
 
 
 def _stop(result: AppliedBatch, rejection: Rejection, on_error: OnError, e: BaseException) -> bool:
@@ -202,7 +221,9 @@ def _remaining(iterator: Any) -> Callable[[], int]:
 
 
 # What apply_events runs outside the flow's code: a tick never raises in them.
-_HELPERS = tuple(f.__code__ for f in (_stop, _timed_out, describe_exception, Rejection.__init__))
+_HELPERS = tuple(
+    f.__code__ for f in (_stop, _timed_out, _value_json, describe_exception, Rejection.__init__)
+)
 
 
 def _bad_return(
