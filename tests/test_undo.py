@@ -187,38 +187,38 @@ def plain_states_at(events: list[tuple[int, str, Any]], epoch: int) -> dict[str,
 
 
 @pytest.mark.parametrize("old_format", [set(), {0}, {1, 2}])
-def test_restore_to_every_epoch_gives_the_plain_loop_s_states(fake, keys, old_format):
+def test_restore_to_every_epoch_gives_the_plain_loop_s_states(r, keys, old_format):
     events = ledger_events(7, 48)
     parts = batches(events, [15, 1, 20, 12])
     for epoch in [-1, *range(48)]:
-        fake.delete(keys.state(0), keys.undo(0), keys.progress(0))
-        claim_partition(fake, keys, 0, 1)
-        commit_plainly(fake, keys, parts, old_format)
-        restore_partition(fake, keys, 0, epoch, flow=LEDGER)
-        assert fake.hgetall(keys.state(0)) == {
+        r.delete(keys.state(0), keys.undo(0), keys.progress(0))
+        claim_partition(r, keys, 0, 1)
+        commit_plainly(r, keys, parts, old_format)
+        restore_partition(r, keys, 0, epoch, flow=LEDGER)
+        assert r.hgetall(keys.state(0)) == {
             k.encode(): v for k, v in plain_states_at(events, epoch).items()
         }
         # The truncated record restores the epochs before it as exactly.
         earlier = max(epoch - 5, -1)
-        restore_partition(fake, keys, 0, earlier, flow=LEDGER)
-        assert fake.hgetall(keys.state(0)) == {
+        restore_partition(r, keys, 0, earlier, flow=LEDGER)
+        assert r.hgetall(keys.state(0)) == {
             k.encode(): v for k, v in plain_states_at(events, earlier).items()
         }
 
 
-def test_state_at_epoch_re_derives_a_hot_key_from_the_namespace_s_flow(fake, keys):
+def test_state_at_epoch_re_derives_a_hot_key_from_the_namespace_s_flow(r, keys):
     orders = [{"user_id": "a", "type": "order", "order_id": i} for i in range(30)]
     pays = [{"user_id": "a", "type": "payment", "order_id": i} for i in range(0, 30, 3)]
     values = orders[:10] + pays[:2] + orders[10:] + pays[2:]
     events = [(i, v["user_id"], v) for i, v in enumerate(values)]
-    fake.hset(keys.meta, "flow", FLOW_PATH)
+    r.hset(keys.meta, "flow", FLOW_PATH)
     raw: dict[str, bytes | None] = {}
     for part in batches(events, [7, 13, 20]):
         applied = apply_events(cart_flow, part, raw, part[-1][0], "fail")
         raw.update(applied.writes)
-        fake.zadd(keys.undo(0), {applied.encode_undo(): part[-1][0]})
-    fake.hset(keys.state(0), mapping={k: v for k, v in raw.items() if v is not None})
+        r.zadd(keys.undo(0), {applied.encode_undo(): part[-1][0]})
+    r.hset(keys.state(0), mapping={k: v for k, v in raw.items() if v is not None})
     lines = [json.dumps(v) for v in values]
     for epoch in range(-1, len(events)):
         _, expected = reference_run(lines[: epoch + 1])
-        assert _state_at(fake, keys, 0, "a", epoch) == expected.get("a")
+        assert _state_at(r, keys, 0, "a", epoch) == expected.get("a")
