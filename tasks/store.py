@@ -25,7 +25,7 @@ from redis import Redis, WatchError
 from redis.client import Pipeline
 
 from tasks.apply import AppliedBatch
-from tasks.errors import Superseded
+from tasks.errors import FlowError, Superseded
 from tasks.flow import Dataflow, load_flow
 from tasks.keys import Keys
 from tasks.undo import FlowSource, Raw, first_befores_after, truncate_undo
@@ -270,7 +270,7 @@ def namespace_flow(r: Redis, keys: Keys, flow: Dataflow | None = None) -> FlowSo
         name = r.hget(keys.meta, "flow")
         if name is None:
             msg = f"namespace {keys.namespace!r} names no flow: its undo records cannot be read"
-            raise ValueError(msg)
+            raise FlowError(msg)
         return load_flow(name.decode() if isinstance(name, bytes) else str(name))
 
     return load

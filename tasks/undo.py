@@ -36,6 +36,7 @@ from typing import Any
 
 import orjson
 
+from tasks.errors import FlowError
 from tasks.flow import Dataflow
 
 # A stored state as JSON bytes, or None when the key has no state.
@@ -149,7 +150,7 @@ def _events(
             if mapper is None:
                 if flow is None:
                     msg = "this undo record re-derives states: it needs the namespace's flow"
-                    raise ValueError(msg)
+                    raise FlowError(msg)
                 stateful = flow().split()[1]
                 mapper, builder = stateful.mapper, stateful.builder
             previous = current[key]

@@ -17,6 +17,7 @@ from orchestrator.queries import _state_at
 from tasks.apply import apply_events
 from tasks.cartjoin import FLOW_PATH
 from tasks.cartjoin import flow as cart_flow
+from tasks.errors import FlowError
 from tasks.flow import Dataflow
 from tasks.keys import Keys
 from tasks.store import claim_partition, restore_partition
@@ -222,3 +223,17 @@ def test_state_at_epoch_re_derives_a_hot_key_from_the_namespace_s_flow(r, keys):
     for epoch in range(-1, len(events)):
         _, expected = reference_run(lines[: epoch + 1])
         assert _state_at(r, keys, 0, "a", epoch) == expected.get("a")
+
+
+def test_a_record_that_re_derives_states_without_a_flow_is_refused(r, keys):
+    events = [(0, "k", "a"), (1, "k", "b"), (2, "k", "c")]
+    record = apply_events(LEDGER, events, {}, 2, "fail").encode_undo()
+    with pytest.raises(FlowError, match="needs the namespace's flow"):
+        list(decode_undo(record))
+    # A namespace whose meta names no flow: its restore writes nothing.
+    claim_partition(r, keys, 0, 1)
+    r.zadd(keys.undo(0), {record: 2})
+    r.hset(keys.progress(0), "applied", 2)
+    with pytest.raises(FlowError, match="names no flow"):
+        restore_partition(r, keys, 0, 1)
+    assert r.hget(keys.progress(0), "applied") == b"2"
