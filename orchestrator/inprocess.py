@@ -147,6 +147,8 @@ class _Runner:
             applied = apply_events(
                 self.flow, events, loaded.states, through, "fail",
                 render=lambda e, x: (e, deepcopy(x)),
+                # every before-image stored: the caller may pass another flow object next run
+                derive=False,
             )  # fmt: skip
             outcome = txn.commit(target, applied)
         if outcome is not CommitOutcome.COMMITTED:

@@ -9,6 +9,7 @@ later: ``tasks/undo.py``), the outputs and the rejected events.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
@@ -100,6 +101,7 @@ def apply_events(
     on_error: OnError,
     render: Callable[[int, Any], Any] = format_line,
     watch: EventWatch | None = None,
+    derive: bool = True,
 ) -> AppliedBatch:
     """Apply events (in epoch order) to the loaded states.
 
@@ -112,6 +114,9 @@ def apply_events(
         render: turns ``(epoch, output item)`` into what the batch outputs.
         watch: stops an event that runs longer than its timeout (armed by the
             caller); the event is rejected as timed out, the batch goes on.
+        derive: the undo record may re-derive states with the flow (else it
+            stores every event's before-image: ``run_main``, whose flow object
+            may change between runs).
 
     Returns:
         The batch's effects. A rejected event leaves its key's state as it was
@@ -152,7 +157,7 @@ def apply_events(
         # Only a key's second event on stores its value (so a key's image may be stored twice
         # per batch): JSON of every value cost the 1M-event bench's worker +1.7 µs per event.
         # (taken before the mapper runs: it may change the value in place)
-        value_json = _value_json(value) if key in writes else _FIRST
+        value_json = _value_json(value) if derive and key in writes else _FIRST
         try:
             try:
                 new_state, emitted = mapper(state, value)
@@ -200,7 +205,8 @@ def _undo_step(result: AppliedBatch, last: tuple[bytes | None, Any] | None, befo
     tuple, NaN, value changed in place...); else stored.
     """
     if last is not None and last[0] is not None and orjson.loads(last[0]) == last[1]:
-        result.undo_steps.append(b"[%b]" % last[0])
+        # with the CRC-32 of the state it re-derives: a flow that changed since is refused
+        result.undo_steps.append(b"[%b,%d]" % (last[0], zlib.crc32(before or b"")))
     else:
         result.undo_steps.append(IMAGE)
         result.undo_images.append(before)

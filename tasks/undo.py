@@ -12,12 +12,13 @@ images one per line, as the JSON the state hash held (an empty line for a key
 that had no state). ``step`` says where an event's before-image comes from:
 
 - ``0``: the next stored image (always so for a key's first event in the batch);
-- ``[value]``: re-derived by running the flow's stateful step on the previous
-  event of the same key, whose value (what the mapper got) is ``value``, from
-  that event's before-image: ``builder(key)`` if it had none, else the JSON
-  decoded; the result encoded as apply encodes it. The flow is deterministic
-  (the workers already rely on it to re-run its first steps), so this gives
-  the bytes the state hash held.
+- ``[value, crc]``: re-derived by running the flow's stateful step on the
+  previous event of the same key, whose value (what the mapper got) is
+  ``value``, from that event's before-image: ``builder(key)`` if it had none,
+  else the JSON decoded; the result encoded as apply encodes it. The flow is
+  deterministic (the workers already rely on it to re-run its first steps), so
+  this gives the bytes the state hash held; ``crc`` (their CRC-32) turns a flow
+  changed since into a refusal rather than a wrong state.
 
 A value is stored only if a JSON round trip gives it back equal (no tuple,
 set, subclass of a builtin, NaN...) and the mapper did not change it in place;
@@ -31,6 +32,7 @@ written by ``orjson.dumps``, which escapes control characters).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,7 +72,7 @@ def encode_undo(epochs: list[int], keys: list[str], befores: list[Raw]) -> bytes
 def encode_undo_v2(
     epochs: list[int], keys: list[str], steps: list[bytes], images: list[Raw]
 ) -> bytes:
-    """A version-2 record: ``steps[i]`` is IMAGE or ``b"[" + value JSON + b"]"``."""
+    """A version-2 record: ``steps[i]`` is IMAGE or ``[value, crc]`` as JSON."""
     header = b"[2,%b,%b,[%b]]" % (orjson.dumps(epochs), orjson.dumps(keys), b",".join(steps))
     return header + b"\n" + b"\n".join([b"" if b is None else b for b in images])
 
@@ -157,5 +159,11 @@ def _events(
             state = builder(key) if previous is None else orjson.loads(previous)
             new_state, _ = mapper(state, step[0])
             before = None if new_state is None else orjson.dumps(new_state)
+            if zlib.crc32(before or b"") != step[1]:
+                msg = (
+                    f"the flow no longer gives the state key {key!r} had before epoch {epoch} "
+                    "(was it changed since that epoch was processed?): restore the flow it ran with"
+                )
+                raise FlowError(msg)
         current[key] = before
         yield epoch, key, before

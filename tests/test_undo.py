@@ -237,3 +237,23 @@ def test_a_record_that_re_derives_states_without_a_flow_is_refused(r, keys):
     with pytest.raises(FlowError, match="names no flow"):
         restore_partition(r, keys, 0, 1)
     assert r.hget(keys.progress(0), "applied") == b"2"
+
+
+def test_a_flow_that_changed_since_the_commit_is_refused_not_trusted():
+    events = [(0, "k", "a"), (1, "k", "b"), (2, "k", "c"), (3, "k", "d")]
+    record = apply_events(LEDGER, events, {}, 3, "fail").encode_undo()
+
+    def other_mapper(state: dict[str, Any], value: Any) -> tuple[dict[str, Any], int]:
+        state["items"].append(value)  # no longer records the value's type
+        return state, 0
+
+    changed = Dataflow().stateful_map("ledger", lambda key: {"key": key, "items": []}, other_mapper)
+    with pytest.raises(FlowError, match="no longer gives the state key 'k' had before epoch 2"):
+        list(decode_undo(record, lambda: changed.capture()))
+
+
+def test_without_derive_every_event_keeps_its_image():
+    events = [(i, "k", "v") for i in range(5)]
+    record = apply_events(LEDGER, events, {}, 4, "fail", derive=False).encode_undo()
+    assert images(record) == 5
+    assert list(decode_undo(record)) == plain_befores(events, {})[0]
