@@ -94,6 +94,7 @@ def run_main(
         fence = start_run(
             r, keys, token=lock.token, lock_ttl_ms=lock.ttl_ms, info=info, partitions=1,
             flow=flow_id, input_name="run_main", start_epoch=start, start_offset=0,
+            dataflow=flow,
         )  # fmt: skip
         runner = _Runner(r, keys, flow, fence, after=start - 1)
         runner.run(first, inputs, output_builder(0, 1))
@@ -146,6 +147,8 @@ class _Runner:
             applied = apply_events(
                 self.flow, events, loaded.states, through, "fail",
                 render=lambda e, x: (e, deepcopy(x)),
+                # every before-image stored: the caller may pass another flow object next run
+                derive=False,
             )  # fmt: skip
             outcome = txn.commit(target, applied)
         if outcome is not CommitOutcome.COMMITTED:

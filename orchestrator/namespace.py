@@ -17,6 +17,7 @@ from orchestrator.reader import Input, PipeInput, fingerprint
 from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks import scripts
 from tasks.errors import NamespaceError, Superseded
+from tasks.flow import Dataflow
 from tasks.keys import Keys
 from tasks.rqcompat import RQ_QUEUES_SET, partition_queues, register_queues
 from tasks.store import NOTHING, applied_epochs, restore_partition
@@ -151,6 +152,7 @@ def start_run(
     output_length: int | None = None,
     output_stream: OutputStream | None = None,
     source_fields: SourceFields | None = None,
+    dataflow: Dataflow | None = None,  # the flow object, when its name cannot be imported
 ) -> Fence:
     """Take over the namespace for a run that processes input from ``start_epoch`` on.
 
@@ -191,7 +193,7 @@ def start_run(
         floors=[min(a, start_epoch - 1) for a in applied],
     )
     for p in range(partitions):
-        restore_partition(r, keys, p, start_epoch - 1, generation=generation)
+        restore_partition(r, keys, p, start_epoch - 1, generation=generation, flow=dataflow)
     queues = partition_queues(r, keys, partitions)
     for queue in queues:
         queue.empty()

@@ -26,8 +26,8 @@ from orchestrator.streamsource import Position, lag
 from orchestrator.workers import listening_workers
 from tasks.errors import NamespaceError
 from tasks.keys import Keys, partition_of
-from tasks.store import NOTHING, applied_epochs
-from tasks.undo import decode_undo
+from tasks.store import NOTHING, applied_epochs, namespace_flow
+from tasks.undo import first_befores_after
 
 
 def rq_worker_command(url: str, keys: Keys, partitions: int) -> str:
@@ -211,10 +211,12 @@ def _state_at(r: Redis, keys: Keys, p: int, key: str, epoch: int) -> Any:
     pipe.hget(keys.state(p), key)
     pipe.zrangebyscore(keys.undo(p), f"({epoch}", "+inf")
     current, records = pipe.execute()
+    source = namespace_flow(r, keys)
     for record in records:  # in epoch order
-        for e, k, before in decode_undo(record):
-            if e > epoch and k == key:
-                return None if before is None else orjson.loads(before)
+        found = first_befores_after(record, epoch, source, only=key)
+        if key in found:
+            before = found[key]
+            return None if before is None else orjson.loads(before)
     return None if current is None else orjson.loads(current)
 
 

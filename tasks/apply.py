@@ -1,13 +1,15 @@
 """Apply a batch of keyed events to their states: pure, no Redis.
 
 The result holds everything the commit writes: the final state of each
-touched key, an undo record (each event's before-image, so any epoch of the
-batch can be restored later), the outputs and the rejected events.
+touched key, an undo record (each key's before-image once, and the values that
+re-derive its states after it, so any epoch of the batch can be restored
+later: ``tasks/undo.py``), the outputs and the rejected events.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
@@ -19,7 +21,7 @@ from tasks.batch import OnError, Rejection
 from tasks.errors import InvalidEvent
 from tasks.flow import Dataflow, StatefulMapStep, make_emitter, single_emitter
 from tasks.tuning import enabled
-from tasks.undo import Raw, encode_undo
+from tasks.undo import IMAGE, VALUE_OPTIONS, Raw, encode_undo_v2
 from tasks.watchdog import EventWatch, FlowTimeout
 
 
@@ -30,11 +32,14 @@ class AppliedBatch:
     applied_through: int
     # key -> final state (None deletes the key's state)
     writes: dict[str, Raw] = field(default_factory=dict)
-    # Each applied event's epoch, key and state before it (the undo record): restoring
-    # epoch N-1 sets each key to the before-image of its first event at epoch >= N.
+    # Each applied event's epoch, key and where its before-image comes from (the undo
+    # record): restoring epoch N-1 sets each key to the before-image of its first event
+    # at epoch >= N. A step is IMAGE (the next of undo_images) or the previous event's
+    # value of the same key, as ``[value]`` JSON.
     undo_epochs: list[int] = field(default_factory=list)
     undo_keys: list[str] = field(default_factory=list)
-    undo_befores: list[Raw] = field(default_factory=list)
+    undo_steps: list[bytes] = field(default_factory=list)
+    undo_images: list[Raw] = field(default_factory=list)
     # The epoch of each rendered output, and the outputs, in epoch order
     out_epochs: list[int] = field(default_factory=list)
     out_items: list[Any] = field(default_factory=list)
@@ -48,14 +53,9 @@ class AppliedBatch:
         """``(epoch, rendered output)`` pairs in epoch order."""
         return list(zip(self.out_epochs, self.out_items, strict=True))
 
-    @property
-    def undo(self) -> list[tuple[int, str, Raw]]:
-        """``(epoch, key, state before)`` of each applied event."""
-        return list(zip(self.undo_epochs, self.undo_keys, self.undo_befores, strict=True))
-
     def encode_undo(self) -> bytes:
         """The batch's undo record (see ``tasks/undo.py``)."""
-        return encode_undo(self.undo_epochs, self.undo_keys, self.undo_befores)
+        return encode_undo_v2(self.undo_epochs, self.undo_keys, self.undo_steps, self.undo_images)
 
 
 def describe_exception(e: BaseException) -> str:
@@ -101,6 +101,7 @@ def apply_events(
     on_error: OnError,
     render: Callable[[int, Any], Any] = format_line,
     watch: EventWatch | None = None,
+    derive: bool = True,
 ) -> AppliedBatch:
     """Apply events (in epoch order) to the loaded states.
 
@@ -113,6 +114,9 @@ def apply_events(
         render: turns ``(epoch, output item)`` into what the batch outputs.
         watch: stops an event that runs longer than its timeout (armed by the
             caller); the event is rejected as timed out, the batch goes on.
+        derive: the undo record may re-derive states with the flow (else it
+            stores every event's before-image: ``run_main``, whose flow object
+            may change between runs).
 
     Returns:
         The batch's effects. A rejected event leaves its key's state as it was
@@ -130,7 +134,11 @@ def apply_events(
     raw: dict[str, Raw] = dict(loaded)
     result = AppliedBatch(applied_through=last_epoch)
     writes = result.writes
-    undo_epochs, undo_keys, undo_befores = result.undo_epochs, result.undo_keys, result.undo_befores
+    undo_epochs, undo_keys = result.undo_epochs, result.undo_keys
+    undo_steps, undo_images = result.undo_steps, result.undo_images
+    # key -> (JSON of the value of its last applied event, or None, and that value), for
+    # keys applied more than once in the batch
+    last_values: dict[str, tuple[bytes | None, Any]] = {}
     out_epochs, out_items = result.out_epochs, result.out_items
     iterator = iter(events)
     if watch is not None:
@@ -146,6 +154,10 @@ def apply_events(
             if _stop(result, rejection, on_error, e):
                 break
             continue
+        # Only a key's second event on stores its value (so a key's image may be stored twice
+        # per batch): JSON of every value cost the 1M-event bench's worker +1.7 µs per event.
+        # (taken before the mapper runs: it may change the value in place)
+        value_json = _value_json(value) if derive and key in writes else _FIRST
         try:
             try:
                 new_state, emitted = mapper(state, value)
@@ -166,7 +178,12 @@ def apply_events(
             continue
         undo_epochs.append(epoch)
         undo_keys.append(key)
-        undo_befores.append(before)
+        if value_json is _FIRST:
+            undo_steps.append(IMAGE)
+            undo_images.append(before)
+        else:
+            _undo_step(result, last_values.get(key), before)
+            last_values[key] = (value_json, value)
         raw[key] = writes[key] = new_raw
         if emit_one is not None:
             out_epochs.append(epoch)
@@ -175,6 +192,32 @@ def apply_events(
             out_epochs += [epoch] * len(rendered_all)
             out_items += rendered_all
     return result
+
+
+# Marks a key's first applied event in the batch (never returned by _value_json).
+_FIRST = b"(first)"
+
+
+def _undo_step(result: AppliedBatch, last: tuple[bytes | None, Any] | None, before: Raw) -> None:
+    """Where the undo record takes an event's before-image from, given its key's last event.
+
+    Re-derived from that event if its value comes back equal from its JSON (no
+    tuple, NaN, value changed in place...); else stored.
+    """
+    if last is not None and last[0] is not None and orjson.loads(last[0]) == last[1]:
+        # with the CRC-32 of the state it re-derives: a flow that changed since is refused
+        result.undo_steps.append(b"[%b,%d]" % (last[0], zlib.crc32(before or b"")))
+    else:
+        result.undo_steps.append(IMAGE)
+        result.undo_images.append(before)
+
+
+def _value_json(value: Any) -> bytes | None:
+    """The value as JSON for the undo record, or None if it is not JSON."""
+    try:
+        return orjson.dumps(value, option=VALUE_OPTIONS)
+    except TypeError:  # (orjson's error) its key's next event keeps its image instead
+        return None
 
 
 def _stop(result: AppliedBatch, rejection: Rejection, on_error: OnError, e: BaseException) -> bool:
@@ -202,7 +245,10 @@ def _remaining(iterator: Any) -> Callable[[], int]:
 
 
 # What apply_events runs outside the flow's code: a tick never raises in them.
-_HELPERS = tuple(f.__code__ for f in (_stop, _timed_out, describe_exception, Rejection.__init__))
+_HELPERS = tuple(
+    f.__code__
+    for f in (_stop, _timed_out, _undo_step, _value_json, describe_exception, Rejection.__init__)
+)
 
 
 def _bad_return(

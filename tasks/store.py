@@ -25,9 +25,10 @@ from redis import Redis, WatchError
 from redis.client import Pipeline
 
 from tasks.apply import AppliedBatch
-from tasks.errors import Superseded
+from tasks.errors import FlowError, Superseded
+from tasks.flow import Dataflow, load_flow
 from tasks.keys import Keys
-from tasks.undo import Raw, decode_undo, encode_undo
+from tasks.undo import FlowSource, Raw, first_befores_after, truncate_undo
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,13 @@ def applied_epochs(r: Redis, keys: Keys, partitions: int) -> list[int]:
 
 
 def restore_partition(
-    r: Redis, keys: Keys, partition: int, epoch: int, *, generation: int | None = None
+    r: Redis,
+    keys: Keys,
+    partition: int,
+    epoch: int,
+    *,
+    generation: int | None = None,
+    flow: Dataflow | None = None,
 ) -> int:
     """Restore a partition's state as it was at the end of ``epoch``.
 
@@ -202,6 +209,9 @@ def restore_partition(
         generation: the run restoring it; the restore writes nothing, and raises,
             if the partition belongs to another run by then (a driver that was
             paused here must not undo a newer run's commits).
+        flow: the namespace's flow, which re-derives states inside the record
+            that straddles ``epoch``; by default the one its meta names, loaded
+            only if needed.
 
     Returns:
         The number of keys restored.
@@ -219,13 +229,13 @@ def restore_partition(
             return 0
         records = cast("list[bytes]", pipe.zrangebyscore(keys.undo(partition), f"({epoch}", "+inf"))
         restore: dict[str, bytes | None] = {}  # key -> the JSON of its state, or None
-        # Walk backwards so that the earliest event after `epoch` wins for each key.
-        for record in reversed(records):
-            for e, key, before in reversed(list(decode_undo(record))):
-                if e > epoch:
-                    restore[key] = before
+        source = namespace_flow(r, keys, flow)
+        # In epoch order: the earliest event after `epoch` wins for each key.
+        for record in records:
+            for key, before in first_befores_after(record, epoch, source).items():
+                restore.setdefault(key, before)
         # Only the oldest record can straddle `epoch`: keep its part up to `epoch`.
-        kept = [entry for entry in decode_undo(records[0]) if entry[0] <= epoch] if records else []
+        kept = truncate_undo(records[0], epoch) if records else None
         pipe.multi()
         sets = [x for key, before in restore.items() if before is not None for x in (key, before)]
         deletes = [key for key, before in restore.items() if before is None]
@@ -234,9 +244,8 @@ def restore_partition(
         for i in range(0, len(deletes), 1000):
             pipe.hdel(keys.state(partition), *deletes[i : i + 1000])
         pipe.zremrangebyscore(keys.undo(partition), f"({epoch}", "+inf")
-        if kept:
-            epochs, names, befores = (list(column) for column in zip(*kept, strict=True))
-            pipe.zadd(keys.undo(partition), {encode_undo(epochs, names, befores): epoch})
+        if kept is not None:
+            pipe.zadd(keys.undo(partition), {kept: epoch})
         pipe.hset(progress, "applied", epoch)
         try:
             pipe.execute()
@@ -250,6 +259,21 @@ def restore_partition(
         applied,
     )
     return len(restore)
+
+
+def namespace_flow(r: Redis, keys: Keys, flow: Dataflow | None = None) -> FlowSource:
+    """What loads the flow that undo records re-derive states with: ``flow``, or the meta's."""
+    if flow is not None:
+        return lambda: flow
+
+    def load() -> Dataflow:
+        name = r.hget(keys.meta, "flow")
+        if name is None:
+            msg = f"namespace {keys.namespace!r} names no flow: its undo records cannot be read"
+            raise FlowError(msg)
+        return load_flow(name.decode() if isinstance(name, bytes) else str(name))
+
+    return load
 
 
 def _superseded(

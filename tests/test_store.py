@@ -34,7 +34,7 @@ SEED_LINES = [
 
 def start(r, keys, generation=1):
     """What a run does first: own the namespace, then claim its partition."""
-    r.hset(keys.meta, mapping={"generation": generation, "partitions": 1})
+    r.hset(keys.meta, mapping={"generation": generation, "partitions": 1, "flow": FLOW_PATH})
     claim_partition(r, keys, 0, generation)
 
 
