@@ -152,7 +152,10 @@ class PipelineWorker(LeanWorker):
         # what RQ wants the read timeout to be at least; ours fits the BLPOP already
         return int(SOCKET_TIMEOUT)
 
+    stop_requested = False  # a SIGTERM or Ctrl-C came: the command that sent it reports
+
     def request_stop(self, signum: Any, frame: Any) -> None:
+        self.stop_requested = True
         if self.get_state() != WorkerStatus.BUSY:
             AnnouncedRetry.give_up = True
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
@@ -233,6 +236,12 @@ def run_worker(
         # RQ raises it from its SIGTERM handler; outside its loop (while it tears down after
         # an error, say) nothing of RQ's catches it: stopping is what was asked for anyway
         logger.debug("stopped while RQ's worker was tearing down")
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        if not worker.stop_requested:
+            raise
+        # Asked to stop (its driver saw the embedded server die, say), it then found Redis
+        # gone while RQ tore down: the command that stopped it says why, once.
+        logger.debug("stopped; Redis was gone meanwhile: %s", e)
 
 
 def _end_with_server(server_pid: int, data_dir: Path) -> None:

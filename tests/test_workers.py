@@ -91,3 +91,30 @@ def test_a_stop_asked_while_rqs_worker_tears_down_ends_the_worker_quietly(fake, 
 
     monkeypatch.setattr(workers.PipelineWorker, "work", tear_down_stopped)
     workers.run_worker(fake, keys, announce_wait=False)  # returns: no exception
+
+
+@pytest.mark.parametrize("asked_to_stop", [True, False])
+def test_redis_gone_after_a_requested_stop_is_not_the_workers_to_report(
+    fake, monkeypatch, asked_to_stop
+):
+    """A forked worker told to stop (its driver saw the embedded server die) that then finds
+    Redis gone while RQ tears down exits quietly: the driver says why, once. Without a stop
+    asked for, losing Redis is the worker's own error to report (exit 3)."""
+    import redis
+
+    from orchestrator import workers
+    from tasks.keys import Keys
+
+    keys = Keys(new_namespace())
+    fake.hset(keys.meta, "partitions", 2)
+
+    def redis_gone(self, **kwargs):
+        self.stop_requested = asked_to_stop
+        raise redis.ConnectionError("Error 111 connecting to redis.sock. Connection refused.")
+
+    monkeypatch.setattr(workers.PipelineWorker, "work", redis_gone)
+    if asked_to_stop:
+        workers.run_worker(fake, keys, announce_wait=False)
+    else:
+        with pytest.raises(redis.ConnectionError):
+            workers.run_worker(fake, keys, announce_wait=False)
