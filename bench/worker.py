@@ -28,7 +28,7 @@ from tasks.batch import Batch, CommitNotice
 from tasks.cartjoin import FLOW_PATH
 from tasks.flow import load_flow
 from tasks.jobs import batch_events
-from tasks.keys import partition_of
+from tasks.keys import SLOTS, partition_of
 
 PARTITIONS = 4
 
@@ -59,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     later: tuple[list[int], list[bytes]] = ([], [])
     for epoch, text in enumerate(generate(args.events, args.users, args.seed)):
         line = text.encode()
-        if partition_of(orjson.loads(line)["user_id"], PARTITIONS) == 0:
+        if partition_of(orjson.loads(line)["user_id"], PARTITIONS, SLOTS) == 0:
             part = earlier if epoch < split else later
             part[0].append(epoch)
             part[1].append(line)
 
     def batch_of(after: int, last: int, part: tuple[list[int], list[bytes]]) -> Batch:
-        return Batch("bench", 1, 0, PARTITIONS, after, last, FLOW_PATH, "fail", *part)
+        return Batch("bench", 1, 0, PARTITIONS, after, last, FLOW_PATH, "fail", *part, slots=SLOTS)
 
     # The states before the timed batch, built batch by batch as a worker would (one
     # batch of all of it leaves a heap that makes every later phase slower).

@@ -313,8 +313,9 @@ def _run_options() -> _Parser:
     _flow_option(group)
     _option(
         group, "--partitions", env="ORCHESTRATOR_PARTITIONS", type=_partition_count, metavar="P",
-        help=f"key partitions (RQ queues), 1 to {MAX_PARTITIONS}; fixed at the first ingest "
-        f"and stored (default {DEFAULT_PARTITIONS})",
+        help=f"key partitions (RQ queues), 1 to {MAX_PARTITIONS}; stored at the first ingest "
+        f"(default {DEFAULT_PARTITIONS}); another count later rescales the namespace at the "
+        f"run's start, moving its states and replay history",
     )  # fmt: skip
     _option(
         group, "--workers", env="ORCHESTRATOR_WORKERS", type=_non_negative, metavar="N",

@@ -29,6 +29,7 @@ from orchestrator.namespace import (
     read_info,
     require_committed,
     reset,
+    run_layout,
     source_fields,
     start_run,
 )
@@ -494,6 +495,7 @@ def drive(
                 keys,
                 generation=generation,
                 partitions=partitions,
+                slots=run_layout(info, partitions).slots,
                 flow_path=flow,
                 on_error=settings.on_error,
                 out=sink.stream,

@@ -42,7 +42,7 @@ from tasks.apply import describe_exception
 from tasks.batch import Batch, CommitNotice, OnError, Rejection
 from tasks.errors import InvalidEvent
 from tasks.flow import load_flow, make_router
-from tasks.keys import Keys, partition_of
+from tasks.keys import Keys, partition_of, partition_table
 from tasks.store import applied_epochs
 from tasks.tuning import enabled
 
@@ -147,6 +147,7 @@ class Driver:
         *,
         generation: int,
         partitions: int,
+        slots: int,
         flow_path: str,
         on_error: OnError,
         out: BinaryIO,
@@ -171,7 +172,8 @@ class Driver:
         self.output_is_file = output_is_file
         self.keys = keys
         self.generation = generation
-        self.partitions = partitions
+        self.partitions, self.slots = partitions, slots
+        self.slot_modulus, self.partition_table = partition_table(partitions, slots)
         self.flow_path = flow_path
         flow = load_flow(flow_path)
         before, stateful, _ = flow.split()
@@ -278,7 +280,7 @@ class Driver:
         chunk before it. This is the driver's hot loop: it reads with the file's own
         ``readline``, keeps to local names and does one dict lookup per event.
         """
-        partitions = self.partitions
+        modulus, table = self.slot_modulus, self.partition_table
         pending_of, readline, limit = self.pending, source.file.readline, source.max_line_bytes
         batch_lines, crc32 = self.batch_events, zlib.crc32
         fast, key_group = self.line_key, self.line_key_group
@@ -303,8 +305,8 @@ class Driver:
             match = fast(text) if fast is not None and oversized is None else None
             if match is not None:
                 # The flow's declared layout (Dataflow.key_lines_by): one valid event, keyed
-                # by a group of the line's bytes, whose crc32 is partition_of the key.
-                p = crc32(match[key_group]) % partitions
+                # by a group of the line's bytes, whose crc32 gives the key's partition.
+                p = table[crc32(match[key_group]) % modulus]
                 queue = pending_of.get(p)
                 if queue is None:
                     queue = pending_of[p] = deque([Pending()])
@@ -356,7 +358,7 @@ class Driver:
         for key, _ in events:
             # crc32 each time: a cache of keys would pin memory arenas full of
             # garbage all over the run (the driver's RSS grew with the input)
-            p = partition_of(key, self.partitions)
+            p = partition_of(key, self.partitions, self.slots)
             queue = self.pending.get(p)
             if queue is None:
                 queue = self.pending[p] = deque([Pending()])
@@ -509,6 +511,7 @@ class Driver:
                 pending.epochs,
                 pending.lines,
                 self.batch_timeout,
+                self.slots,
             )
             flight = self.dispatcher.new_flight(
                 batch, pending.offsets, pending.events, pending.size

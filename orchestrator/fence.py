@@ -69,6 +69,11 @@ def refusal_error(refusal: Refusal, keys: Keys, fence: Fence) -> PipelineError:
             f"partition {refusal.partition} is at epoch {refusal.found}, but this driver saw "
             f"it commit through epoch {refusal.expected}"
         )
+    elif refusal.partition == -5:
+        what = (
+            f"the namespace is back at {counted(int(refusal.found), 'partition')}, but this "
+            f"run moved it to {refusal.expected} (the rescale at its start is gone)"
+        )
     elif refusal.partition == -3:
         what = (
             f"the namespace is back at generation {refusal.found}, but this run is "

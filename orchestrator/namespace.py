@@ -14,11 +14,12 @@ from redis import Redis
 from orchestrator.fence import EvictionWatch, Fence, refusal_error
 from orchestrator.output import OutputStream, wrong_stream_type
 from orchestrator.reader import Input, PipeInput, fingerprint
+from orchestrator.rescale import rescale
 from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks import scripts
 from tasks.errors import NamespaceError, Superseded
 from tasks.flow import Dataflow
-from tasks.keys import Keys
+from tasks.keys import LEGACY_SLOTS, SLOTS, Keys, Layout
 from tasks.rqcompat import RQ_QUEUES_SET, partition_queues, register_queues
 from tasks.store import NOTHING, applied_epochs, restore_partition
 
@@ -60,6 +61,9 @@ class NamespaceInfo:
     open_line: tuple[int, int] | None = None
     # a Redis stream input's committed position (``ID:INDEX``, streamsource.Position)
     source_position: str | None = None
+    # the slots the keys hash into (tasks/keys.py); LEGACY_SLOTS for a namespace made before
+    # slots existed, SLOTS for one that does not exist yet
+    slots: int = SLOTS
 
     @property
     def exists(self) -> bool:
@@ -99,6 +103,7 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         evicted_keys=int(meta.get("evicted_keys", 0)),
         open_line=_epoch_offset(meta.get("open_line")),
         source_position=meta.get("source_position") or None,
+        slots=int(meta.get("slots", LEGACY_SLOTS if "partitions" in meta else SLOTS)),
     )
 
 
@@ -114,26 +119,30 @@ def _epoch_offset(text: str | None) -> tuple[int, int] | None:
 
 
 def check_compatible(info: NamespaceInfo, partitions: int | None, flow: str | None) -> int:
-    """Return the partition count to use; refuse options that contradict the stored ones.
+    """Return the partition count the run ends with (``--partitions``, else the namespace's:
+    a different one than the namespace has is a rescale, done by ``start_run``); refuse a
+    flow that contradicts the stored one.
 
     Raises:
-        NamespaceError: a different partition count or flow than the namespace was created with.
+        NamespaceError: a different flow than the namespace was created with.
     """
     if info.partitions is None:
         return partitions or DEFAULT_PARTITIONS
-    if partitions is not None and partitions != info.partitions:
-        msg = (
-            f"--partitions {partitions} does not match the namespace's {info.partitions} "
-            f"(fixed at its first ingest); drop the option, or 'reset --yes' to start over"
-        )
-        raise NamespaceError(msg)
     if flow is not None and info.flow is not None and info.flow != flow:
         msg = (
             f"--flow {flow} does not match the namespace's flow {info.flow}; "
             f"use a different --namespace, or 'reset --yes' to start over"
         )
         raise NamespaceError(msg)
-    return info.partitions
+    return partitions or info.partitions
+
+
+def run_layout(info: NamespaceInfo, partitions: int) -> Layout:
+    """How a run that ends with ``partitions`` spreads the keys: the namespace's layout, or
+    (a new namespace, or a rescale) ``partitions`` owning ranges of SLOTS."""
+    if info.partitions == partitions:
+        return Layout(partitions, info.slots)
+    return Layout(partitions, SLOTS)
 
 
 def start_run(
@@ -161,7 +170,9 @@ def start_run(
     an earlier (killed or paused) run can then no longer commit. Records the
     committed epoch ``start_epoch - 1`` before restoring every partition as of
     it (a crash in between leaves a record that the restore can be done again
-    from), then drops stale jobs and the notices and batches of older runs.
+    from), then rescales the namespace if ``partitions`` is not its partition
+    count (``orchestrator/rescale.py``), then drops stale jobs and the notices and
+    batches of older runs.
 
     Returns:
         The fence of the run's writes (its generation and the lock token).
@@ -169,21 +180,27 @@ def start_run(
     Raises:
         Superseded: another driver started a run on the namespace meanwhile.
     """
-    meta: dict[str, Any] = {"partitions": partitions, "flow": flow, "input": input_name}
+    # Until a rescale (below) moves them, the keys stay where the namespace has them.
+    current = (
+        Layout(info.partitions, info.slots) if info.partitions else run_layout(info, partitions)
+    )
+    meta: dict[str, Any] = {"partitions": current.partitions, "flow": flow, "input": input_name}
+    if info.partitions is None:
+        meta["slots"] = current.slots
     if output is not None:
         meta["output"] = output
-    applied = applied_epochs(r, keys, partitions)
+    applied = applied_epochs(r, keys, current.partitions)
     generation = scripts.start_run(
         r, keys, token=token, lock_ttl_ms=lock_ttl_ms, planned_generation=info.generation,
-        partitions=partitions, start_epoch=start_epoch, meta=meta,
+        partitions=current.partitions, start_epoch=start_epoch, meta=meta,
     )  # fmt: skip
     if isinstance(generation, str):
         msg = f"another driver started a run on namespace {keys.namespace!r} ({generation})"
         raise Superseded(msg)
     fence = Fence(generation, token, lock_ttl_ms)
     committer = Committer(
-        r, keys, partitions, fence, last_committed=info.committed, output_stream=output_stream,
-        source_fields=source_fields,
+        r, keys, current.partitions, fence, last_committed=info.committed,
+        output_stream=output_stream, source_fields=source_fields,
     )  # fmt: skip
     committer.record(
         start_epoch - 1,
@@ -192,8 +209,13 @@ def start_run(
         output_length=output_length,
         floors=[min(a, start_epoch - 1) for a in applied],
     )
-    for p in range(partitions):
+    for p in range(current.partitions):
         restore_partition(r, keys, p, start_epoch - 1, generation=generation, flow=dataflow)
+    target = run_layout(info, partitions)
+    if target != current:
+        rescale(
+            r, keys, generation=generation, source=current, target=target, epoch=start_epoch - 1
+        )
     queues = partition_queues(r, keys, partitions)
     for queue in queues:
         queue.empty()

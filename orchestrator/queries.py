@@ -182,26 +182,24 @@ def key_state(settings: Settings, key: str, at_epoch: int | None) -> dict[str, A
     Raises:
         NamespaceError: nothing committed yet, or the epoch is outside the retained window.
     """
-    keys = Keys(settings.namespace)
     with connect(settings) as conn:
-        r = conn.client
-        info = read_info(r, keys)
-        require_committed(info, keys)
-        assert info.partitions is not None
-        epoch = info.committed if at_epoch is None else at_epoch
-        if not info.retained_from - 1 <= epoch <= info.committed:
-            msg = (
-                f"--at-epoch {epoch} is out of range: states are kept for epochs "
-                f"{max(info.retained_from - 1, NOTHING)} to {info.committed}"
-            )
-            raise NamespaceError(msg)
-        p = partition_of(key, info.partitions)
-        return {
-            "key": key,
-            "partition": p,
-            "epoch": epoch,
-            "state": _state_at(r, keys, p, key, epoch),
-        }
+        return state_of(conn.client, Keys(settings.namespace), key, at_epoch)
+
+
+def state_of(r: Redis, keys: Keys, key: str, at_epoch: int | None) -> dict[str, Any]:
+    """``key_state`` on a connected Redis."""
+    info = read_info(r, keys)
+    require_committed(info, keys)
+    assert info.partitions is not None
+    epoch = info.committed if at_epoch is None else at_epoch
+    if not info.retained_from - 1 <= epoch <= info.committed:
+        msg = (
+            f"--at-epoch {epoch} is out of range: states are kept for epochs "
+            f"{max(info.retained_from - 1, NOTHING)} to {info.committed}"
+        )
+        raise NamespaceError(msg)
+    p = partition_of(key, info.partitions, info.slots)
+    return {"key": key, "partition": p, "epoch": epoch, "state": _state_at(r, keys, p, key, epoch)}
 
 
 def _state_at(r: Redis, keys: Keys, p: int, key: str, epoch: int) -> Any:

@@ -43,6 +43,7 @@ from orchestrator.server import (
     server_config,
 )
 from orchestrator.settings import Settings, url_secrets
+from orchestrator.wording import counted
 from tasks.careful import alive_here
 from tasks.errors import ExitStatus, RedisUnavailable
 from tasks.flow import load_flow
@@ -61,6 +62,8 @@ CRASH_LOOP_DEATHS = 3  # ...this many times in a row is not restarted again
 # An idle worker heartbeats after every BLPOP (DEQUEUE_TIMEOUT s); one silent this long is
 # dead (RQ keeps the registration of a killed worker until its key expires, minutes later).
 STALE_AFTER = 60.0
+
+PARTITIONS_LOOK_EVERY = 1.0  # seconds between a worker's looks at the namespace's partition count
 
 
 def listening_workers(r: Redis, keys: Keys, partitions: int, host: str | None = None) -> int:
@@ -154,6 +157,37 @@ class PipelineWorker(LeanWorker):
 
     stop_requested = False  # a SIGTERM or Ctrl-C came: the command that sent it reports
 
+    # The namespace whose partition queues the worker follows (None: the queues it was given).
+    follows: Keys | None = None
+    _partitions_seen_at = float("-inf")
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's heartbeat, and (once a second) a look at the namespace's partition count.
+
+        A rescale (``resume --partitions Q``) changes the partition queues while the
+        workers of other hosts run: they take the new queues at their next
+        heartbeat, which RQ sends between jobs and after every empty BLPOP.
+        """
+        super().heartbeat(timeout, pipeline=pipeline)
+        now = time.monotonic()
+        if self.follows is None or now - self._partitions_seen_at < PARTITIONS_LOOK_EVERY:
+            return
+        self._partitions_seen_at = now
+        value = self.connection.hget(self.follows.meta, "partitions")
+        if value is None or int(value) == len(self.queues):
+            return
+        partitions = int(value)
+        self.queues = partition_queues(self.connection, self.follows, partitions)
+        self._ordered_queues = self.queues[:]
+        # What `rq info` and the driver's count of listening workers read.
+        self.connection.hset(self.key, "queues", ",".join(self.queue_names()))
+        say(
+            f"namespace {self.follows.namespace!r} has {counted(partitions, 'partition')} now "
+            f"(rescaled): listening on all their queues",
+            level="INFO",
+            who=f"orchestrator worker {os.getpid()}",
+        )
+
     def request_stop(self, signum: Any, frame: Any) -> None:
         self.stop_requested = True
         if self.get_state() != WorkerStatus.BUSY:
@@ -223,6 +257,7 @@ def run_worker(
     worker = PipelineWorker(
         queues, connection=r, serializer=JSONSerializer, name=worker_name(keys.namespace)
     )
+    worker.follows = keys
     # RQ sets its loggers' level itself: -v leaves them at warnings, -vv shows their debug lines.
     # Round robin: BLPOP takes the first non-empty queue, and a partition whose commit queues
     # its staged successor at once would keep a worker while the partitions after it wait.

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import orjson
 
+from tasks.keys import LEGACY_SLOTS
+
 OnError = Literal["fail", "skip", "dead-letter"]
 
 
@@ -48,6 +50,7 @@ class Batch:
     lines: list[bytes]
     # --batch-timeout: the longest the flow may run on one event of the batch (0: no limit)
     timeout: float = 0.0
+    slots: int = LEGACY_SLOTS  # of the namespace (tasks/keys.py): with partitions, a key's owner
 
     def encode(self) -> bytes:
         """Encode for storage in Redis."""
@@ -62,6 +65,7 @@ class Batch:
             self.on_error,
             self.epochs,
             self.timeout,
+            self.slots,
         ]
         return _frame(header, self.lines)
 
@@ -73,7 +77,8 @@ class Batch:
         rest = header[9:]
         lines = lines if epochs else []
         timeout = rest[0] if rest else 0.0  # (a batch stored before the timeout existed)
-        return cls(ns, gen, part, parts, after, last, flow, on_error, epochs, lines, timeout)
+        slots = rest[1] if len(rest) > 1 else LEGACY_SLOTS
+        return cls(ns, gen, part, parts, after, last, flow, on_error, epochs, lines, timeout, slots)
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,10 @@ def batch_events(batch: Batch) -> list[tuple[int, str, Any]]:
             continue
         for key, value in routed:
             # One event per line (the common case) is this partition's: the driver sent it here.
-            if len(routed) == 1 or partition_of(key, batch.partitions) == batch.partition:
+            if (
+                len(routed) == 1
+                or partition_of(key, batch.partitions, batch.slots) == batch.partition
+            ):
                 events.append((epoch, key, value))
     return events
 

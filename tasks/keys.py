@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -18,12 +19,44 @@ NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PROCESS_BATCH = "tasks.jobs.process_batch"
 
 
-def partition_of(key: str, partitions: int) -> int:
-    """Return the partition of a key: crc32 of its UTF-8 bytes modulo the partition count.
+# The slots of a namespace's keys (Flink's key groups): each key hashes to one slot, once and
+# for all, and each partition owns a contiguous range of slots, so that changing the partition
+# count moves whole slots (orchestrator/rescale.py). At least settings.MAX_PARTITIONS.
+SLOTS = 4096
 
-    crc32 is stable across processes and machines; Python's ``hash()`` is salted per process.
-    """
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions
+# The slot count meta records for a namespace made before slots existed: its key's partition
+# is crc32 modulo the partition count (a rescale moves it to SLOTS).
+LEGACY_SLOTS = 0
+
+
+def partition_of(key: str, partitions: int, slots: int) -> int:
+    """Return the partition of a key: the owner of its slot (of its crc32 without slots)."""
+    crc = zlib.crc32(key.encode("utf-8", "surrogatepass"))
+    if slots == LEGACY_SLOTS:
+        return crc % partitions
+    return (crc % slots) * partitions // slots
+
+
+def partition_table(partitions: int, slots: int) -> tuple[int, list[int]]:
+    """``(m, table)`` such that the partition of a key is ``table[crc32 % m]`` (what the driver
+    routes by: one modulo and one index per event)."""
+    if slots == LEGACY_SLOTS:
+        return partitions, list(range(partitions))
+    return slots, [s * partitions // slots for s in range(slots)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a namespace spreads its keys: ``partitions`` owning ranges of ``slots``."""
+
+    partitions: int
+    slots: int  # LEGACY_SLOTS: crc32 modulo partitions, without slots
+
+    def router(self) -> Callable[[bytes], int]:
+        """The partition of a key given as its UTF-8 bytes."""
+        modulus, table = partition_table(self.partitions, self.slots)
+        crc32 = zlib.crc32
+        return lambda key: table[crc32(key) % modulus]
 
 
 def rq_queue_key(name: str) -> str:

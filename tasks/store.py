@@ -28,7 +28,7 @@ from tasks.apply import AppliedBatch
 from tasks.errors import FlowError, Superseded
 from tasks.flow import Dataflow, load_flow
 from tasks.keys import Keys
-from tasks.undo import FlowSource, Raw, first_befores_after, truncate_undo
+from tasks.undo import FlowSource, Raw, first_befores_after, first_epoch, truncate_undo
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +234,14 @@ def restore_partition(
         for record in records:
             for key, before in first_befores_after(record, epoch, source).items():
                 restore.setdefault(key, before)
-        # Only the oldest record can straddle `epoch`: keep its part up to `epoch`.
-        kept = truncate_undo(records[0], epoch) if records else None
+        # Keep the part up to `epoch` of the records that straddle it: only the oldest in a
+        # partition's own chain, any whose keys came from different partitions (a rescale).
+        kept = [
+            part
+            for record in records
+            if (first := first_epoch(record)) is not None and first <= epoch
+            if (part := truncate_undo(record, epoch)) is not None
+        ]
         pipe.multi()
         sets = [x for key, before in restore.items() if before is not None for x in (key, before)]
         deletes = [key for key, before in restore.items() if before is None]
@@ -244,8 +250,8 @@ def restore_partition(
         for i in range(0, len(deletes), 1000):
             pipe.hdel(keys.state(partition), *deletes[i : i + 1000])
         pipe.zremrangebyscore(keys.undo(partition), f"({epoch}", "+inf")
-        if kept is not None:
-            pipe.zadd(keys.undo(partition), {kept: epoch})
+        if kept:
+            pipe.zadd(keys.undo(partition), dict.fromkeys(kept, epoch))
         pipe.hset(progress, "applied", epoch)
         try:
             pipe.execute()

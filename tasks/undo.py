@@ -32,6 +32,7 @@ written by ``orjson.dumps``, which escapes control characters).
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -118,6 +119,15 @@ def first_befores_after(
     return found
 
 
+_FIRST_EPOCH = re.compile(rb"\[(?:2,)?\[(-?\d+)")
+
+
+def first_epoch(record: bytes) -> int | None:
+    """The epoch of the record's first event (None if it has none), without parsing it."""
+    found = _FIRST_EPOCH.match(record)
+    return None if found is None else int(found.group(1))
+
+
 def truncate_undo(record: bytes, epoch: int) -> bytes | None:
     """The record's part for the events up to ``epoch`` (None if none is), in its own version."""
     rec = _Record(record)
@@ -129,6 +139,33 @@ def truncate_undo(record: bytes, epoch: int) -> bytes | None:
     steps = [IMAGE if s == 0 else orjson.dumps(s, option=VALUE_OPTIONS) for s in rec.steps[:n]]
     images = [b or None for b in rec.images[: steps.count(IMAGE)]]
     return encode_undo_v2(rec.epochs[:n], rec.keys[:n], steps, images)
+
+
+def split_undo(record: bytes, partition_of: Callable[[bytes], int]) -> dict[int, bytes]:
+    """The record's events grouped by the partition of their key (given its UTF-8 bytes), each
+    group a record of the same version: what a rescale moves (orchestrator/rescale.py).
+
+    A key's events stay together and in order, so each re-derived state still follows
+    its key's previous event; a record whose keys all go to one partition is kept as it is.
+    """
+    rec = _Record(record)
+    owner = {key: partition_of(key.encode("utf-8", "surrogatepass")) for key in set(rec.keys)}
+    if len(set(owner.values())) <= 1:
+        return {owner[rec.keys[0]]: record} if rec.keys else {}
+    groups: dict[int, tuple[list[int], list[str], list[bytes], list[Raw]]] = {}
+    images = iter(rec.images)
+    for epoch, key, step in zip(rec.epochs, rec.keys, rec.steps, strict=True):
+        epochs, group_keys, steps, group_images = groups.setdefault(owner[key], ([], [], [], []))
+        epochs.append(epoch)
+        group_keys.append(key)
+        if step == 0:
+            steps.append(IMAGE)
+            group_images.append(next(images) or None)
+        else:
+            steps.append(orjson.dumps(step, option=VALUE_OPTIONS))
+    if rec.version == 1:
+        return {q: encode_undo(g[0], g[1], g[3]) for q, g in groups.items()}
+    return {q: encode_undo_v2(*g) for q, g in groups.items()}
 
 
 def _events(

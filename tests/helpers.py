@@ -15,7 +15,7 @@ from rq.serializers import JSONSerializer
 
 from orchestrator import cli
 from orchestrator.server import client_for
-from tasks.keys import Keys
+from tasks.keys import LEGACY_SLOTS, Keys, Layout
 
 
 def committed_states(url: str, namespace: str) -> dict[str, object]:
@@ -28,12 +28,16 @@ def committed_states(url: str, namespace: str) -> dict[str, object]:
 
 
 def states_in(client: redis.Redis, namespace: str) -> dict[str, object]:
-    """Every key's committed state in a namespace, read with ``client``."""
+    """Every key's committed state in a namespace, read with ``client``; each key must be in
+    the partition its slot gives it (workers look for it nowhere else)."""
     keys = Keys(namespace)
-    partitions = int(client.hget(keys.meta, "partitions"))
+    partitions, slots = client.hmget(keys.meta, "partitions", "slots")
+    layout = Layout(int(partitions), LEGACY_SLOTS if slots is None else int(slots))
+    route = layout.router()
     states: dict[str, object] = {}
-    for p in range(partitions):
+    for p in range(layout.partitions):
         for key, value in client.hgetall(keys.state(p)).items():
+            assert route(key) == p, f"key {key!r} is in partition {p}, not {route(key)}"
             states[key.decode()] = orjson.loads(value)
     return states
 

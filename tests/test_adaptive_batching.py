@@ -23,7 +23,7 @@ from orchestrator.driver import Driver
 from orchestrator.progress import Progress
 from orchestrator.reader import LineSource
 from tasks.batch import Batch
-from tasks.keys import Keys, partition_of
+from tasks.keys import SLOTS, Keys, partition_of
 from tasks.rqcompat import LeanWorker, partition_queues
 from tasks.store import claim_partition
 
@@ -71,7 +71,7 @@ def follow(fake, tmp_path: Path, text: str, script: Callable[..., Iterator[None]
         claim_partition(fake, keys, p, GENERATION)
     out = (tmp_path / "out").open("wb")
     driver = Driver(
-        fake, keys, generation=GENERATION, partitions=partitions,
+        fake, keys, generation=GENERATION, partitions=partitions, slots=SLOTS,
         flow_path="tasks.cartjoin:flow", on_error="fail", out=out,
         housekeeping=Script(script(keys, path)), progress=Progress(enabled=False),
         on_commit=lambda *a, **k: None, batch_events=options.get("batch_events", 20_000),
@@ -112,14 +112,14 @@ def test_an_idle_partition_is_sent_a_single_event_at_once(fake, tmp_path):
     def script(keys: Keys, path: Path) -> Iterator[None]:
         # After the first read: the one line is in its partition's queue, alone.
         assert sent(fake, keys) == [[0]]
-        assert queued(fake, keys, partition_of("a", 4)) == 1
+        assert queued(fake, keys, partition_of("a", 4, SLOTS)) == 1
         yield
 
     follow(fake, tmp_path, order("a", 1), script)
 
 
 def test_lines_that_come_while_a_batch_runs_make_its_partitions_next_batch(fake, tmp_path):
-    p = partition_of("a", 4)
+    p = partition_of("a", 4, SLOTS)
 
     def script(keys: Keys, path: Path) -> Iterator[None]:
         assert sent(fake, keys) == [[0]]

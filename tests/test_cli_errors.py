@@ -89,11 +89,19 @@ def ingested(redis_url, tmp_path):
     return tmp_path, args
 
 
-def test_the_partition_count_is_fixed_at_the_first_ingest(ingested):
+def test_another_partition_count_rescales_the_namespace_first_and_says_so(ingested):
     cwd, args = ingested
     run = run_cli("resume", "cart-join.json", "--partitions", "4", "--workers", "1", *args, cwd=cwd)
-    message = one_line_error(run, ExitStatus.USAGE)
-    assert "--partitions 4 does not match the namespace's 3" in message
+    assert run.returncode == ExitStatus.DATA_ERROR, run.stderr  # the seed's bad line, after it
+    assert "Traceback" not in run.stderr
+    lines = stderr_lines(run)
+    assert len(lines) == 3, run.stderr
+    assert lines[0].startswith("orchestrator: rescaling namespace ")
+    assert "from 3 partitions to 4 as of epoch 4" in lines[0]
+    assert lines[1].startswith("orchestrator: rescaled namespace ")
+    assert "cart-join.json:6 (epoch 5)" in lines[2]
+    status = json.loads(run_cli("status", "--json", *args, cwd=cwd).stdout)
+    assert status["partitions"] == 4
 
 
 def test_a_truncated_input_is_refused_on_resume(ingested):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.keys import Keys, partition_of
+from tasks.keys import LEGACY_SLOTS, SLOTS, Keys, Layout, partition_of
 
 
 def test_key_names_are_pinned():
@@ -22,11 +22,35 @@ def test_key_names_are_pinned():
     assert k.job_id(2, 3, 41) == "cart-join-g2-p3-e41"
 
 
-def test_partition_is_crc32_of_the_utf8_key():
-    # 0xCBF43926 is CRC-32's published check value for "123456789".
-    assert partition_of("123456789", 1 << 32) == 0xCBF43926
-    assert partition_of("123456789", 16) == 0xCBF43926 % 16
-    assert {partition_of(f"u{i}", 4) for i in range(100)} == {0, 1, 2, 3}
+def test_a_key_hashes_to_a_slot_by_crc32_of_its_utf8_bytes_and_partitions_own_slot_ranges():
+    # 0xCBF43926 is CRC-32's published check value for "123456789": slot 0x926 = 2342 of 4096.
+    assert SLOTS == 4096
+    assert partition_of("123456789", SLOTS, SLOTS) == 2342
+    assert partition_of("123456789", 4, SLOTS) == 2  # slots 2048-3071
+    assert partition_of("123456789", 3, SLOTS) == 1  # slots 1366-2730
+    assert partition_of("123456789", 1, SLOTS) == 0
+    assert {partition_of(f"u{i}", 4, SLOTS) for i in range(100)} == {0, 1, 2, 3}
+
+
+def test_a_namespace_made_before_slots_keeps_crc32_modulo_the_partition_count():
+    assert LEGACY_SLOTS == 0
+    assert partition_of("123456789", 16, LEGACY_SLOTS) == 0xCBF43926 % 16
+
+
+@pytest.mark.parametrize("slots", [SLOTS, LEGACY_SLOTS])
+@pytest.mark.parametrize("partitions", [1, 3, 4, 16, 4096])
+def test_the_router_of_a_layout_agrees_with_partition_of(partitions, slots):
+    route = Layout(partitions, slots).router()
+    for key in ["a", "123456789", "ü", "\udcff", *[f"user-{i}" for i in range(200)]]:
+        raw = key.encode("utf-8", "surrogatepass")
+        assert route(raw) == partition_of(key, partitions, slots)
+
+
+def test_growing_the_partition_count_splits_each_partitions_slot_range():
+    # 4 -> 16: the keys of new partition q all come from old partition q // 4
+    for i in range(2000):
+        key = f"k{i}"
+        assert partition_of(key, 16, SLOTS) // 4 == partition_of(key, 4, SLOTS)
 
 
 @pytest.mark.parametrize("bad", ["", "a:b", "a b", "x" * 65, "ü"])

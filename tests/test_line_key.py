@@ -10,7 +10,6 @@ lines are the same with the fast path and without it (the ``line-key`` tuning kn
 from __future__ import annotations
 
 import json
-import zlib
 
 import orjson
 import pytest
@@ -23,7 +22,7 @@ from orchestrator.settings import Settings
 from tasks.cartjoin import CART_LINE, flow
 from tasks.errors import FlowError
 from tasks.flow import Dataflow, make_router
-from tasks.keys import Keys, partition_of
+from tasks.keys import SLOTS, Keys, Layout, partition_of
 
 from helpers import states_in
 from reference import reference_run
@@ -67,7 +66,7 @@ def routed_partitions(data: bytes, partitions: int) -> list[int] | None:
         events = ROUTE(orjson.loads(data))
     except Exception:
         return None
-    return [partition_of(key, partitions) for key, _ in events]
+    return [partition_of(key, partitions, SLOTS) for key, _ in events]
 
 
 @settings(max_examples=1500, deadline=None)
@@ -78,7 +77,9 @@ def test_a_line_the_layout_matches_is_one_valid_event_of_the_key_it_names(data, 
     if match is not None:
         events = ROUTE(orjson.loads(data))
         assert [key for key, _ in events] == [match["key"].decode()]
-        assert routed_partitions(data, partitions) == [zlib.crc32(match["key"]) % partitions]
+        assert routed_partitions(data, partitions) == [
+            Layout(partitions, SLOTS).router()(match["key"])
+        ]
 
 
 def test_the_generators_lines_and_the_tutorials_layout_take_the_fast_path():
@@ -137,7 +138,7 @@ def test_a_run_with_bad_and_odd_lines_is_the_same_with_the_fast_path_and_without
     assert (tmp_path / "out").read_text() == output
     assert states_in(fake, "lk") == states
     for p in range(3):  # every key's state is in the partition parsing gives it
-        assert all(partition_of(k.decode(), 3) == p for k in fake.hkeys(Keys("lk").state(p)))
+        assert all(partition_of(k.decode(), 3, SLOTS) == p for k in fake.hkeys(Keys("lk").state(p)))
     offsets = [0]
     for line in MIXED:
         offsets.append(offsets[-1] + len(line.encode()) + 1)

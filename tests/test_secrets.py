@@ -113,17 +113,19 @@ def test_password_never_printed_nor_in_worker_argv(locked_redis, tmp_path, where
     report = json.loads(as_json.stdout)
     assert "***" in report["redis"]
     assert "$REDIS_URL" in report["rq_worker_command"]
+    rescaled = run_cli("resume", str(path), *args, "--partitions", "7", cwd=REPO)
+    assert rescaled.returncode == 0 and "rescaled namespace" in rescaled.stderr, rescaled.stderr
     bad_db = url.replace("?db=0", "?db=x") if "?" in url else url + "?db=x"
     failures = [
         run_cli("ingest", str(path), *args, cwd=REPO),  # refused: committed epochs
-        run_cli("resume", str(path), *args, "--partitions", "7", cwd=REPO),  # another count
+        run_cli("resume", str(path), *args, "--flow", "examples.running_sum:flow", cwd=REPO),
         run_cli("state", "nobody", "--at-epoch", "-5", *args, cwd=REPO),
         run_cli("status", "--redis-url", url.replace(PASSWORD, PASSWORD + "x"), cwd=REPO),
         run_cli("status", "--redis-url", bad_db, cwd=REPO),
         run_cli("status", "--redis-url", url.replace("unix:", "unx:"), cwd=REPO),
         run_cli("status", "--redis-url", url, "--namespace", "bad name!", cwd=REPO),
     ]
-    for run in [status, as_json, *failures]:
+    for run in [status, as_json, rescaled, *failures]:
         assert PASSWORD not in run.stdout + run.stderr
     for run in failures:
         assert run.returncode != 0

@@ -25,7 +25,8 @@
 --   "superseded"  a newer run owns the namespace or a partition, another run of the same
 --                 generation (meta's `run` is another token), or another driver holds the lock
 --   "lost"        Redis holds less than the driver saw: a partition behind its floor, or in
---                 meta an older committed epoch (partition -1) or generation (-3)
+--                 meta an older committed epoch (partition -1) or generation (-3), or another
+--                 partition count than the run's (-5: the run's rescale is gone)
 --   "wrongtype"   the output stream's key holds another type (partition -4; found = the type)
 --
 -- The output stream's entries are written by the record that commits their epochs, and
@@ -99,6 +100,9 @@ if ARGV[4] ~= "" and (found[2] or "-1") ~= ARGV[4] then
   return {"lost", -1, found[2] or "-1", ARGV[4]}
 end
 local partitions = tonumber(ARGV[5])
+if tonumber(found[3]) ~= partitions then
+  return {"lost", -5, found[3], ARGV[5]}
+end
 for p = 1, partitions do
   local progress = redis.call("HMGET", KEYS[5 + p], "generation", "applied")
   local owner = tonumber(progress[1] or "-1")

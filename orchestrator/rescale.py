@@ -1,0 +1,156 @@
+"""Change a namespace's partition count, keeping its states and its replay history.
+
+Keys hash once into slots (``tasks/keys.py``: crc32 modulo ``SLOTS``) and each
+partition owns a contiguous range of slots. A rescale from P to Q partitions,
+at the start of a run, after every partition was claimed by the run and
+restored as of the committed epoch C:
+
+1. reads each of the P partitions' state hash and undo records, under a WATCH on
+   the meta hash and the P progress hashes;
+2. routes each key's state to its partition under Q, and splits each undo record
+   into one per partition under Q, keeping the events (and their order) of each
+   key (``tasks/undo.py``, ``split_undo``);
+3. writes it all in one MULTI/EXEC: the P partitions' keys deleted, the Q
+   partitions' written (each at C, owned by the run), and meta's partition count,
+   slot count and floors set.
+
+The EXEC is atomic, in memory and in the append-only file (Redis drops a MULTI
+block cut by a crash when it loads the file), so a command killed at any point
+leaves the namespace at P or at Q, never between; a next run asking for Q
+again does the rest. A namespace made before slots existed (its keys spread by
+crc32 modulo P) is moved to slots by its first rescale.
+
+A replay from an epoch before the rescale restores from the moved history, in
+Q partitions, as if the namespace had always had Q.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis import Redis, WatchError
+
+from orchestrator.messages import note
+from orchestrator.wording import counted
+from tasks.errors import Superseded
+from tasks.keys import Keys, Layout
+from tasks.rqcompat import RQ_QUEUES_SET
+from tasks.store import PROGRESS_FIELDS, decode_progress
+from tasks.undo import split_undo
+
+# Fields and members per command in the big transaction: one reply each, and no command
+# near Redis's argument limits.
+WRITE_CHUNK = 2_000
+PROGRESS_EVERY = 1.0  # seconds between two progress lines of a rescale
+
+
+@dataclass(frozen=True)
+class Rescaled:
+    """What a rescale moved."""
+
+    keys: int  # states
+    records: int  # undo records read (one per committed batch of each old partition)
+    seconds: float
+
+
+def rescale(
+    r: Redis, keys: Keys, *, generation: int, source: Layout, target: Layout, epoch: int
+) -> Rescaled:
+    """Move the namespace from ``source`` to ``target`` as of ``epoch``, in one transaction.
+
+    Every partition of ``source`` must be owned by ``generation`` and restored as
+    of ``epoch`` (``start_run`` does both first): no batch can commit meanwhile.
+
+    Raises:
+        Superseded: another driver claimed the namespace or a partition meanwhile
+            (nothing is written).
+    """
+    started = shown = time.monotonic()
+    old, new = source.partitions, target.partitions
+    note(
+        f"rescaling namespace {keys.namespace!r} from {counted(old, 'partition')} to {new} "
+        f"as of epoch {epoch}: moving every key's state and replay history"
+    )
+    route = target.router()
+    states: list[dict[bytes, bytes]] = [{} for _ in range(new)]
+    history: list[dict[bytes, float]] = [{} for _ in range(new)]
+    moved = records = 0
+    with r.pipeline(transaction=True) as pipe:
+        pipe.watch(keys.meta, *[keys.progress(p) for p in range(old)])
+        for p in range(old):
+            owner, applied = decode_progress(pipe.hmget(keys.progress(p), PROGRESS_FIELDS))
+            if owner != generation:
+                raise _superseded(keys, p, generation, owner)
+            for key, state in cast("dict[bytes, bytes]", pipe.hgetall(keys.state(p))).items():
+                states[route(key)][key] = state
+                moved += 1
+            undo = cast(
+                "list[tuple[bytes, float]]", pipe.zrange(keys.undo(p), 0, -1, withscores=True)
+            )
+            for record, score in undo:
+                for q, part in split_undo(record, route).items():
+                    history[q][part] = score
+            records += len(undo)
+            if time.monotonic() - shown >= PROGRESS_EVERY:  # a long rescale shows where it is
+                shown = time.monotonic()
+                note(
+                    f"rescale: read {p + 1} of {old} partitions ({counted(moved, 'key')}, "
+                    f"{counted(records, 'undo record')})"
+                )
+        pipe.multi()
+        for p in range(old):
+            pipe.delete(keys.state(p), keys.undo(p), keys.progress(p), keys.probe(p))
+            pipe.delete(keys.lease(p))
+        for p in range(new, old):  # the queues of partitions that are no more
+            pipe.delete(keys.queue_key(p))
+            pipe.srem(RQ_QUEUES_SET, keys.queue_key(p))
+        for q in range(new):
+            # (keys of a partition beyond the old count may be left by a run whose own
+            # rescale Redis lost afterwards: none of it belongs to the namespace's state)
+            pipe.delete(keys.state(q), keys.undo(q), keys.progress(q), keys.probe(q))
+            _write_chunks(pipe, keys.state(q), states[q], keys.undo(q), history[q])
+            pipe.hset(keys.progress(q), mapping={"generation": generation, "applied": epoch})
+        pipe.delete(keys.backlog)
+        pipe.hset(
+            keys.meta,
+            mapping={
+                "partitions": new,
+                "slots": target.slots,
+                "floors": json.dumps([epoch] * new),
+            },
+        )
+        try:
+            pipe.execute()
+        except WatchError:
+            raise _superseded(keys, -1, generation, None) from None
+    done = Rescaled(moved, records, time.monotonic() - started)
+    note(
+        f"rescaled namespace {keys.namespace!r} to {counted(new, 'partition')} in "
+        f"{done.seconds:.1f}s ({counted(moved, 'key')}, {counted(records, 'undo record')} of "
+        f"replay history)"
+    )
+    return done
+
+
+def _write_chunks(
+    pipe: Any, state_key: str, states: dict[bytes, bytes], undo_key: str, undo: dict[bytes, float]
+) -> None:
+    items = [x for pair in states.items() for x in pair]
+    for i in range(0, len(items), 2 * WRITE_CHUNK):
+        pipe.hset(state_key, items=items[i : i + 2 * WRITE_CHUNK])
+    members = list(undo.items())
+    for i in range(0, len(members), WRITE_CHUNK):
+        pipe.zadd(undo_key, dict(members[i : i + WRITE_CHUNK]))
+
+
+def _superseded(keys: Keys, partition: int, generation: int, owner: int | None) -> Superseded:
+    what = "the namespace" if partition < 0 else f"partition {partition}"
+    now = "changed" if owner is None else f"belongs to generation {owner}"
+    msg = (
+        f"{what} of namespace {keys.namespace!r} {now} while run {generation} was rescaling "
+        f"it: another driver took over (nothing was moved)"
+    )
+    return Superseded(msg)
