@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,6 +45,7 @@ from tasks.undo import split_undo
 # Fields and members per command in the big transaction: one reply each, and no command
 # near Redis's argument limits.
 WRITE_CHUNK = 2_000
+WRITE_BYTES = 32 << 20  # (Redis refuses a command argument over proto-max-bulk-len, 512 MB)
 PROGRESS_EVERY = 1.0  # seconds between two progress lines of a rescale
 
 
@@ -138,12 +140,25 @@ def rescale(
 def _write_chunks(
     pipe: Any, state_key: str, states: dict[bytes, bytes], undo_key: str, undo: dict[bytes, float]
 ) -> None:
-    items = [x for pair in states.items() for x in pair]
-    for i in range(0, len(items), 2 * WRITE_CHUNK):
-        pipe.hset(state_key, items=items[i : i + 2 * WRITE_CHUNK])
-    members = list(undo.items())
-    for i in range(0, len(members), WRITE_CHUNK):
-        pipe.zadd(undo_key, dict(members[i : i + WRITE_CHUNK]))
+    for chunk in _chunks(states.items()):
+        pipe.hset(state_key, items=[x for pair in chunk for x in pair])
+    for chunk in _chunks(undo.items()):
+        pipe.zadd(undo_key, dict(chunk))
+
+
+def _chunks(pairs: Iterable[tuple[bytes, Any]]) -> Iterator[list[tuple[bytes, Any]]]:
+    """The pairs in groups of at most WRITE_CHUNK, and of at most WRITE_BYTES unless one pair
+    alone is more (a hot key's state, a large undo record)."""
+    chunk: list[tuple[bytes, Any]] = []
+    size = 0
+    for pair in pairs:
+        chunk.append(pair)
+        size += len(pair[0]) + (len(pair[1]) if isinstance(pair[1], bytes) else 0)
+        if len(chunk) >= WRITE_CHUNK or size >= WRITE_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _superseded(keys: Keys, partition: int, generation: int, owner: int | None) -> Superseded:

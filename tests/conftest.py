@@ -22,6 +22,7 @@ import fakeredis
 import pytest
 import redis
 
+from orchestrator import progress
 from orchestrator.embedded import redis_server_binary
 from orchestrator.namespace import reset
 from tasks.keys import Keys
@@ -140,6 +141,14 @@ def new_namespace() -> str:
     name = f"t{SESSION}-{len(_created)}"
     _created.append(name)
     return name
+
+
+@pytest.fixture(autouse=True)
+def _no_progress_line_left_shown() -> Iterator[None]:
+    """A test that shows a progress line on a stream of its own leaves it as the one shown:
+    a later test's message would then try to erase it, on a stream closed since."""
+    yield
+    progress._shown = None
 
 
 @pytest.fixture(scope="session", autouse=True)

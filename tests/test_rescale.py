@@ -215,3 +215,19 @@ def test_a_run_whose_rescale_redis_lost_records_nothing(fake, tmp_path):
             lambda keys, partitions: LosingTheRescale(fake, keys, partitions), lock,
         )  # fmt: skip
     assert read_info(fake, keys).committed == committed
+
+
+def test_a_rescale_writes_in_chunks_of_bounded_count_and_bytes(fake, tmp_path, monkeypatch):
+    import orchestrator.rescale
+
+    monkeypatch.setattr(orchestrator.rescale, "WRITE_CHUNK", 7)
+    monkeypatch.setattr(orchestrator.rescale, "WRITE_BYTES", 300)  # (an undo record is more)
+    path = write(tmp_path / "events.json", LINES[:FIRST_RUN])
+    run(fake, options(tmp_path, 2), "ingest", path)
+    history = states_at(fake, PROBED_EPOCHS)
+    write(path, LINES)
+    run(fake, options(tmp_path, 5), "resume", path)
+    output, states = reference_run(f"{line}\n" for line in LINES)
+    assert (tmp_path / "out").read_text() == output
+    assert states_in(fake, "rescale") == states
+    assert states_at(fake, PROBED_EPOCHS) == history
