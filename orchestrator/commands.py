@@ -444,7 +444,9 @@ def drive(
         start = plan_start(r, keys, info, mode, from_epoch, f, path)
     check_server(r, settings, embedded)
     if mode != "ingest":
-        check_consistency(r, keys, info.floors, start.epoch, info.evicted_keys)
+        # (with the names it has now: a rescale at the run's start may rename them)
+        now = Keys(keys.namespace, info.tagged)
+        check_consistency(r, now, info.floors, start.epoch, info.evicted_keys)
     sink_mode: Mode = "replay" if start.reopens else mode
     output: Path | OutputStream | None = settings.output
     if settings.output_stream is not None:

@@ -187,7 +187,7 @@ class Driver:
         self.progress = progress
         self.on_commit = on_commit
         self.dispatcher = Dispatcher(r, keys, generation, partitions)
-        self.notices = NoticeReader(r, keys.notices(generation))
+        self.notices = NoticeReader(r, [keys.notices(generation, p) for p in range(partitions)])
         self.pending: dict[int, deque[Pending]] = {}
         self.in_flight: dict[int, InFlight] = {}  # the batch in each partition's queue
         self.staged: dict[int, InFlight] = {}  # the batch behind it

@@ -64,6 +64,15 @@ class NamespaceInfo:
     # the slots the keys hash into (tasks/keys.py); LEGACY_SLOTS for a namespace made before
     # slots existed, SLOTS for one that does not exist yet
     slots: int = SLOTS
+    # whether its partitions' keys have hash tags (tasks/keys.py): not in one made before them
+    tagged: bool = True
+
+    @property
+    def layout(self) -> Layout | None:
+        """How the namespace spreads its keys now (None: it does not exist)."""
+        if self.partitions is None:
+            return None
+        return Layout(self.partitions, self.slots, self.tagged)
 
     @property
     def exists(self) -> bool:
@@ -104,6 +113,7 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         open_line=_epoch_offset(meta.get("open_line")),
         source_position=meta.get("source_position") or None,
         slots=int(meta.get("slots", LEGACY_SLOTS if "partitions" in meta else SLOTS)),
+        tagged=meta.get("hash_tags", "0" if "partitions" in meta else "1") == "1",
     )
 
 
@@ -139,8 +149,9 @@ def check_compatible(info: NamespaceInfo, partitions: int | None, flow: str | No
 
 def run_layout(info: NamespaceInfo, partitions: int) -> Layout:
     """How a run that ends with ``partitions`` spreads the keys: the namespace's layout, or
-    (a new namespace, or a rescale) ``partitions`` owning ranges of SLOTS."""
-    if info.partitions == partitions:
+    (a new namespace, a rescale, or a namespace made before slots or hash tags) ``partitions``
+    owning ranges of SLOTS, with hash-tagged key names."""
+    if info.partitions == partitions and info.tagged:
         return Layout(partitions, info.slots)
     return Layout(partitions, SLOTS)
 
@@ -180,18 +191,17 @@ def start_run(
     Raises:
         Superseded: another driver started a run on the namespace meanwhile.
     """
-    # Until a rescale (below) moves them, the keys stay where the namespace has them.
-    current = (
-        Layout(info.partitions, info.slots) if info.partitions else run_layout(info, partitions)
-    )
+    # Until a rescale (below) moves them, the keys stay where, and as, the namespace has them.
+    current = info.layout or run_layout(info, partitions)
+    now = Keys(keys.namespace, current.tagged)
     meta: dict[str, Any] = {"partitions": current.partitions, "flow": flow, "input": input_name}
     if info.partitions is None:
-        meta["slots"] = current.slots
+        meta.update(slots=current.slots, hash_tags=1)
     if output is not None:
         meta["output"] = output
-    applied = applied_epochs(r, keys, current.partitions)
+    applied = applied_epochs(r, now, current.partitions)
     generation = scripts.start_run(
-        r, keys, token=token, lock_ttl_ms=lock_ttl_ms, planned_generation=info.generation,
+        r, now, token=token, lock_ttl_ms=lock_ttl_ms, planned_generation=info.generation,
         partitions=current.partitions, start_epoch=start_epoch, meta=meta,
     )  # fmt: skip
     if isinstance(generation, str):
@@ -199,7 +209,7 @@ def start_run(
         raise Superseded(msg)
     fence = Fence(generation, token, lock_ttl_ms)
     committer = Committer(
-        r, keys, current.partitions, fence, last_committed=info.committed,
+        r, now, current.partitions, fence, last_committed=info.committed,
         output_stream=output_stream, source_fields=source_fields,
     )  # fmt: skip
     committer.record(
@@ -210,7 +220,7 @@ def start_run(
         floors=[min(a, start_epoch - 1) for a in applied],
     )
     for p in range(current.partitions):
-        restore_partition(r, keys, p, start_epoch - 1, generation=generation, flow=dataflow)
+        restore_partition(r, now, p, start_epoch - 1, generation=generation, flow=dataflow)
     target = run_layout(info, partitions)
     if target != current:
         rescale(

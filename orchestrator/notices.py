@@ -18,36 +18,51 @@ TRIM_EVERY = 8  # reads between two trims of the entries already taken
 
 
 class NoticeReader:
-    """Follows one generation's notice stream."""
+    """Follows one generation's notice streams, one per partition (each in its partition's
+    Redis Cluster slot: ``tasks/keys.py``), with one XREAD for all of them."""
 
-    def __init__(self, r: Redis, key: str) -> None:
+    def __init__(self, r: Redis, keys: list[str]) -> None:
         self.r = r
-        self.key = key
-        self.last_id: bytes = b"0-0"
+        self.last_ids: dict[str, bytes] = dict.fromkeys(keys, b"0-0")
         self._reads = 0
+        self._untrimmed: set[str] = set()
 
     def read(self, block_ms: int | None = None) -> list[CommitNotice]:
         """Notices after the last one taken; wait up to ``block_ms`` if there are none."""
-        reply: Any = self.r.xread({self.key: self.last_id}, count=READ_COUNT, block=block_ms)
-        entries = _entries(reply)
-        if not entries:
+        streams: Any = self.last_ids  # (redis-py annotates the mapping more narrowly)
+        reply: Any = self.r.xread(streams, count=READ_COUNT, block=block_ms)
+        notices = []
+        for key, entries in _entries(reply):
+            self.last_ids[key] = entries[-1][0]
+            self._untrimmed.add(key)
+            notices += [CommitNotice.decode(fields[b"n"]) for _, fields in entries]
+        if not notices:
             return []
-        self.last_id = entries[-1][0]
         self._reads += 1
         if self._reads % TRIM_EVERY == 0:
-            self.r.xtrim(self.key, minid=self.last_id)
-        return [CommitNotice.decode(fields[b"n"]) for _, fields in entries]
+            with self.r.pipeline(transaction=False) as pipe:
+                for key in self._untrimmed:
+                    pipe.xtrim(key, minid=self.last_ids[key])
+                pipe.execute()
+            self._untrimmed.clear()
+        return notices
 
     def close(self) -> None:
-        """Delete the stream: the run has taken every notice it waits for."""
-        self.r.delete(self.key)
+        """Delete the streams: the run has taken every notice it waits for."""
+        self.r.delete(*self.last_ids)
 
 
-def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    # RESP2 answers [[key, entries]]; RESP3 answers {key: [entries]}.
+def _entries(reply: Any) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """Each stream's key and entries in an XREAD reply.
+
+    RESP2 answers [[key, entries], ...]; RESP3 answers {key: [entries]}.
+    """
     if not reply:
         return []
-    if isinstance(reply, dict):
-        [value] = reply.values()
-        return list(value[0] if value and isinstance(value[0], list) else value)
-    return list(reply[0][1])
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    found = []
+    for key, value in pairs:
+        entries = value[0] if value and isinstance(value[0], list) else value
+        if entries:
+            found.append((key.decode() if isinstance(key, bytes) else key, list(entries)))
+    return found

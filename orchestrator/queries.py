@@ -32,7 +32,7 @@ from tasks.undo import first_befores_after
 
 def rq_worker_command(url: str, keys: Keys, partitions: int) -> str:
     """The plain ``rq worker`` command line that works on this namespace's queues."""
-    queues = " ".join(keys.queue_names(partitions))
+    queues = " ".join(shlex.quote(name) for name in keys.queue_names(partitions))
     if is_sentinel_url(url):  # rq's --url has no sentinel form: its settings module does
         address = parse_sentinel_url(url)
         settings = {
@@ -127,7 +127,9 @@ def status(settings: Settings) -> dict[str, Any]:
         if info.input is not None and info.input.startswith(STREAM_SOURCE):
             with source_connection(settings.source_url, r) as source_r:
                 report |= source_lag(source_r, info)
-        report["partition_progress"] = _partitions(r, keys, info.partitions)
+        # (under the names it has: its next run moves names made before hash tags)
+        stored = Keys(keys.namespace, info.tagged)
+        report["partition_progress"] = _partitions(r, stored, info.partitions)
         report["queues"] = keys.queue_names(info.partitions)
         if conn.embedded:  # its unix socket is gone when the command that started it ends
             report["worker_command"] = orchestrator_worker_command(settings)
@@ -191,6 +193,7 @@ def state_of(r: Redis, keys: Keys, key: str, at_epoch: int | None) -> dict[str, 
     info = read_info(r, keys)
     require_committed(info, keys)
     assert info.partitions is not None
+    keys = Keys(keys.namespace, info.tagged)
     epoch = info.committed if at_epoch is None else at_epoch
     if not info.retained_from - 1 <= epoch <= info.committed:
         msg = (

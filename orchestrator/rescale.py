@@ -65,62 +65,55 @@ def rescale(
 
     Every partition of ``source`` must be owned by ``generation`` and restored as
     of ``epoch`` (``start_run`` does both first): no batch can commit meanwhile.
+    A namespace whose key names have no hash tags yet (``source.tagged`` false) is
+    moved the same way, to the same count or another.
 
     Raises:
         Superseded: another driver claimed the namespace or a partition meanwhile
             (nothing is written).
     """
-    started = shown = time.monotonic()
+    started = time.monotonic()
     old, new = source.partitions, target.partitions
-    note(
-        f"rescaling namespace {keys.namespace!r} from {counted(old, 'partition')} to {new} "
-        f"as of epoch {epoch}: moving every key's state and replay history"
-    )
-    route = target.router()
-    states: list[dict[bytes, bytes]] = [{} for _ in range(new)]
-    history: list[dict[bytes, float]] = [{} for _ in range(new)]
-    moved = records = 0
+    was, will = Keys(keys.namespace, source.tagged), Keys(keys.namespace, target.tagged)
+    what = "every key's state and replay history"
+    if old == new:
+        note(
+            f"moving namespace {keys.namespace!r} ({counted(new, 'partition')}) to key slots "
+            f"and hash-tagged key names as of epoch {epoch}: {what}"
+        )
+    else:
+        note(
+            f"rescaling namespace {keys.namespace!r} from {counted(old, 'partition')} to {new} "
+            f"as of epoch {epoch}: moving {what}"
+        )
     with r.pipeline(transaction=True) as pipe:
-        pipe.watch(keys.meta, *[keys.progress(p) for p in range(old)])
-        for p in range(old):
-            owner, applied = decode_progress(pipe.hmget(keys.progress(p), PROGRESS_FIELDS))
-            if owner != generation:
-                raise _superseded(keys, p, generation, owner)
-            for key, state in cast("dict[bytes, bytes]", pipe.hgetall(keys.state(p))).items():
-                states[route(key)][key] = state
-                moved += 1
-            undo = cast(
-                "list[tuple[bytes, float]]", pipe.zrange(keys.undo(p), 0, -1, withscores=True)
-            )
-            for record, score in undo:
-                for q, part in split_undo(record, route).items():
-                    history[q][part] = score
-            records += len(undo)
-            if time.monotonic() - shown >= PROGRESS_EVERY:  # a long rescale shows where it is
-                shown = time.monotonic()
-                note(
-                    f"rescale: read {p + 1} of {old} partitions ({counted(moved, 'key')}, "
-                    f"{counted(records, 'undo record')})"
-                )
+        pipe.watch(was.meta, *[was.progress(p) for p in range(old)])
+        moving = _read(pipe, was, source, target, generation)
+        # Renamed: every old queue, and what older runs left under the old names (the start
+        # of the run deletes only what its own names match).
+        gone = range(new, old) if was == will else range(old)
+        leftovers = [] if was == will else _older_runs_keys(pipe, was)
         pipe.multi()
         for p in range(old):
-            pipe.delete(keys.state(p), keys.undo(p), keys.progress(p), keys.probe(p))
-            pipe.delete(keys.lease(p))
-        for p in range(new, old):  # the queues of partitions that are no more
-            pipe.delete(keys.queue_key(p))
-            pipe.srem(RQ_QUEUES_SET, keys.queue_key(p))
+            pipe.delete(was.state(p), was.undo(p), was.progress(p), was.probe(p), was.lease(p))
+        for p in gone:
+            pipe.delete(was.queue_key(p))
+            pipe.srem(RQ_QUEUES_SET, was.queue_key(p))
+        if leftovers:
+            pipe.delete(*leftovers)
         for q in range(new):
             # (keys of a partition beyond the old count may be left by a run whose own
             # rescale Redis lost afterwards: none of it belongs to the namespace's state)
-            pipe.delete(keys.state(q), keys.undo(q), keys.progress(q), keys.probe(q))
-            _write_chunks(pipe, keys.state(q), states[q], keys.undo(q), history[q])
-            pipe.hset(keys.progress(q), mapping={"generation": generation, "applied": epoch})
-        pipe.delete(keys.backlog)
+            pipe.delete(will.state(q), will.undo(q), will.progress(q), will.probe(q))
+            _write_chunks(pipe, will.state(q), moving.states[q], will.undo(q), moving.history[q])
+            pipe.hset(will.progress(q), mapping={"generation": generation, "applied": epoch})
+        pipe.delete(will.backlog)
         pipe.hset(
-            keys.meta,
+            will.meta,
             mapping={
                 "partitions": new,
                 "slots": target.slots,
+                "hash_tags": int(target.tagged),
                 "floors": json.dumps([epoch] * new),
             },
         )
@@ -128,6 +121,7 @@ def rescale(
             pipe.execute()
         except WatchError:
             raise _superseded(keys, -1, generation, None) from None
+    moved, records = moving.keys, moving.records
     done = Rescaled(moved, records, time.monotonic() - started)
     note(
         f"rescaled namespace {keys.namespace!r} to {counted(new, 'partition')} in "
@@ -135,6 +129,48 @@ def rescale(
         f"replay history)"
     )
     return done
+
+
+@dataclass
+class _Moving:
+    """What a rescale read, routed to the partitions it moves to."""
+
+    states: list[dict[bytes, bytes]]  # key -> state JSON, per new partition
+    history: list[dict[bytes, float]]  # undo record -> score, per new partition
+    keys: int = 0
+    records: int = 0
+
+
+def _read(pipe: Any, was: Keys, source: Layout, target: Layout, generation: int) -> _Moving:
+    """Read every partition of ``source`` (names ``was``), under the caller's WATCH."""
+    route = target.router()
+    moving = _Moving([{} for _ in range(target.partitions)], [{} for _ in range(target.partitions)])
+    shown = time.monotonic()
+    for p in range(source.partitions):
+        owner, _ = decode_progress(pipe.hmget(was.progress(p), PROGRESS_FIELDS))
+        if owner != generation:
+            raise _superseded(was, p, generation, owner)
+        for key, state in cast("dict[bytes, bytes]", pipe.hgetall(was.state(p))).items():
+            moving.states[route(key)][key] = state
+            moving.keys += 1
+        undo = cast("list[tuple[bytes, float]]", pipe.zrange(was.undo(p), 0, -1, withscores=True))
+        for record, score in undo:
+            for q, part in split_undo(record, route).items():
+                moving.history[q][part] = score
+        moving.records += len(undo)
+        if time.monotonic() - shown >= PROGRESS_EVERY:  # a long rescale shows where it is
+            shown = time.monotonic()
+            note(
+                f"rescale: read {p + 1} of {source.partitions} partitions "
+                f"({counted(moving.keys, 'key')}, {counted(moving.records, 'undo record')})"
+            )
+    return moving
+
+
+def _older_runs_keys(r: Any, keys: Keys) -> list[bytes]:
+    """The notice streams, stored batches and staged successors under ``keys``' names."""
+    patterns = (keys.notices_pattern, keys.batches_pattern, keys.successors_pattern)
+    return [key for pattern in patterns for key in r.scan_iter(match=pattern, count=1000)]
 
 
 def _write_chunks(

@@ -51,6 +51,7 @@ class Layout:
 
     partitions: int
     slots: int  # LEGACY_SLOTS: crc32 modulo partitions, without slots
+    tagged: bool = True  # the key names (Keys.tagged)
 
     def router(self) -> Callable[[bytes], int]:
         """The partition of a key given as its UTF-8 bytes."""
@@ -71,9 +72,19 @@ def rq_job_key(job_id: str) -> str:
 
 @dataclass(frozen=True)
 class Keys:
-    """Key names of one namespace."""
+    """Key names of one namespace.
+
+    Every key of one partition's commit (its state, undo, progress, lease and probe
+    keys, its stored batches, staged successor and notice stream, and its RQ queue)
+    has the same hash tag, ``{<ns>-p<P>}`` (the partition's queue name), so that on
+    a Redis Cluster each commit stays in one slot. ``tagged=False`` gives the names
+    of a namespace made before hash tags (``<ns>:p<P>:state``, one notice stream per
+    run, queue ``<ns>-p<P>``): read by ``status`` and ``state``, and moved to the
+    tagged names by the namespace's next run (``orchestrator/rescale.py``).
+    """
 
     namespace: str
+    tagged: bool = True
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):
@@ -95,9 +106,21 @@ class Keys:
         """String with a TTL: the token of the driver running on this namespace."""
         return f"{self.namespace}:driver"
 
-    def notices(self, generation: int) -> str:
-        """Stream: commit notices (with output lines) for the driver of one generation."""
-        return f"{self.namespace}:notices:{generation}"
+    def _partition(self, partition: int) -> str:
+        """The start of a partition's key names (with its hash tag)."""
+        if self.tagged:
+            return f"{self.namespace}:{{{self.namespace}-p{partition}}}"
+        return f"{self.namespace}:p{partition}"
+
+    @property
+    def _partitions_pattern(self) -> str:
+        return f"{self.namespace}:{{{self.namespace}-p*}}"
+
+    def notices(self, generation: int, partition: int) -> str:
+        """Stream: a partition's commit notices (with output lines) for one generation's driver."""
+        if not self.tagged:
+            return f"{self.namespace}:notices:{generation}"
+        return f"{self._partition(partition)}:notices:{generation}"
 
     @property
     def backlog(self) -> str:
@@ -116,16 +139,20 @@ class Keys:
 
     def batch(self, generation: int, partition: int, last_epoch: int) -> str:
         """String: a batch's events (JSON), from its dispatch until its commit deletes it."""
-        return f"{self.namespace}:batch:g{generation}-p{partition}-e{last_epoch}"
+        if not self.tagged:
+            return f"{self.namespace}:batch:g{generation}-p{partition}-e{last_epoch}"
+        return f"{self._partition(partition)}:batch:g{generation}-e{last_epoch}"
 
     @property
     def batches_pattern(self) -> str:
         """SCAN pattern matching every stored batch of the namespace."""
-        return f"{self.namespace}:batch:*"
+        if not self.tagged:
+            return f"{self.namespace}:batch:*"
+        return f"{self._partitions_pattern}:batch:*"
 
     def lease(self, partition: int) -> str:
         """String with a short TTL: the job id a live worker is running for the partition."""
-        return f"{self.namespace}:p{partition}:lease"
+        return f"{self._partition(partition)}:lease"
 
     def successor(self, generation: int, partition: int) -> str:
         """List: the job id of the partition's next batch, staged while the one before it runs.
@@ -133,17 +160,23 @@ class Keys:
         The commit of the batch before it moves the id into the partition's RQ
         queue (``queue_key``), so the next batch starts without waiting for the driver.
         """
-        return f"{self.namespace}:next:g{generation}-p{partition}"
+        if not self.tagged:
+            return f"{self.namespace}:next:g{generation}-p{partition}"
+        return f"{self._partition(partition)}:next:g{generation}"
 
     @property
     def successors_pattern(self) -> str:
         """SCAN pattern matching the staged successors of every generation."""
-        return f"{self.namespace}:next:*"
+        if not self.tagged:
+            return f"{self.namespace}:next:*"
+        return f"{self._partitions_pattern}:next:*"
 
     @property
     def notices_pattern(self) -> str:
-        """SCAN pattern matching the notice lists of every generation."""
-        return f"{self.namespace}:notices:*"
+        """SCAN pattern matching the notice streams of every generation."""
+        if not self.tagged:
+            return f"{self.namespace}:notices:*"
+        return f"{self._partitions_pattern}:notices:*"
 
     def probe(self, partition: int) -> str:
         """Hash: where a careful re-run of the partition's batch is, and the deaths it saw.
@@ -152,19 +185,19 @@ class Keys:
         its worker died (``tasks/careful.py``), so that the next attempt knows which
         event the dead one was running; deleted when that batch commits.
         """
-        return f"{self.namespace}:p{partition}:probe"
+        return f"{self._partition(partition)}:probe"
 
     def progress(self, partition: int) -> str:
         """Hash: ``applied`` = the partition has applied every event with epoch <= this."""
-        return f"{self.namespace}:p{partition}:progress"
+        return f"{self._partition(partition)}:progress"
 
     def state(self, partition: int) -> str:
         """Hash: key -> current state (JSON) of every key of the partition."""
-        return f"{self.namespace}:p{partition}:state"
+        return f"{self._partition(partition)}:state"
 
     def undo(self, partition: int) -> str:
         """Sorted set: one undo record per committed batch, scored by its last epoch."""
-        return f"{self.namespace}:p{partition}:undo"
+        return f"{self._partition(partition)}:undo"
 
     @property
     def pattern(self) -> str:
@@ -172,8 +205,10 @@ class Keys:
         return f"{self.namespace}:*"
 
     def queue_name(self, partition: int) -> str:
-        """The RQ queue of a partition."""
-        return f"{self.namespace}-p{partition}"
+        """The RQ queue of a partition: ``{<ns>-p<P>}``, the hash tag of its keys."""
+        if not self.tagged:
+            return f"{self.namespace}-p{partition}"
+        return f"{{{self.namespace}-p{partition}}}"
 
     def queue_key(self, partition: int) -> str:
         """The Redis list of the partition's RQ queue (RQ names it ``rq:queue:<queue name>``)."""
@@ -182,7 +217,7 @@ class Keys:
     @property
     def queues_pattern(self) -> str:
         """SCAN/SSCAN pattern of RQ queue keys that may be the namespace's (``owns`` tells)."""
-        return rq_queue_key(f"{self.namespace}-*")
+        return rq_queue_key(f"*{self.namespace}-*")
 
     def queue_names(self, partitions: int) -> list[str]:
         """The RQ queues of all partitions, in partition order."""
@@ -195,7 +230,7 @@ class Keys:
     @property
     def rq_pattern(self) -> str:
         """SCAN pattern of RQ keys that may belong to the namespace (``owns`` tells which do)."""
-        return f"rq:*:{self.namespace}-*"
+        return f"rq:*{self.namespace}-*"
 
     def owns(self, key: str) -> bool:
         """Whether a Redis key belongs to this namespace: one of its own or RQ's for it.
@@ -205,14 +240,16 @@ class Keys:
         if key.startswith(f"{self.namespace}:"):
             return True
         ns = re.escape(self.namespace)
-        queue = rf"{ns}-p\d+"
+        queue = rf"\{{{ns}-p\d+\}}|{ns}-p\d+"  # (with hash tags, and before them)
         job = rf"{ns}-g\d+-p\d+-e-?\d+(?:-r\d+)?"
         return re.fullmatch(rf"rq:[a-z_-]+:(?:{queue}|{job})(?::.*)?", key) is not None
 
     def generation_of(self, key: str) -> int | None:
         """The run generation in the name of a notice stream, stored batch or successor list."""
         ns = re.escape(self.namespace)
-        found = re.fullmatch(rf"{ns}:(?:notices:(\d+)|(?:batch|next):g(\d+)-p\d+(?:-e-?\d+)?)", key)
+        tagged = rf"{ns}:\{{{ns}-p\d+\}}:(?:notices:(\d+)|(?:batch|next):g(\d+)(?:-e-?\d+)?)"
+        legacy = rf"{ns}:(?:notices:(\d+)|(?:batch|next):g(\d+)-p\d+(?:-e-?\d+)?)"
+        found = re.fullmatch(tagged, key) or re.fullmatch(legacy, key)
         if found is None:
             return None
         return int(found.group(1) or found.group(2))

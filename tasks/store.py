@@ -152,7 +152,7 @@ class PartitionTransaction:
             if applied.failed is None:  # a batch stopped by a failure ends the run there
                 pipe.lmove(keys.successor(target.generation, p), keys.queue_key(p), "LEFT", "RIGHT")
         if notice:
-            pipe.xadd(keys.notices(target.generation), {"n": notice})
+            pipe.xadd(keys.notices(target.generation, p), {"n": notice})
         try:
             pipe.execute()
             outcome = CommitOutcome.COMMITTED

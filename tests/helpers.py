@@ -30,9 +30,11 @@ def committed_states(url: str, namespace: str) -> dict[str, object]:
 def states_in(client: redis.Redis, namespace: str) -> dict[str, object]:
     """Every key's committed state in a namespace, read with ``client``; each key must be in
     the partition its slot gives it (workers look for it nowhere else)."""
-    keys = Keys(namespace)
-    partitions, slots = client.hmget(keys.meta, "partitions", "slots")
+    partitions, slots, tagged = client.hmget(
+        Keys(namespace).meta, "partitions", "slots", "hash_tags"
+    )
     layout = Layout(int(partitions), LEGACY_SLOTS if slots is None else int(slots))
+    keys = Keys(namespace, tagged == b"1")
     route = layout.router()
     states: dict[str, object] = {}
     for p in range(layout.partitions):

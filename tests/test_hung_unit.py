@@ -128,7 +128,7 @@ def cart_batch(keys, flow, on_error, timeout=0.0):
 
 
 def notices(r, keys):
-    return [CommitNotice.decode(f[b"n"]) for _, f in r.xrange(keys.notices(1))]
+    return [CommitNotice.decode(f[b"n"]) for _, f in r.xrange(keys.notices(1, 0))]
 
 
 def test_a_worker_commits_a_timed_out_event_as_rejected(fake, keys):
@@ -206,7 +206,7 @@ def test_a_careful_attempt_refused_as_a_duplicate_leaves_a_newer_batchs_probe(fa
     CarefulRun(fake, keys, newer, 2).start(batch_events(newer))
     assert run_batch(fake, b, attempt=2)["outcome"] == "duplicate"
     assert fake.hget(keys.probe(0), "batch") == b"g1-e0-2"
-    assert Keys(keys.namespace).probe(0) == f"{keys.namespace}:p0:probe"
+    assert Keys(keys.namespace).probe(0) == f"{keys.namespace}:{{{keys.namespace}-p0}}:probe"
 
 
 def probe_of(fake, keys, b, attempt, index, pid):

@@ -10,16 +10,41 @@ def test_key_names_are_pinned():
     assert k.meta == "cart-join:meta"
     assert k.checkpoints == "cart-join:checkpoints"
     assert k.driver_lock == "cart-join:driver"
-    assert k.notices(7) == "cart-join:notices:7"
-    assert k.progress(3) == "cart-join:p3:progress"
-    assert k.state(3) == "cart-join:p3:state"
-    assert k.undo(3) == "cart-join:p3:undo"
-    assert k.lease(3) == "cart-join:p3:lease"
     assert k.dead_letters == "cart-join:dead-letters"
     assert k.backlog == "cart-join:backlog"
-    assert k.batch(2, 3, 41) == "cart-join:batch:g2-p3-e41"
-    assert k.queue_name(3) == "cart-join-p3"
+    # a partition's keys share its hash tag, which is its RQ queue's name
+    assert k.notices(7, 3) == "cart-join:{cart-join-p3}:notices:7"
+    assert k.progress(3) == "cart-join:{cart-join-p3}:progress"
+    assert k.state(3) == "cart-join:{cart-join-p3}:state"
+    assert k.undo(3) == "cart-join:{cart-join-p3}:undo"
+    assert k.lease(3) == "cart-join:{cart-join-p3}:lease"
+    assert k.probe(3) == "cart-join:{cart-join-p3}:probe"
+    assert k.batch(2, 3, 41) == "cart-join:{cart-join-p3}:batch:g2-e41"
+    assert k.successor(2, 3) == "cart-join:{cart-join-p3}:next:g2"
+    assert k.queue_name(3) == "{cart-join-p3}"
+    assert k.queue_key(3) == "rq:queue:{cart-join-p3}"
     assert k.job_id(2, 3, 41) == "cart-join-g2-p3-e41"
+
+
+def test_the_names_of_a_namespace_made_before_hash_tags_are_pinned_too():
+    k = Keys("cart-join", tagged=False)
+    assert k.notices(7, 3) == "cart-join:notices:7"
+    assert k.progress(3) == "cart-join:p3:progress"
+    assert k.state(3) == "cart-join:p3:state"
+    assert k.batch(2, 3, 41) == "cart-join:batch:g2-p3-e41"
+    assert k.successor(2, 3) == "cart-join:next:g2-p3"
+    assert k.queue_name(3) == "cart-join-p3"
+
+
+@pytest.mark.parametrize("tagged", [True, False])
+def test_the_generation_and_the_owner_of_a_key_are_read_from_its_name(tagged):
+    k, other = Keys("orders", tagged), Keys("orders-prod", tagged)
+    for name in [k.notices(7, 3), k.batch(7, 3, 41), k.batch(7, 0, -1), k.successor(7, 3)]:
+        assert k.generation_of(name) == 7
+        assert k.owns(name) and not other.owns(name)
+    assert k.owns(k.queue_key(3)) and not other.owns(k.queue_key(3))
+    assert not k.owns(other.queue_key(3))
+    assert k.owns(f"rq:wip:{k.queue_name(3)}") and k.owns(f"rq:job:{k.job_id(7, 3, 41)}")
 
 
 def test_a_key_hashes_to_a_slot_by_crc32_of_its_utf8_bytes_and_partitions_own_slot_ranges():

@@ -19,6 +19,8 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasks.keys import Keys
+
 from conftest import cli_env, new_namespace, run_cli, stderr_lines
 from model import cart_model
 
@@ -155,7 +157,7 @@ def committed_states(redis_url: str, ns: str) -> dict[str, dict]:
     try:
         states: dict[str, dict] = {}
         for p in range(PARTITIONS):
-            for user, raw in client.hgetall(f"{ns}:p{p}:state").items():
+            for user, raw in client.hgetall(Keys(ns).state(p)).items():
                 assert user.decode() not in states, f"user {user!r} in two partitions"
                 states[user.decode()] = orjson.loads(raw)
         return states

@@ -2,6 +2,7 @@
 
 import json
 import random
+import shlex
 
 import pytest
 
@@ -79,4 +80,4 @@ def test_status_json_reports_progress_backlog_rate_workers_and_retention(generat
         for row in report["partition_progress"]
     )
     assert max(row["applied_through"] for row in report["partition_progress"]) == 3_999
-    assert report["rq_worker_command"].endswith(" ".join(report["queues"]))
+    assert report["rq_worker_command"].endswith(" ".join(shlex.quote(q) for q in report["queues"]))

@@ -99,24 +99,39 @@ def test_a_replay_can_rescale_too_and_later_ones_restore_through_both_moves(fake
     assert states_at(fake, [*PROBED_EPOCHS, 5_000]) == history
 
 
-def test_a_namespace_made_before_slots_keeps_its_layout_until_a_rescale_moves_it(fake, tmp_path):
+def test_a_namespace_made_before_slots_and_hash_tags_is_moved_to_them_by_its_next_run(
+    fake, tmp_path
+):
     path = write(tmp_path / "events.json", LINES[:FIRST_RUN])
     run(fake, options(tmp_path, 4), "ingest", path)
-    # What an earlier version left: keys spread by crc32 modulo 4, no slot count in meta.
-    keys = Keys("rescale")
+    # What an earlier version left: keys spread by crc32 modulo 4 under names without hash
+    # tags, no slot count in meta; and what a killed run of it left behind.
+    keys, old = Keys("rescale"), Keys("rescale", tagged=False)
     info = read_info(fake, keys)  # (its last run still owns the partitions: rescale's condition)
     rescale(
         fake, keys, generation=info.generation, source=Layout(4, SLOTS),
-        target=Layout(4, LEGACY_SLOTS), epoch=info.committed,
+        target=Layout(4, LEGACY_SLOTS, tagged=False), epoch=info.committed,
     )  # fmt: skip
-    fake.hdel(keys.meta, "slots")
-    assert read_info(fake, keys).slots == LEGACY_SLOTS
-    history = states_at(fake, PROBED_EPOCHS)
+    fake.hdel(keys.meta, "slots", "hash_tags")
+    fake.set(old.batch(info.generation, 2, 4_000), b"stale")
+    fake.xadd(old.notices(info.generation, 0), {"n": b"stale"})
+    fake.rpush(old.queue_key(1), "rescale-g1-p1-e4000")
+    fake.sadd("rq:queues", old.queue_key(1))
+    info = read_info(fake, keys)
+    assert (info.slots, info.tagged) == (LEGACY_SLOTS, False)
+    history = states_at(fake, PROBED_EPOCHS)  # (read under the names it has)
+    assert history == {(k, e): plain_state(k, e) for k, e in history}
 
     write(path, LINES[:5_000])
-    run(fake, options(tmp_path, None), "resume", path)  # the same count: it stays as it is
-    assert read_info(fake, keys).slots == LEGACY_SLOTS
+    run(fake, options(tmp_path, None), "resume", path)  # the same count
+    info = read_info(fake, keys)
+    assert (info.partitions, info.slots, info.tagged) == (4, SLOTS, True)
     assert states_in(fake, "rescale") == reference_run(f"{x}\n" for x in LINES[:5_000])[1]
+    assert states_at(fake, PROBED_EPOCHS) == history
+    names = {k.decode() for k in fake.scan_iter("*")}
+    assert not {k for k in names if k.startswith(("rescale:p", "rescale:batch", "rescale:notices"))}
+    assert old.queue_key(1) not in names
+    assert old.queue_key(1).encode() not in fake.smembers("rq:queues")
 
     write(path, LINES)
     run(fake, options(tmp_path, 6), "resume", path)

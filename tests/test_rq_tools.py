@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from bench.generate import generate
+from tasks.keys import Keys
 
 from conftest import cli_env, new_namespace, run_cli
 from reference import reference_run
@@ -40,7 +41,7 @@ def test_rq_info_lists_the_partition_queues_and_our_workers(redis_url, tmp_path)
         (tmp_path / "in.json").write_text("\n".join(generate(200, 20, seed=1)) + "\n")
         run = run_cli("ingest", "in.json", *args, "--partitions", "3", cwd=tmp_path)
         assert run.returncode == 0, run.stderr
-        queues = [f"{ns}-p{p}" for p in range(3)]
+        queues = Keys(ns).queue_names(3)
         info = subprocess.run(
             [RQ, "info", "--url", redis_url, *queues], capture_output=True, text=True, timeout=60
         )
@@ -130,7 +131,8 @@ def test_a_forked_workers_rq_name_says_namespace_host_and_pid_and_finished_jobs_
     assert re.fullmatch(rf"{re.escape(ns)}@{re.escape(host)}\.{pid}\.[0-9a-f]{{4}}", name), name
     assert real.hget(key, "hostname").decode() == socket.gethostname()
     # RQ counts the batches finished in the last minutes (rq info, rq-dashboard)
-    finished = [job for p in range(2) for job in real.zrange(f"rq:finished:{ns}-p{p}", 0, -1)]
+    names = Keys(ns).queue_names(2)
+    finished = [job for name in names for job in real.zrange(f"rq:finished:{name}", 0, -1)]
     assert finished
     for job in finished:
         assert real.hget(f"rq:job:{job.decode()}", "status") == b"finished"

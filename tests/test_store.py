@@ -49,8 +49,8 @@ def states(r, keys, p=0):
     return {k.decode(): orjson.loads(v) for k, v in r.hgetall(keys.state(p)).items()}
 
 
-def notices(r, keys, generation=1):
-    return [CommitNotice.decode(f[b"n"]) for _, f in r.xrange(keys.notices(generation))]
+def notices(r, keys, generation=1, partition=0):
+    return [CommitNotice.decode(f[b"n"]) for _, f in r.xrange(keys.notices(generation, partition))]
 
 
 def snapshot(r, keys):
@@ -82,7 +82,7 @@ def test_a_batch_commits_state_progress_undo_and_its_lines_together(r, keys):
     assert notice.lines[2] == b'2 {"user_id": "b", "paid_order_ids": [], "unpaid_order_ids": [3]}'
     assert sorted(r.scan_iter(match=keys.pattern)) == sorted(
         k.encode()
-        for k in [keys.meta, keys.progress(0), keys.state(0), keys.undo(0), keys.notices(1)]
+        for k in [keys.meta, keys.progress(0), keys.state(0), keys.undo(0), keys.notices(1, 0)]
     )
 
 
