@@ -15,6 +15,9 @@ from tasks.batch import CommitNotice
 
 READ_COUNT = 8  # a notice holds up to a batch of output lines: keep replies small
 TRIM_EVERY = 8  # reads between two trims of the entries already taken
+# ... or sooner, once the notices taken since the last trim hold this many bytes: a notice
+# holds up to ~16 MB (a worker's commit is bounded by bytes), and Redis keeps it until trimmed
+TRIM_BYTES = 32 << 20
 
 
 class NoticeReader:
@@ -25,6 +28,7 @@ class NoticeReader:
         self.key = key
         self.last_id: bytes = b"0-0"
         self._reads = 0
+        self._untrimmed = 0  # bytes of the notices taken since the last trim
 
     def read(self, block_ms: int | None = None) -> list[CommitNotice]:
         """Notices after the last one taken; wait up to ``block_ms`` if there are none."""
@@ -34,9 +38,12 @@ class NoticeReader:
             return []
         self.last_id = entries[-1][0]
         self._reads += 1
-        if self._reads % TRIM_EVERY == 0:
+        notices = [fields[b"n"] for _, fields in entries]
+        self._untrimmed += sum(map(len, notices))
+        if self._reads % TRIM_EVERY == 0 or self._untrimmed >= TRIM_BYTES:
             self.r.xtrim(self.key, minid=self.last_id)
-        return [CommitNotice.decode(fields[b"n"]) for _, fields in entries]
+            self._untrimmed = 0
+        return [CommitNotice.decode(n) for n in notices]
 
     def close(self) -> None:
         """Delete the stream: the run has taken every notice it waits for."""
