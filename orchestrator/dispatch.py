@@ -220,8 +220,9 @@ class Dispatcher:
         """How far the partition of a batch in flight has applied; raise if it went back in time
         or changed hands.
 
-        Its batch in flight needs it at ``after_epoch``, which the driver saw it commit:
-        less means Redis lost an acknowledged commit (the batch would then wait forever).
+        Its batch in flight needs it at ``after_epoch``, which the driver saw it commit (or
+        at the end of the batch's last part it saw committed): less means Redis lost an
+        acknowledged commit (the batch would then wait forever).
         """
         p, generation = flight.batch.partition, self.generation
         found_owner = -1 if owner is None else owner
@@ -230,8 +231,8 @@ class Dispatcher:
             refusal = Refusal("superseded", p, str(found_owner), str(generation))
         elif found_owner < generation:  # the claim of this run is gone
             refusal = Refusal("lost", p, f"generation {found_owner}", f"generation {generation}")
-        elif found < flight.batch.after_epoch:
-            refusal = Refusal("lost", p, str(found), str(flight.batch.after_epoch))
+        elif found < flight.through:  # (its after_epoch, or the last of its parts seen)
+            refusal = Refusal("lost", p, str(found), str(flight.through))
         if refusal is not None:
             fence = Fence(generation, "", 0)
             raise refusal_error(refusal, self.keys, fence)

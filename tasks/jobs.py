@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from bisect import bisect_right
 from dataclasses import replace
@@ -19,7 +20,13 @@ from tasks.errors import CommitTooLarge, OutOfOrder
 from tasks.flow import Dataflow, load_flow, make_router
 from tasks.keys import Keys, partition_of
 from tasks.lease import Lease, partition_lease
-from tasks.store import CommitOutcome, CommitTarget, outcome_of, partition_transaction
+from tasks.store import (
+    CommitOutcome,
+    CommitTarget,
+    PartitionTransaction,
+    outcome_of,
+    partition_transaction,
+)
 from tasks.tuning import commit_bytes
 from tasks.undo import Raw
 from tasks.watchdog import EventWatch
@@ -142,78 +149,171 @@ def _apply_and_commit(
 ) -> dict[str, Any]:
     """Apply and commit the batch, in parts bounded by bytes (``commit_bytes``).
 
-    Each part ends with an epoch, and commits like a whole batch (WATCH of the
-    partition's progress, MULTI/EXEC), its notice included, but keeps the stored
+    Each part ends with an epoch, and commits like a whole batch (MULTI/EXEC under
+    WATCH of the partition's progress), its notice included, but keeps the stored
     batch, the lease and the staged next batch: only the last part releases them.
-    The next part starts from the states this one committed, under a new WATCH
-    (reloaded if the progress moved). A part committed by an earlier attempt of
-    the batch (its worker died after it) is not run again: the batch goes on
-    after it.
+    A part commits in the background while the next one is applied, from the
+    states it commits; that one commits only if the progress is still where the
+    part before it left it (checked under its own WATCH), else it is dropped and
+    the batch goes on from a fresh load. A part committed by an earlier attempt of
+    the batch (its worker died after it) is not run again: the batch goes on after it.
     """
-    poison: dict[int, Rejection] | None = None if careful is not None else {}
-    # (at most half of what Redis takes: a part over that limit is then one epoch's doing)
-    max_bytes = min(commit_bytes(), REDIS_MAX_ARGUMENT // 2)
-    epochs = [epoch for epoch, _, _ in events]
-    after, start = batch.after_epoch, 0  # the epoch committed last, the first event after it
-    states: dict[str, Raw] | None = None  # as this job's last part left them
+    part = _Parts(batch, flow, events, careful, lease)
+    after = batch.after_epoch  # the epoch this job saw committed last
     rejected = 0
     # A commit fails only when the partition's progress changed after the load; the
     # new progress then says why. Should it say nothing (it changed and came back),
     # the part is loaded and applied again.
     failures = 0
     while True:
-        with partition_transaction(r, keys, batch.partition) as txn:
-            loaded = txn.load([] if states is not None else wanted)
-            current = states
-            if current is None or (loaded.generation, loaded.applied) != (batch.generation, after):
-                if current is not None:
-                    loaded = txn.load(wanted)
-                current = loaded.states
-                gone_on = loaded.applied
-                if loaded.generation == batch.generation and after < gone_on < batch.last_epoch:
-                    # an earlier attempt committed the batch this far: go on after it
-                    after, start, failures = gone_on, bisect_right(epochs, gone_on), 0
+        context = partition_transaction(r, keys, batch.partition)
+        txn = context.__enter__()
+        try:
+            loaded = txn.load(wanted)
+            gone_on = loaded.applied
+            if loaded.generation == batch.generation and after < gone_on < batch.last_epoch:
+                # an earlier attempt committed the batch this far: go on after it
+                after, failures = gone_on, 0
             part_target = replace(target, after_epoch=after)
             refused = outcome_of(part_target, loaded.generation, loaded.applied)
             if refused is CommitOutcome.OUT_OF_ORDER:
                 raise _out_of_order(batch, after, loaded.applied)
             if refused is not None:
                 return _result(batch, refused)
-            if poison is None:  # (a copy of the batch that cannot commit leaves the probe alone)
+            if part.poison is None:  # (a copy that cannot commit leaves the probe alone)
                 assert careful is not None
-                poison = careful.start(events)
-            applied = _apply(batch, flow, events, start, after, current, careful, poison, lease,
-                             max_bytes)  # fmt: skip
-            notice = CommitNotice.encode_outputs(
-                batch.partition,
-                applied.applied_through,
-                applied.out_epochs,
-                applied.out_items,
-                applied.rejected,
-                applied.failed,
-            )
-            _check_size(batch, after, applied, notice)
-            started = time.perf_counter()
-            outcome = txn.commit(replace(part_target, part=applied.more), applied, notice)
-            if metrics.WORKER is not None:
-                took = time.perf_counter() - started
-                metrics.WORKER.commit_seconds.observe(took, (batch.namespace,))
-        if outcome is CommitOutcome.COMMITTED:
-            rejected += len(applied.rejected) + (applied.failed is not None)
+                part.poison = careful.start(events)
+            states = loaded.states
+            applied, notice = part.apply(part.first_after(after), after, states)
+        except BaseException:
+            context.__exit__(None, None, None)
+            raise
+        commit = _Commit(r, keys, part_target, applied, notice, (context, txn))
+        while True:  # the parts that follow, each applied while the one before it commits
             if not applied.more:
-                return _result(batch, outcome, events=len(events), rejected=rejected)
-            states = current  # (a dict of this job's own: apply_events copies it)
-            states.update(applied.writes)
-            after, failures = applied.applied_through, 0
-            start = bisect_right(epochs, after)
-            continue
+                outcome = commit.outcome()
+                break
+            states.update(applied.writes)  # (its own dict: apply_events copies it)
+            after = applied.applied_through
+            try:
+                next_applied, next_notice = part.apply(part.first_after(after), after, states)
+            finally:
+                outcome = commit.outcome()  # (waited for, whatever happens)
+            if outcome is not CommitOutcome.COMMITTED:
+                after = part_target.after_epoch
+                break
+            rejected += len(applied.rejected)
+            part_target = replace(target, after_epoch=after)
+            applied, notice = next_applied, next_notice
+            commit = _Commit(r, keys, part_target, applied, notice)
+        if outcome is CommitOutcome.COMMITTED:  # (the last part)
+            rejected += len(applied.rejected) + (applied.failed is not None)
+            return _result(batch, outcome, events=len(events), rejected=rejected)
         if outcome is not CommitOutcome.OUT_OF_ORDER:
             rejected += len(applied.rejected) + (applied.failed is not None)
             return _result(batch, outcome, events=len(events), rejected=rejected)
         failures += 1
         if failures >= COMMIT_ATTEMPTS:
             raise _out_of_order(batch, after, None)
-        states = None
+
+
+class _Parts:
+    """What applies the parts of one batch: the flow, the events, the bound on bytes."""
+
+    def __init__(
+        self,
+        batch: Batch,
+        flow: Dataflow,
+        events: list[tuple[int, str, Any]],
+        careful: CarefulRun | None,
+        lease: Lease | None,
+    ) -> None:
+        self.batch, self.flow, self.events, self.careful, self.lease = (
+            batch, flow, events, careful, lease
+        )  # fmt: skip
+        self.epochs = [epoch for epoch, _, _ in events]
+        self.poison: dict[int, Rejection] | None = None if careful is not None else {}
+        # (at most half of what Redis takes: a part over that limit is then one epoch's doing)
+        self.max_bytes = min(commit_bytes(), REDIS_MAX_ARGUMENT // 2)
+
+    def first_after(self, epoch: int) -> int:
+        """The index of the first event after ``epoch``."""
+        return bisect_right(self.epochs, epoch)
+
+    def apply(self, start: int, after: int, states: dict[str, Raw]) -> tuple[AppliedBatch, bytes]:
+        """Apply the next part, from event ``start`` on; with its notice, checked for size."""
+        assert self.poison is not None
+        b = self.batch
+        applied = _apply(b, self.flow, self.events, start, after, states, self.careful,
+                         self.poison, self.lease, self.max_bytes)  # fmt: skip
+        notice = CommitNotice.encode_outputs(
+            b.partition,
+            applied.applied_through,
+            applied.out_epochs,
+            applied.out_items,
+            applied.rejected,
+            applied.failed,
+        )
+        _check_size(b, after, applied, notice)
+        return applied, notice
+
+
+class _Commit:
+    """One part's commit, run in a thread of its own while the next part is applied.
+
+    Given the transaction its states were loaded in, it commits there; else it
+    takes a WATCH of its own, and commits only if the progress is still at the
+    part's ``after_epoch`` (the part before it, committed by this job): the states
+    are then the ones it was applied to.
+    """
+
+    def __init__(
+        self,
+        r: Redis,
+        keys: Keys,
+        target: CommitTarget,
+        applied: AppliedBatch,
+        notice: bytes,
+        loaded_in: tuple[Any, PartitionTransaction] | None = None,
+    ) -> None:
+        self.r, self.keys, self.target = r, keys, replace(target, part=applied.more)
+        self.applied, self.notice, self.loaded_in = applied, notice, loaded_in
+        self._outcome: CommitOutcome | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self.loaded_in is not None:
+                context, txn = self.loaded_in
+                try:
+                    self._outcome = self._commit(txn)
+                finally:
+                    context.__exit__(None, None, None)
+                return
+            with partition_transaction(self.r, self.keys, self.target.partition) as txn:
+                loaded = txn.load([])
+                refused = outcome_of(self.target, loaded.generation, loaded.applied)
+                self._outcome = refused if refused is not None else self._commit(txn)
+        except BaseException as e:  # noqa: BLE001 - raised again by outcome()
+            self._error = e
+
+    def _commit(self, txn: PartitionTransaction) -> CommitOutcome:
+        started = time.perf_counter()
+        outcome = txn.commit(self.target, self.applied, self.notice)
+        if metrics.WORKER is not None:
+            took = time.perf_counter() - started
+            metrics.WORKER.commit_seconds.observe(took, (self.target.keys.namespace,))
+        return outcome
+
+    def outcome(self) -> CommitOutcome:
+        """Wait for the commit; its outcome, or what it raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
 
 
 def _apply(

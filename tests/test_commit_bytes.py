@@ -6,9 +6,11 @@ import json
 import pytest
 from test_store import batch, notices, snapshot, start, states
 
+import orchestrator.dispatch
 import tasks.jobs
 import tasks.store
 from bench.generate import generate
+from orchestrator.dispatch import Dispatcher
 from tasks.errors import CommitTooLarge
 from tasks.jobs import run_batch
 from tasks.keys import Keys
@@ -99,6 +101,23 @@ def test_a_commit_over_what_redis_takes_in_one_argument_is_refused(fake, keys, m
     with pytest.raises(CommitTooLarge):  # and again, writing nothing
         run_batch(fake, batch(keys, LINES, -1, len(LINES) - 1))
     assert snapshot(fake, keys) == before
+
+
+def test_a_batch_whose_worker_died_after_a_part_is_sent_again(fake, keys, monkeypatch):
+    monkeypatch.setattr(orchestrator.dispatch, "WATCH_EVERY", 0.0)
+    monkeypatch.setattr(orchestrator.dispatch, "LOST_AFTER", 0.0)
+    start(fake, keys)
+    dispatcher = Dispatcher(fake, keys, 1, 1)
+    b = batch(keys, LINES, -1, len(LINES) - 1)
+    flight = dispatcher.new_flight(b, list(range(len(LINES))), len(LINES), 1000)
+    # Its worker committed a part through epoch 10 (the driver took its notice), then died:
+    # no lease, not queued, and the progress stays there.
+    fake.hset(keys.progress(0), "applied", 10)
+    flight.through = 10
+    for _ in range(2):  # suspect, then lost
+        dispatcher.watch({0: flight})
+    assert (flight.attempt, dispatcher.reruns) == (2, 1)
+    assert fake.lrange(keys.queue_key(0), 0, -1) == [flight.job_id.encode()]
 
 
 @pytest.mark.integration
