@@ -151,14 +151,15 @@ def apply_events(
     last_values: dict[str, tuple[bytes | None, Any]] = {}
     out_epochs, out_items = result.out_epochs, result.out_items
     # The bytes the commit would carry so far (a key's state counted at each of its events:
-    # an upper bound), and the epoch at the end of which the batch stops (once past the bound).
-    limit, nbytes, stop_after = max_bytes or sys.maxsize, 0, sys.maxsize
+    # an upper bound). Once past the bound, the batch stops at the end of that epoch.
+    limit, nbytes = max_bytes or sys.maxsize, 0
     iterator = iter(events)
     _follow(watch, iterator)
     # The hot loop of a worker: local names only, one mapper call, one encode per event.
     for epoch, key, value in iterator:
-        if epoch > stop_after:  # past the bound, and a new epoch: commit what came before
-            result.applied_through, result.more = stop_after, True
+        # Past the bound (the event that passed it was applied), and a new epoch: stop.
+        if nbytes > limit and epoch > undo_epochs[-1]:
+            result.applied_through, result.more = undo_epochs[-1], True
             break
         before = raw.get(key)
         try:
@@ -200,16 +201,14 @@ def apply_events(
             nbytes += _undo_step(result, last_values.get(key), before)
             last_values[key] = (value_json, value)
         raw[key] = writes[key] = new_raw
-        nbytes += len(new_raw or b"")
         if emit_one is not None:
             out_epochs.append(epoch)
             out_items.append(rendered)
-            nbytes += len(rendered)
+            nbytes += len(rendered) + len(new_raw or b"")
         else:
             out_epochs += [epoch] * len(rendered_all)
             out_items += rendered_all
-            nbytes += sum(map(len, rendered_all))
-        stop_after = epoch if nbytes > limit else stop_after
+            nbytes += sum(map(len, rendered_all)) + len(new_raw or b"")
     return result
 
 
