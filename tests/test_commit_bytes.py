@@ -136,3 +136,26 @@ def test_a_hot_key_ingest_commits_in_parts_and_is_exact(redis_url, real, tmp_pat
     commits = [x for x in run.stderr.splitlines() if x.endswith(": COMMITTED")]
     assert len(commits) > 20, commits
     assert not list(real.scan_iter(match=f"{Keys(ns).namespace}:batch:*"))
+
+
+@pytest.mark.integration
+def test_a_rejection_inside_a_part_stops_the_run_there_and_resume_is_exact(redis_url, tmp_path):
+    lines = list(generate(3_000, 100, seed=5, hot_key_orders=600))
+    cursed = json.dumps({"user_id": "hot", "type": "order", "order_id": 10**9})
+    lines.insert(2_000, cursed)
+    path = tmp_path / "events.json"
+    path.write_text("\n".join(lines) + "\n")
+    args = ["--redis-url", redis_url, "--namespace", new_namespace(), "--workers", "2",
+            "--partitions", "2", "--batch-events", "3000", "--flow", "tests.flows.picky_cart:flow",
+            "-v"]  # fmt: skip
+    env = cli_env(**{COMMIT_BYTES_ENV: "50000"})
+    first = run_cli("ingest", str(path), *args, cwd=REPO, env=env)
+    assert first.returncode == 65, first.stderr[-3000:]
+    assert "(epoch 2000): ValueError: order 1000000000 is cursed" in first.stderr
+    # (the hot key's lines before it, ~0.6 MB, committed in parts)
+    assert len([x for x in first.stderr.splitlines() if x.endswith(": COMMITTED")]) > 10
+    lines[2_000] = json.dumps({"user_id": "hot", "type": "order", "order_id": 10**9 + 1})
+    path.write_text("\n".join(lines) + "\n")
+    second = run_cli("resume", str(path), *args, cwd=REPO, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert first.stdout + second.stdout == cart_model([x.encode() for x in lines]).output
