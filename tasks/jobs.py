@@ -168,6 +168,7 @@ def _apply_and_commit(
     while True:
         context = partition_transaction(r, keys, batch.partition)
         txn = context.__enter__()
+        commit: _Commit | None = None  # (which ends the transaction once it has committed)
         try:
             loaded = txn.load(wanted)
             gone_on = loaded.applied
@@ -185,10 +186,10 @@ def _apply_and_commit(
                 part.poison = careful.start(events)
             states = loaded.states
             applied, notice = part.apply(part.first_after(after), after, states)
-        except BaseException:
-            context.__exit__(None, None, None)
-            raise
-        commit = _Commit(r, keys, part_target, applied, notice, (context, txn))
+            commit = _Commit(r, keys, part_target, applied, notice, (context, txn))
+        finally:
+            if commit is None:
+                context.__exit__(None, None, None)
         while True:  # the parts that follow, each applied while the one before it commits
             if not applied.more:
                 outcome = commit.outcome()

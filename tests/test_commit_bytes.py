@@ -48,6 +48,9 @@ def test_a_batch_over_the_bound_commits_in_parts_that_end_with_epochs(fake, keys
     assert states(fake, keys) == reference_run(LINES)[1]
     assert applied_epochs(fake, keys, 1) == [b.last_epoch]
     assert not fake.exists(keys.batch(1, 0, b.last_epoch))  # deleted by the last part only
+    # A copy of it (a job sent again) changes nothing.
+    assert run_batch(fake, b)["outcome"] == "duplicate"
+    assert len(notices(fake, keys)) == len(parts)
     # Every epoch can be restored, inside a part or at its end.
     for epoch in (throughs[1], throughs[1] - 1):
         restore_partition(fake, keys, 0, epoch)
