@@ -60,11 +60,23 @@ class InFlight:
     suspect_since: float | None = None
     sent_at: float = field(default_factory=time.monotonic)
     read_at: float = field(default_factory=time.monotonic)  # when its first line was read
+    # A worker commits a batch in parts bounded by bytes (tasks/jobs.py): the epoch the
+    # notices of its parts so far reach (its after_epoch before any), the index of its
+    # first line after that epoch, and the events counted as committed by those parts.
+    through: int = -2
+    first_line: int = 0
+    counted: int = 0
 
     @property
     def first_epoch(self) -> int:
-        """Epoch of the batch's first line."""
-        return self.batch.epochs[0]
+        """Epoch of the batch's first line not committed yet."""
+        return self.batch.epochs[self.first_line]
+
+    @property
+    def committing(self) -> bool:
+        """Whether some of its lines are not committed yet (else all that is left of it
+        is epochs without lines of its partition)."""
+        return self.first_line < len(self.batch.epochs)
 
 
 class Dispatcher:
@@ -147,7 +159,7 @@ class Dispatcher:
     def new_flight(self, batch: Batch, offsets: list[int], events: int, size: int) -> InFlight:
         """The in-flight record of a batch about to be sent."""
         job_id = self.keys.job_id(self.generation, batch.partition, batch.last_epoch)
-        return InFlight(job_id, batch, offsets, events, size)
+        return InFlight(job_id, batch, offsets, events, size, through=batch.after_epoch)
 
     def watch(self, in_flight: dict[int, InFlight]) -> None:
         """Re-send batches whose worker is gone; raise if a job failed in its worker.
@@ -179,8 +191,10 @@ class Dispatcher:
             applied_through = self._check_partition(f, *decode_progress(progress))
             if status == b"failed":
                 raise WorkerFailed(self._failure(f))
-            # (a batch stopped by a bad event under fail commits short of its last epoch)
-            committed = applied_through > f.batch.after_epoch
+            # Committed further than its notices say: the notice is on its way. (Short of its
+            # last epoch: a batch stopped by a bad event under fail, or a part of a batch:
+            # after a part, a batch whose worker died is sent again all the same.)
+            committed = applied_through > f.through
             if queued is not None or leased or committed:
                 f.suspect_since = None
             elif f.suspect_since is None:
@@ -206,8 +220,9 @@ class Dispatcher:
         """How far the partition of a batch in flight has applied; raise if it went back in time
         or changed hands.
 
-        Its batch in flight needs it at ``after_epoch``, which the driver saw it commit:
-        less means Redis lost an acknowledged commit (the batch would then wait forever).
+        Its batch in flight needs it at ``after_epoch``, which the driver saw it commit (or
+        at the end of the batch's last part it saw committed): less means Redis lost an
+        acknowledged commit (the batch would then wait forever).
         """
         p, generation = flight.batch.partition, self.generation
         found_owner = -1 if owner is None else owner
@@ -216,8 +231,8 @@ class Dispatcher:
             refusal = Refusal("superseded", p, str(found_owner), str(generation))
         elif found_owner < generation:  # the claim of this run is gone
             refusal = Refusal("lost", p, f"generation {found_owner}", f"generation {generation}")
-        elif found < flight.batch.after_epoch:
-            refusal = Refusal("lost", p, str(found), str(flight.batch.after_epoch))
+        elif found < flight.through:  # (its after_epoch, or the last of its parts seen)
+            refusal = Refusal("lost", p, str(found), str(flight.through))
         if refusal is not None:
             fence = Fence(generation, "", 0)
             raise refusal_error(refusal, self.keys, fence)

@@ -409,7 +409,7 @@ class Driver:
             backlog[p] = sum(x.events for x in queue)
         for flight in [*self.in_flight.values(), *self.staged.values()]:
             p = flight.batch.partition
-            backlog[p] = backlog.get(p, 0) + flight.events
+            backlog[p] = backlog.get(p, 0) + flight.events - flight.counted
         elapsed = max(now - self.started_at, 1e-6)
         return {
             "read_epoch": self.read_through,
@@ -532,17 +532,22 @@ class Driver:
 
     def _on_notice(self, notice: CommitNotice, result: RunResult) -> None:
         p = notice.partition
-        flight = self.in_flight.pop(p, None)
+        flight = self.in_flight.get(p)
         if flight is None:
             # A second copy of a batch that failed at its first event: the progress did
             # not move, so both copies committed the same failure. Taken once already.
             return
+        if notice.failed is None and notice.applied_through < flight.batch.last_epoch:
+            self._on_part(flight, notice, result)
+            return
+        del self.in_flight[p]
         self.buffered -= flight.events
         self.buffered_bytes -= flight.size
         self.after[p] = notice.applied_through
         events, epochs = flight.events, flight.batch.epochs
         if notice.applied_through < flight.batch.last_epoch:  # stopped by a bad event (fail)
             events = events * bisect_right(epochs, notice.applied_through) // len(epochs)
+        events -= flight.counted  # (counted with the notices of its parts)
         self.committed_events += events
         if self.metrics is not None:
             self._count_commit(self.metrics, flight, events)
@@ -556,6 +561,22 @@ class Driver:
             self.dispatcher.discard(successor)
         self.merger.add(p, list(zip(notice.epochs, notice.lines, strict=True)))
         for rejection in [*notice.rejected, *([notice.failed] if notice.failed else [])]:
+            self._reject(_bad(rejection, flight), result)
+
+    def _on_part(self, flight: InFlight, notice: CommitNotice, result: RunResult) -> None:
+        """A part of a batch committed (a worker's commits are bounded by bytes): its lines
+        go out like any other, and the batch goes on. Its lines and events stay counted as
+        buffered until its last part."""
+        p, through, epochs = notice.partition, notice.applied_through, flight.batch.epochs
+        flight.through, flight.first_line = through, bisect_right(epochs, through)
+        self.after[p] = through
+        events = flight.events * flight.first_line // len(epochs) - flight.counted
+        flight.counted += events
+        self.committed_events += events
+        if self.metrics is not None:
+            self.metrics.events_committed.inc(events, self.metrics.ns)
+        self.merger.add(p, list(zip(notice.epochs, notice.lines, strict=True)))
+        for rejection in notice.rejected:
             self._reject(_bad(rejection, flight), result)
 
     def _publish(self, m: DriverMetrics, result: RunResult) -> None:
@@ -597,8 +618,9 @@ class Driver:
         """Emit every line up to the namespace-wide committed epoch, then record it."""
         next_epoch, next_offset = read_through + 1, read_offset
         for flight in [*self.in_flight.values(), *self.staged.values()]:
-            if flight.first_epoch < next_epoch:
-                next_epoch, next_offset = flight.first_epoch, flight.offsets[0]
+            # (a batch committed in parts: its first line not committed yet, if any)
+            if flight.committing and flight.first_epoch < next_epoch:
+                next_epoch, next_offset = flight.first_epoch, flight.offsets[flight.first_line]
         for queue in self.pending.values():
             if queue[0].epochs[0] < next_epoch:
                 next_epoch, next_offset = queue[0].epochs[0], queue[0].offsets[0]

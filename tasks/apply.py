@@ -9,6 +9,7 @@ later: ``tasks/undo.py``), the outputs and the rejected events.
 from __future__ import annotations
 
 import json
+import sys
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class AppliedBatch:
     out_items: list[Any] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     failed: Rejection | None = None
+    # Stopped by ``max_bytes`` after ``applied_through``: the events after it are not applied
+    # (their commit comes next), and ``applied_through`` is short of the batch's last epoch.
+    more: bool = False
     # the exception behind `failed`, for callers in the same process (run_main)
     failed_exception: BaseException | None = None
 
@@ -102,6 +106,7 @@ def apply_events(
     render: Callable[[int, Any], Any] = format_line,
     watch: EventWatch | None = None,
     derive: bool = True,
+    max_bytes: int = 0,
 ) -> AppliedBatch:
     """Apply events (in epoch order) to the loaded states.
 
@@ -117,6 +122,11 @@ def apply_events(
         derive: the undo record may re-derive states with the flow (else it
             stores every event's before-image: ``run_main``, whose flow object
             may change between runs).
+        max_bytes: once the bytes the commit would carry (output lines, each
+            event's new state, undo images and values) pass this, stop at the end
+            of that epoch: ``more`` is set and ``applied_through`` is that epoch
+            (0: no bound). The events after it are consumed from ``events`` up to
+            the first one of a later epoch, which is not applied.
 
     Returns:
         The batch's effects. A rejected event leaves its key's state as it was
@@ -140,12 +150,17 @@ def apply_events(
     # keys applied more than once in the batch
     last_values: dict[str, tuple[bytes | None, Any]] = {}
     out_epochs, out_items = result.out_epochs, result.out_items
+    # The bytes the commit would carry so far (a key's state counted at each of its events:
+    # an upper bound). Once past the bound, the batch stops at the end of that epoch.
+    limit, nbytes = max_bytes or sys.maxsize, 0
     iterator = iter(events)
-    if watch is not None:
-        # How far the batch is, read by the watch's ticks: nothing is counted per event.
-        watch.follow(_remaining(iterator), apply_events.__code__, _HELPERS)
+    _follow(watch, iterator)
     # The hot loop of a worker: local names only, one mapper call, one encode per event.
     for epoch, key, value in iterator:
+        # Past the bound (the event that passed it was applied), and a new epoch: stop.
+        if nbytes > limit and epoch > undo_epochs[-1]:
+            result.applied_through, result.more = undo_epochs[-1], True
+            break
         before = raw.get(key)
         try:
             state = builder(key) if before is None else loads(before)
@@ -181,16 +196,19 @@ def apply_events(
         if value_json is _FIRST:
             undo_steps.append(IMAGE)
             undo_images.append(before)
+            nbytes += len(before or b"")
         else:
-            _undo_step(result, last_values.get(key), before)
+            nbytes += _undo_step(result, last_values.get(key), before)
             last_values[key] = (value_json, value)
         raw[key] = writes[key] = new_raw
         if emit_one is not None:
             out_epochs.append(epoch)
             out_items.append(rendered)
+            nbytes += len(rendered) + len(new_raw or b"")
         else:
             out_epochs += [epoch] * len(rendered_all)
             out_items += rendered_all
+            nbytes += sum(map(len, rendered_all)) + len(new_raw or b"")
     return result
 
 
@@ -198,18 +216,20 @@ def apply_events(
 _FIRST = b"(first)"
 
 
-def _undo_step(result: AppliedBatch, last: tuple[bytes | None, Any] | None, before: Raw) -> None:
+def _undo_step(result: AppliedBatch, last: tuple[bytes | None, Any] | None, before: Raw) -> int:
     """Where the undo record takes an event's before-image from, given its key's last event.
 
     Re-derived from that event if its value comes back equal from its JSON (no
-    tuple, NaN, value changed in place...); else stored.
+    tuple, NaN, value changed in place...); else stored. Returns the bytes it adds.
     """
     if last is not None and last[0] is not None and orjson.loads(last[0]) == last[1]:
         # with the CRC-32 of the state it re-derives: a flow that changed since is refused
-        result.undo_steps.append(b"[%b,%d]" % (last[0], zlib.crc32(before or b"")))
-    else:
-        result.undo_steps.append(IMAGE)
-        result.undo_images.append(before)
+        step = b"[%b,%d]" % (last[0], zlib.crc32(before or b""))
+        result.undo_steps.append(step)
+        return len(step)
+    result.undo_steps.append(IMAGE)
+    result.undo_images.append(before)
+    return 0 if before is None else len(before)
 
 
 def _value_json(value: Any) -> bytes | None:
@@ -236,6 +256,12 @@ def _timed_out(epoch: int, key: str, e: FlowTimeout) -> Rejection:
         "(--batch-timeout)"
     )
     return Rejection(epoch, key, reason, "timeout")
+
+
+def _follow(watch: EventWatch | None, iterator: Any) -> None:
+    """Let the watch's ticks read how far the batch is: nothing is counted per event."""
+    if watch is not None:
+        watch.follow(_remaining(iterator), apply_events.__code__, _HELPERS)
 
 
 def _remaining(iterator: Any) -> Callable[[], int]:

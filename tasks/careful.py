@@ -171,22 +171,30 @@ class CarefulRun:
             pipe.delete(self.key)
             pipe.execute()
 
-    def events(self, events: list[Event], poison: dict[int, Rejection]) -> ProbingIterator:
-        """The batch's events without the poison ones, writing a probe before each range."""
-        skip = {i for i in poison if i < len(events)}
-        return ProbingIterator(self, events, skip, _ranges(len(events), self.suspect))
+    def events(
+        self, events: list[Event], poison: dict[int, Rejection], start: int = 0
+    ) -> ProbingIterator:
+        """The batch's events from ``start`` on (the first not committed: a batch commits in
+        parts) without the poison ones, writing a probe before each range."""
+        skip = {i for i in poison if start <= i < len(events)}
+        return ProbingIterator(self, events, skip, _ranges(len(events), self.suspect), start)
 
 
 class ProbingIterator:
     """Yields events, writing the careful attempt's probe before each range of them."""
 
     def __init__(
-        self, run: CarefulRun, events: list[Event], skip: set[int], ranges: list[tuple[int, int]]
+        self,
+        run: CarefulRun,
+        events: list[Event],
+        skip: set[int],
+        ranges: list[tuple[int, int]],
+        start: int = 0,
     ) -> None:
         self.run, self.events, self.skip = run, events, skip
         self.starts = dict(ranges)
-        self.i = 0
-        self.left = len(events) - len(skip)
+        self.i = self.first = min(start, len(events))
+        self.left = len(events) - self.i - len(skip)
 
     def __iter__(self) -> Iterator[Event]:
         return self
@@ -199,7 +207,8 @@ class ProbingIterator:
         i = self.i
         if i in self.starts:
             self.run.probe(i, self.starts[i])
-        elif self.skip and i - 1 in self.skip:  # right after a poison event: say where again
+        elif i == self.first or (self.skip and i - 1 in self.skip):
+            # inside a range: at the start of a part, or right after a poison event
             self.run.probe(i, next(e for s, e in self.starts.items() if s <= i < e))
         self.i += 1
         self.left -= 1

@@ -51,6 +51,11 @@ class OutOfOrder(PipelineError):
     """Raised when a batch arrives before the batch that precedes it in its partition."""
 
 
+class CommitTooLarge(PipelineError):
+    """Raised when one commit would carry more than Redis takes in one argument: the output
+    or state of a single event (commits are bounded by bytes, but never split an epoch)."""
+
+
 class NamespaceError(PipelineError):
     """Raised when a command does not fit the namespace's stored state (partitions, epochs)."""
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from bisect import bisect_right
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -13,16 +16,28 @@ from tasks import metrics
 from tasks.apply import AppliedBatch, apply_events
 from tasks.batch import Batch, CommitNotice, Rejection
 from tasks.careful import CarefulRun, ProbingIterator
-from tasks.errors import OutOfOrder
+from tasks.errors import CommitTooLarge, OutOfOrder
 from tasks.flow import Dataflow, load_flow, make_router
 from tasks.keys import Keys, partition_of
 from tasks.lease import Lease, partition_lease
-from tasks.store import CommitOutcome, CommitTarget, Loaded, outcome_of, partition_transaction
+from tasks.store import (
+    CommitOutcome,
+    CommitTarget,
+    PartitionTransaction,
+    outcome_of,
+    partition_transaction,
+)
+from tasks.tuning import commit_bytes
+from tasks.undo import Raw
 from tasks.watchdog import EventWatch
 
 logger = logging.getLogger(__name__)
 
 COMMIT_ATTEMPTS = 3
+# The longest argument Redis takes (its proto-max-bulk-len, 512 MB by default): a larger one
+# makes it drop the connection.
+REDIS_MAX_ARGUMENT = 512 << 20
+MB = 1 << 20
 
 
 def process_batch(
@@ -135,83 +150,258 @@ def _apply_and_commit(
     careful: CarefulRun | None,
     lease: Lease | None,
 ) -> dict[str, Any]:
-    poison: dict[int, Rejection] | None = None if careful is not None else {}
+    """Apply and commit the batch, in parts bounded by bytes (``commit_bytes``).
+
+    Each part ends with an epoch, and commits like a whole batch (MULTI/EXEC under
+    WATCH of the partition's progress), its notice included, but keeps the stored
+    batch, the lease and the staged next batch: only the last part releases them.
+    A part commits in the background while the next one is applied, from the
+    states it commits; that one commits only if the progress is still where the
+    part before it left it (checked under its own WATCH), else it is dropped and
+    the batch goes on from a fresh load. A part committed by an earlier attempt of
+    the batch (its worker died after it) is not run again: the batch goes on after it.
+    """
+    part = _Parts(batch, flow, events, careful, lease)
+    after = batch.after_epoch  # the epoch this job saw committed last
+    rejected = 0
     # A commit fails only when the partition's progress changed after the load; the
     # new progress then says why. Should it say nothing (it changed and came back),
-    # the batch is loaded and applied again.
-    for _ in range(COMMIT_ATTEMPTS):
-        with partition_transaction(r, keys, batch.partition) as txn:
+    # the part is loaded and applied again.
+    failures = 0
+    while True:
+        context = partition_transaction(r, keys, batch.partition)
+        txn = context.__enter__()
+        commit: _Commit | None = None  # (which ends the transaction once it has committed)
+        try:
             loaded = txn.load(wanted)
-            refused = outcome_of(target, loaded.generation, loaded.applied)
+            gone_on = loaded.applied
+            if loaded.generation == batch.generation and after < gone_on < batch.last_epoch:
+                # an earlier attempt committed the batch this far: go on after it
+                after, failures = gone_on, 0
+            part_target = replace(target, after_epoch=after)
+            refused = outcome_of(part_target, loaded.generation, loaded.applied)
             if refused is CommitOutcome.OUT_OF_ORDER:
-                raise _out_of_order(batch, loaded.applied)
+                raise _out_of_order(batch, after, loaded.applied)
             if refused is not None:
                 return _result(batch, refused)
-            if poison is None:  # (a copy of the batch that cannot commit leaves the probe alone)
+            if part.poison is None:  # (a copy that cannot commit leaves the probe alone)
                 assert careful is not None
-                poison = careful.start(events)
-            applied = _apply(batch, flow, events, loaded, careful, poison, lease)
-            notice = CommitNotice.encode_outputs(
-                batch.partition,
-                applied.applied_through,
-                applied.out_epochs,
-                applied.out_items,
-                applied.rejected,
-                applied.failed,
-            )
-            started = time.perf_counter()
-            outcome = txn.commit(target, applied, notice)
-            if metrics.WORKER is not None:
-                took = time.perf_counter() - started
-                metrics.WORKER.commit_seconds.observe(took, (batch.namespace,))
-        if outcome is not CommitOutcome.OUT_OF_ORDER:
-            rejected = len(applied.rejected) + (applied.failed is not None)
+                part.poison = careful.start(events)
+            states = loaded.states
+            applied, notice = part.apply(part.first_after(after), after, states)
+            commit = _Commit(r, keys, part_target, applied, notice, (context, txn))
+        finally:
+            if commit is None:
+                context.__exit__(None, None, None)
+        while True:  # the parts that follow, each applied while the one before it commits
+            if not applied.more:
+                outcome = commit.outcome()
+                break
+            states.update(applied.writes)  # (its own dict: apply_events copies it)
+            after = applied.applied_through
+            try:
+                next_applied, next_notice = part.apply(part.first_after(after), after, states)
+            finally:
+                outcome = commit.outcome()  # (waited for, whatever happens)
+            if outcome is not CommitOutcome.COMMITTED:
+                after = part_target.after_epoch
+                break
+            rejected += len(applied.rejected)
+            part_target = replace(target, after_epoch=after)
+            applied, notice = next_applied, next_notice
+            commit = _Commit(r, keys, part_target, applied, notice)
+        if outcome is CommitOutcome.COMMITTED:  # (the last part)
+            rejected += len(applied.rejected) + (applied.failed is not None)
             return _result(batch, outcome, events=len(events), rejected=rejected)
-    raise _out_of_order(batch, None)
+        if outcome is not CommitOutcome.OUT_OF_ORDER:
+            rejected += len(applied.rejected) + (applied.failed is not None)
+            return _result(batch, outcome, events=len(events), rejected=rejected)
+        failures += 1
+        if failures >= COMMIT_ATTEMPTS:
+            raise _out_of_order(batch, after, None)
+
+
+class _Parts:
+    """What applies the parts of one batch: the flow, the events, the bound on bytes."""
+
+    def __init__(
+        self,
+        batch: Batch,
+        flow: Dataflow,
+        events: list[tuple[int, str, Any]],
+        careful: CarefulRun | None,
+        lease: Lease | None,
+    ) -> None:
+        self.batch, self.flow, self.events, self.careful, self.lease = (
+            batch, flow, events, careful, lease
+        )  # fmt: skip
+        self.epochs = [epoch for epoch, _, _ in events]
+        self.poison: dict[int, Rejection] | None = None if careful is not None else {}
+        # (at most half of what Redis takes: a part over that limit is then one epoch's doing)
+        self.max_bytes = min(commit_bytes(), REDIS_MAX_ARGUMENT // 2)
+
+    def first_after(self, epoch: int) -> int:
+        """The index of the first event after ``epoch``."""
+        return bisect_right(self.epochs, epoch)
+
+    def apply(self, start: int, after: int, states: dict[str, Raw]) -> tuple[AppliedBatch, bytes]:
+        """Apply the next part, from event ``start`` on; with its notice, checked for size."""
+        assert self.poison is not None
+        b = self.batch
+        applied = _apply(b, self.flow, self.events, start, after, states, self.careful,
+                         self.poison, self.lease, self.max_bytes)  # fmt: skip
+        notice = CommitNotice.encode_outputs(
+            b.partition,
+            applied.applied_through,
+            applied.out_epochs,
+            applied.out_items,
+            applied.rejected,
+            applied.failed,
+        )
+        _check_size(b, after, applied, notice)
+        return applied, notice
+
+
+class _Commit:
+    """One part's commit, run in a thread of its own while the next part is applied.
+
+    Given the transaction its states were loaded in, it commits there; else it
+    takes a WATCH of its own, and commits only if the progress is still at the
+    part's ``after_epoch`` (the part before it, committed by this job): the states
+    are then the ones it was applied to.
+    """
+
+    def __init__(
+        self,
+        r: Redis,
+        keys: Keys,
+        target: CommitTarget,
+        applied: AppliedBatch,
+        notice: bytes,
+        loaded_in: tuple[Any, PartitionTransaction] | None = None,
+    ) -> None:
+        self.r, self.keys, self.target = r, keys, replace(target, part=applied.more)
+        self.applied, self.notice, self.loaded_in = applied, notice, loaded_in
+        self._outcome: CommitOutcome | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self.loaded_in is not None:
+                context, txn = self.loaded_in
+                try:
+                    self._outcome = self._commit(txn)
+                finally:
+                    context.__exit__(None, None, None)
+                return
+            with partition_transaction(self.r, self.keys, self.target.partition) as txn:
+                loaded = txn.load([])
+                refused = outcome_of(self.target, loaded.generation, loaded.applied)
+                self._outcome = refused if refused is not None else self._commit(txn)
+        except BaseException as e:  # noqa: BLE001 - raised again by outcome()
+            self._error = e
+
+    def _commit(self, txn: PartitionTransaction) -> CommitOutcome:
+        started = time.perf_counter()
+        outcome = txn.commit(self.target, self.applied, self.notice)
+        if metrics.WORKER is not None:
+            took = time.perf_counter() - started
+            metrics.WORKER.commit_seconds.observe(took, (self.target.keys.namespace,))
+        return outcome
+
+    def outcome(self) -> CommitOutcome:
+        """Wait for the commit; its outcome, or what it raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
 
 
 def _apply(
     batch: Batch,
     flow: Dataflow,
     events: list[tuple[int, str, Any]],
-    loaded: Loaded,
+    start: int,
+    after: int,
+    states: dict[str, Raw],
     careful: CarefulRun | None,
     poison: dict[int, Rejection],
     lease: Lease | None,
+    max_bytes: int,
 ) -> AppliedBatch:
-    """Run the events through the flow under the batch timer, leaving out poison events."""
+    """Run the events from ``start`` on (the first after epoch ``after``) through the flow
+    under the batch timer, leaving out poison events, up to ``max_bytes`` of commit."""
     last_epoch = batch.last_epoch
-    run: Any = events
+    run: Any = events[start:] if start else events
     if careful is not None:
+        poison = {i: x for i, x in poison.items() if i >= start}
         if poison and batch.on_error == "fail":  # the batch stops at the first poison event
             first = poison[min(poison)]
             last_epoch = first.epoch - 1
             events = [e for e in events if e[0] < first.epoch]
             poison = {min(poison): first}
-        run = careful.events(events, poison)
+        run = careful.events(events, poison, start)
     shielded = (ProbingIterator.__next__.__code__, CarefulRun.probe.__code__)
     on_tick = None if lease is None else lease.renew_if_late
     on_timeout = None if careful is None else careful.timed_out
     with EventWatch(
         batch.timeout, on_tick=on_tick, on_timeout=on_timeout, shielded=shielded
     ) as watch:
-        applied = apply_events(flow, run, loaded.states, last_epoch, batch.on_error, watch=watch)
+        applied = apply_events(
+            flow, run, states, last_epoch, batch.on_error, watch=watch, max_bytes=max_bytes
+        )
     if careful is None:
         return applied
     careful.probe(len(events), len(events))  # the flow is done: a death now is not an event's
     if batch.on_error == "fail":
-        if poison and applied.failed is None:  # (an earlier event may have stopped it first)
+        # (an earlier event may have stopped it first, or the bound before the poison event)
+        if poison and applied.failed is None and not applied.more:
             applied.failed = next(iter(poison.values()))
     elif poison:
-        applied.rejected = sorted([*applied.rejected, *poison.values()], key=lambda x: x.epoch)
+        through = applied.applied_through
+        mine = [x for x in poison.values() if after < x.epoch <= through]
+        applied.rejected = sorted([*applied.rejected, *mine], key=lambda x: x.epoch)
     return applied
 
 
-def _out_of_order(batch: Batch, applied: int | None) -> OutOfOrder:
+def _check_size(batch: Batch, after: int, applied: AppliedBatch, notice: bytes) -> None:
+    """Refuse a commit that Redis would refuse: an argument over ``REDIS_MAX_ARGUMENT``.
+
+    Redis drops the connection on such an argument, which redis-py reports under
+    WATCH as a ``WatchError``: without this check the commit looked refused as if
+    the partition had changed, and was tried again forever. A part is bounded by
+    ``commit_bytes`` (at most half the limit) plus its last epoch, so only one
+    epoch's output, state or undo images can bring it there.
+
+    Raises:
+        CommitTooLarge: naming the partition, the epochs and the limit.
+    """
+    undo = sum(len(x) for x in applied.undo_images if x is not None)
+    undo += sum(map(len, applied.undo_steps))
+    state = max((len(x) for x in applied.writes.values() if x is not None), default=0)
+    size, what = max((len(notice), "its output lines"), (undo, "its undo record"),
+                     (state, "one state"))  # fmt: skip
+    if size < REDIS_MAX_ARGUMENT:
+        return
+    last = applied.applied_through
+    alone = sum(len(x) for e, x in applied.outputs if e == last)
+    msg = (
+        f"partition {batch.partition} epochs {after + 1}..{last}: {what} take "
+        f"{size / MB:.1f} MB (the output lines of epoch {last} alone {alone / MB:.1f} MB), "
+        f"more than Redis takes in one argument (proto-max-bulk-len, "
+        f"{REDIS_MAX_ARGUMENT / MB:g} MB by default); a commit is cut only between epochs"
+    )
+    raise CommitTooLarge(msg)
+
+
+def _out_of_order(batch: Batch, after: int, applied: int | None) -> OutOfOrder:
     seen = "changed while the batch ran" if applied is None else f"is at epoch {applied}"
     msg = (
         f"partition {batch.partition} {seen}, but batch {batch.after_epoch + 1}.."
-        f"{batch.last_epoch} needs it at epoch {batch.after_epoch}"
+        f"{batch.last_epoch} needs it at epoch {after}"
     )
     return OutOfOrder(msg)
 

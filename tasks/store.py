@@ -78,6 +78,9 @@ class CommitTarget:
     # The batch runs as an RQ job of a pipeline run: its commit also releases the
     # partition's lease and moves the staged next batch into the RQ queue.
     job: bool = False
+    # A part of the batch (its commit bounded by bytes: tasks/jobs.py), with more to come:
+    # the stored batch, the lease and the staged next batch stay for the rest.
+    part: bool = False
 
 
 def claim_partition(r: Redis | Pipeline, keys: Keys, partition: int, generation: int) -> None:
@@ -145,8 +148,9 @@ class PartitionTransaction:
         if applied.undo_epochs:
             pipe.zadd(keys.undo(p), {applied.encode_undo(): applied.applied_through})
         pipe.hset(keys.progress(p), "applied", applied.applied_through)
-        pipe.delete(keys.batch(target.generation, p, target.last_epoch))
-        if target.job:
+        if not target.part:
+            pipe.delete(keys.batch(target.generation, p, target.last_epoch))
+        if target.job and not target.part:
             # No other job can hold the lease yet: the successor starts after this EXEC.
             pipe.delete(keys.lease(p))
             if applied.failed is None:  # a batch stopped by a failure ends the run there
@@ -156,13 +160,23 @@ class PartitionTransaction:
         try:
             pipe.execute()
             outcome = CommitOutcome.COMMITTED
-        except WatchError:
+        except WatchError as e:
             # Something changed the partition since the load: say what, from a fresh read.
             progress = decode_progress(self.r.hmget(keys.progress(p), PROGRESS_FIELDS))
             refused = outcome_of(target, *progress)
             # A progress hash that changed and came back to the same values is out of
-            # order all the same.
+            # order all the same. (redis-py raises WatchError for a connection lost under
+            # WATCH too: then the progress has not changed either; say so, with its words.)
             outcome = CommitOutcome.OUT_OF_ORDER if refused is None else refused
+            if refused is None:
+                logger.warning(
+                    "partition %d epochs %d..%d: the commit wrote nothing, but the partition is "
+                    "as it was (%s)",
+                    p,
+                    target.after_epoch + 1,
+                    applied.applied_through,
+                    e,
+                )
         logger.debug(
             "partition %d epochs %d..%d: %s",
             p,

@@ -28,6 +28,9 @@ The knobs (``KNOBS``):
 - ``line-key``: the driver routes a line of the flow's declared layout by a regex
   over its bytes, without parsing it (``Dataflow.key_lines_by``).
 
+Beside the knobs, one bound that is not switched off with them, since a run needs it
+to end: ``ORCHESTRATOR_COMMIT_BYTES`` (``commit_bytes``).
+
 Kept to the standard library: the driver and every worker import it first.
 """
 
@@ -50,6 +53,23 @@ def enabled(knob: str) -> bool:
         return False
     switched_off = {part.strip().lstrip("-") for part in value.split(",") if part.strip()}
     return knob not in switched_off
+
+
+# --- the bytes of one commit ------------------------------------------------------------
+# A worker commits a batch in parts of about this many bytes (output lines, states, undo
+# images: tasks/jobs.py), each ending with an epoch. One commit of a hot key's batch
+# carried ~1 GB (its notice one Redis argument, over Redis's 512 MB limit: the run never
+# ended), and every process held it at once. Not a knob of ORCHESTRATOR_TUNING: without a
+# bound such a run does not end.
+COMMIT_BYTES_ENV = "ORCHESTRATOR_COMMIT_BYTES"
+COMMIT_BYTES = 16 << 20
+
+
+def commit_bytes() -> int:
+    """The bytes a worker's commit carries before it ends at the next epoch
+    (``ORCHESTRATOR_COMMIT_BYTES`` if set to a positive number, else 16 MiB)."""
+    value = os.environ.get(COMMIT_BYTES_ENV, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else COMMIT_BYTES
 
 
 def tune_process() -> None:
