@@ -157,8 +157,10 @@ class PipelineWorker(LeanWorker):
 
     stop_requested = False  # a SIGTERM or Ctrl-C came: the command that sent it reports
 
-    # The namespace whose partition queues the worker follows (None: the queues it was given).
+    # The namespace whose partition queues the worker follows (None: the queues it was given),
+    # and whether it says so when they change (not a worker its own command forked).
     follows: Keys | None = None
+    announce = True
     _partitions_seen_at = float("-inf")
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
@@ -181,12 +183,14 @@ class PipelineWorker(LeanWorker):
         self._ordered_queues = self.queues[:]
         # What `rq info` and the driver's count of listening workers read.
         self.connection.hset(self.key, "queues", ",".join(self.queue_names()))
-        say(
+        message = (
             f"namespace {self.follows.namespace!r} has {counted(partitions, 'partition')} now "
-            f"(rescaled): listening on all their queues",
-            level="INFO",
-            who=f"orchestrator worker {os.getpid()}",
+            f"(rescaled): listening on all their queues"
         )
+        if self.announce:
+            say(message, level="INFO", who=f"orchestrator worker {os.getpid()}")
+        else:
+            logger.debug(message)
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         self.stop_requested = True
@@ -257,7 +261,7 @@ def run_worker(
     worker = PipelineWorker(
         queues, connection=r, serializer=JSONSerializer, name=worker_name(keys.namespace)
     )
-    worker.follows = keys
+    worker.follows, worker.announce = keys, announce_wait
     # RQ sets its loggers' level itself: -v leaves them at warnings, -vv shows their debug lines.
     # Round robin: BLPOP takes the first non-empty queue, and a partition whose commit queues
     # its staged successor at once would keep a worker while the partitions after it wait.
