@@ -164,6 +164,8 @@ def plan_stream_start(
         StreamLost: entries after the position were lost.
     """
     path = Path(f.name)
+    if not info.exists and mode != "ingest":  # (as for a file: nothing to resume or replay)
+        return plan_start(r, keys, info, mode, from_epoch, None, path)
     if mode == "ingest" or (mode == "resume" and info.committed == NOTHING):
         start = plan_start(r, keys, info, mode, None, None, path)
         recorded = checkpoint_at_or_before(r, keys, 0).source_position if info.exists else None

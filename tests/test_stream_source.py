@@ -7,6 +7,7 @@ real servers (Redis 6.2 and 7).
 
 import pytest
 
+from orchestrator.commands import plan_stream_start
 from orchestrator.namespace import Checkpoint, Committer, checkpoint_at_or_before, read_info
 from orchestrator.namespace import start_run as begin_run
 from orchestrator.streamsource import (
@@ -19,7 +20,8 @@ from orchestrator.streamsource import (
     predecessor,
     successor,
 )
-from tasks.errors import Superseded
+from tasks.errors import NamespaceError, Superseded
+from tasks.keys import Keys
 
 TOKEN = "host:1:abcd"
 
@@ -241,3 +243,13 @@ def test_ids_next_to_each_other():
     assert successor("5-3") == "5-4" and predecessor("5-4") == "5-3"
     assert predecessor("5-0") == f"4-{2**64 - 1}" and successor(f"4-{2**64 - 1}") == "5-0"
     assert Position.decode(Position("7-1", None).encode()) == Position("7-1", None)
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [("replay", "has no committed epochs"), ("resume", "has no data in this Redis")],
+)
+def test_a_namespace_that_does_not_exist_is_refused_as_for_a_file(fake, mode, message):
+    keys = Keys("nothere")
+    with pytest.raises(NamespaceError, match=message):
+        plan_stream_start(fake, keys, read_info(fake, keys), mode, 3, StreamInput(fake, "in"))
