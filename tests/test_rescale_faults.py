@@ -19,6 +19,7 @@ import redis
 from test_redis_lost_data import aof_path, one_line_error
 
 from bench.generate import generate
+from orchestrator.workers import listening_workers
 from tasks.keys import Keys
 
 from conftest import REPO, cli_env, new_namespace, run_cli
@@ -170,6 +171,12 @@ def test_a_running_orchestrator_worker_takes_the_queues_of_the_new_count(redis_u
         cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
+        client = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 30
+        while listening_workers(client, Keys(ns), 2) == 0:  # (on the 2 queues, before the rescale)
+            assert worker.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        client.close()
         path.write_text("".join(f"{line}\n" for line in lines))
         resumed = run_cli(
             "resume", str(path), "--redis-url", redis_url, "--namespace", ns, "--workers", "0",
