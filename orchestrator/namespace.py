@@ -223,9 +223,12 @@ def start_run(
         restore_partition(r, now, p, start_epoch - 1, generation=generation, flow=dataflow)
     target = run_layout(info, partitions)
     if target != current:
+        # (the run's own clean-up below finds only what its new names match)
+        leftovers = [] if now == keys else _run_keys(r, now, lambda g: g < generation)
         rescale(
-            r, keys, generation=generation, source=current, target=target, epoch=start_epoch - 1
-        )
+            r, keys, generation=generation, source=current, target=target,
+            epoch=start_epoch - 1, leftovers=leftovers,
+        )  # fmt: skip
     queues = partition_queues(r, keys, partitions)
     for queue in queues:
         queue.empty()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -59,14 +59,22 @@ class Rescaled:
 
 
 def rescale(
-    r: Redis, keys: Keys, *, generation: int, source: Layout, target: Layout, epoch: int
+    r: Redis,
+    keys: Keys,
+    *,
+    generation: int,
+    source: Layout,
+    target: Layout,
+    epoch: int,
+    leftovers: Sequence[bytes] = (),
 ) -> Rescaled:
     """Move the namespace from ``source`` to ``target`` as of ``epoch``, in one transaction.
 
     Every partition of ``source`` must be owned by ``generation`` and restored as
     of ``epoch`` (``start_run`` does both first): no batch can commit meanwhile.
     A namespace whose key names have no hash tags yet (``source.tagged`` false) is
-    moved the same way, to the same count or another.
+    moved the same way, to the same count or another; ``leftovers`` (what older runs
+    left under those names) are deleted in the same transaction.
 
     Raises:
         Superseded: another driver claimed the namespace or a partition meanwhile
@@ -89,10 +97,7 @@ def rescale(
     with r.pipeline(transaction=True) as pipe:
         pipe.watch(was.meta, *[was.progress(p) for p in range(old)])
         moving = _read(pipe, was, source, target, generation)
-        # Renamed: every old queue, and what older runs left under the old names (the start
-        # of the run deletes only what its own names match).
-        gone = range(new, old) if was == will else range(old)
-        leftovers = [] if was == will else _older_runs_keys(pipe, was)
+        gone = range(new, old) if was == will else range(old)  # (renamed: every old queue)
         pipe.multi()
         for p in range(old):
             pipe.delete(was.state(p), was.undo(p), was.progress(p), was.probe(p), was.lease(p))
@@ -165,12 +170,6 @@ def _read(pipe: Any, was: Keys, source: Layout, target: Layout, generation: int)
                 f"({counted(moving.keys, 'key')}, {counted(moving.records, 'undo record')})"
             )
     return moving
-
-
-def _older_runs_keys(r: Any, keys: Keys) -> list[bytes]:
-    """The notice streams, stored batches and staged successors under ``keys``' names."""
-    patterns = (keys.notices_pattern, keys.batches_pattern, keys.successors_pattern)
-    return [key for pattern in patterns for key in r.scan_iter(match=pattern, count=1000)]
 
 
 def _write_chunks(
