@@ -25,7 +25,8 @@ from rq.serializers import JSONSerializer
 from orchestrator.errors import WorkerFailed
 from orchestrator.fence import Fence, refusal_error
 from tasks.batch import Batch
-from tasks.keys import PROCESS_BATCH, Keys, rq_job_key
+from tasks.errors import PipelineError
+from tasks.keys import PARTITION_FOUND_AT, PROCESS_BATCH, Keys, rq_job_key
 from tasks.rqcompat import partition_queues
 from tasks.scripts import Refusal
 from tasks.store import PROGRESS_FIELDS, decode_progress
@@ -190,7 +191,7 @@ class Dispatcher:
             queued, leased, progress, status = replies[4 * i : 4 * i + 4]
             applied_through = self._check_partition(f, *decode_progress(progress))
             if status == b"failed":
-                raise WorkerFailed(self._failure(f))
+                raise self._failure(f)
             # Committed further than its notices say: the notice is on its way. (Short of its
             # last epoch: a batch stopped by a bad event under fail, or a part of a batch:
             # after a part, a batch whose worker died is sent again all the same.)
@@ -238,12 +239,23 @@ class Dispatcher:
             raise refusal_error(refusal, self.keys, fence)
         return found
 
-    def _failure(self, flight: InFlight) -> str:
+    def _failure(self, flight: InFlight) -> PipelineError:
+        """Why a batch job failed: Redis went back in time under it, or a worker failed.
+
+        A batch found its partition short of the epoch this run saw it commit when
+        Redis lost that commit, though the partition may since have applied again
+        what was lost (batches queued before the loss, restored with it, run again):
+        the driver's own look at the progress then finds nothing amiss.
+        """
         job = Job.fetch(flight.job_id, connection=self.r, serializer=JSONSerializer)
+        found_at = job.meta.get(PARTITION_FOUND_AT)
+        if isinstance(found_at, int) and found_at < flight.through:
+            lost = Refusal("lost", flight.batch.partition, str(found_at), str(flight.through))
+            return refusal_error(lost, self.keys, Fence(self.generation, "", 0))
         latest = job.latest_result()
         detail = (latest.exc_string or "").strip().splitlines() if latest else []
         reason = detail[-1] if detail else "no details"
-        return f"a worker failed on job {job.id} ({job.description}): {reason}"
+        return WorkerFailed(f"a worker failed on job {job.id} ({job.description}): {reason}")
 
 
 def _describe(batch: Batch) -> str:

@@ -48,7 +48,16 @@ class StaleGeneration(PipelineError):
 
 
 class OutOfOrder(PipelineError):
-    """Raised when a batch arrives before the batch that precedes it in its partition."""
+    """Raised when a batch arrives before the batch that precedes it in its partition.
+
+    ``applied`` is the epoch the batch found its partition at (None: the partition
+    changed under it on every try). A batch is sent only once the driver saw the
+    one before it commit, so a partition found short of it went back in time.
+    """
+
+    def __init__(self, msg: str, applied: int | None = None) -> None:
+        super().__init__(msg)
+        self.applied = applied
 
 
 class CommitTooLarge(PipelineError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import orjson
 from redis import Redis
+from redis.exceptions import RedisError
 
 from tasks import metrics
 from tasks.apply import AppliedBatch, apply_events
@@ -18,7 +20,7 @@ from tasks.batch import Batch, CommitNotice, Rejection
 from tasks.careful import CarefulRun, ProbingIterator
 from tasks.errors import CommitTooLarge, OutOfOrder
 from tasks.flow import Dataflow, load_flow, make_router
-from tasks.keys import Keys, partition_of
+from tasks.keys import PARTITION_FOUND_AT, Keys, partition_of
 from tasks.lease import Lease, partition_lease
 from tasks.store import (
     CommitOutcome,
@@ -62,9 +64,14 @@ def process_batch(
                 result = {"partition": partition, "batch": batch_key, "outcome": "gone"}
             else:
                 result = run_batch(r, Batch.decode(payload), attempt=attempt, lease=lease)
-    except Exception:
+    except Exception as error:
         if metrics.WORKER is not None:
             metrics.WORKER.failures.inc(1, (namespace,))
+        if isinstance(error, OutOfOrder) and error.applied is not None:
+            # For the driver, which tells a partition that went back in time from a bug.
+            with contextlib.suppress(RedisError):
+                job.meta[PARTITION_FOUND_AT] = error.applied
+                job.save_meta()
         raise
     if metrics.WORKER is not None:
         _count(metrics.WORKER, namespace, result, time.perf_counter() - started)
@@ -403,7 +410,7 @@ def _out_of_order(batch: Batch, after: int, applied: int | None) -> OutOfOrder:
         f"partition {batch.partition} {seen}, but batch {batch.after_epoch + 1}.."
         f"{batch.last_epoch} needs it at epoch {after}"
     )
-    return OutOfOrder(msg)
+    return OutOfOrder(msg, applied)
 
 
 def _result(

@@ -17,6 +17,9 @@ NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The RQ function the driver enqueues by dotted path, so that enqueueing never
 # imports worker code.
 PROCESS_BATCH = "tasks.jobs.process_batch"
+# The field of a failed batch job's RQ meta that holds the epoch it found its partition at,
+# when that was short of the epoch the batch follows (tasks.errors.OutOfOrder).
+PARTITION_FOUND_AT = "partition_found_at"
 
 
 # The slots of a namespace's keys (Flink's key groups): each key hashes to one slot, once and
