@@ -8,12 +8,10 @@ later: ``tasks/undo.py``), the outputs and the rejected events.
 
 from __future__ import annotations
 
-import json
 import sys
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 import orjson
@@ -21,7 +19,7 @@ import orjson
 from tasks.batch import OnError, Rejection
 from tasks.errors import InvalidEvent
 from tasks.flow import Dataflow, StatefulMapStep, make_emitter, single_emitter
-from tasks.tuning import enabled
+from tasks.render import format_large_line, format_line
 from tasks.undo import IMAGE, VALUE_OPTIONS, Raw, encode_undo_v2
 from tasks.watchdog import EventWatch, FlowTimeout
 
@@ -70,34 +68,16 @@ def describe_exception(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-# json.dumps builds a new C encoder on every call; one built once gives the same bytes in
-# under half the time (the ``encoder`` tuning knob). json's private constructor takes
-# json.dumps's defaults here: no indent, ": " and ", ", no sorting, skipkeys off, allow_nan.
-_ENCODER = (
-    c_make_encoder(
-        None,
-        json.JSONEncoder().default,
-        encode_basestring_ascii,
-        None,
-        ": ",
-        ", ",
-        False,
-        False,
-        True,
-    )  # fmt: skip
-    if c_make_encoder is not None and enabled("encoder")
-    else None
-)
+# The size of a state's JSON from which it stays decoded between two events of its key in a
+# batch (with ``plain_json``), and its outputs are rendered by ``format_large_line``: a 55
+# KB state took 390 us to decode, 60 us to encode, and its line 960 us (330 us); but
+# every small state kept decoded ran the 1M-event bench's batches slower (apply 5.5-6.2 ->
+# 7.3-10.6 us an event, ``python -m bench.worker``), as objects kept alive across a batch
+# did before (docs/performance.md).
+KEEP_DECODED_BYTES = 1024
 
 
-def format_line(epoch: int, item: Any) -> str:
-    """An output line, byte-identical to the seed's ``print(epoch, json.dumps(item))``."""
-    if _ENCODER is None:
-        return f"{epoch} {json.dumps(item)}"
-    return f"{epoch} {''.join(_ENCODER(item, 0))}"
-
-
-def apply_events(
+def apply_events(  # noqa: C901 - the hot loop of a worker, kept in one function
     flow: Dataflow,
     events: Iterable[tuple[int, str, Any]],
     loaded: dict[str, Raw],
@@ -136,12 +116,20 @@ def apply_events(
     mapper, builder = stateful.mapper, stateful.builder
     emit, emit_one = make_emitter(after), single_emitter(after)
     dumps, loads = orjson.dumps, orjson.loads
-    # The last good serialized state per key. Every event decodes its state from it:
-    # a key seen again in the batch is decoded again, rather than kept decoded from
-    # its last event: decoded states kept for the whole batch land in fresh memory,
-    # which costs more than decoding again (docs/performance.md); and a state is
-    # always what its JSON says, wherever the batch boundaries fall.
+    # The last good serialized state per key. An event decodes its state from it: a key
+    # seen again in the batch is decoded again, rather than kept decoded from its last
+    # event: decoded states kept for the whole batch land in fresh memory, which costs
+    # more than decoding again (docs/performance.md); and a state is always what its
+    # JSON says, wherever the batch boundaries fall.
     raw: dict[str, Raw] = dict(loaded)
+    # Unless the flow promises plain JSON states (decoding gives them back as they were)
+    # and the state is large: then it stays decoded from its key's last good event to its
+    # next one. (Taken out while the mapper runs: a rejected event may have changed it
+    # in place.)
+    keep = KEEP_DECODED_BYTES if stateful.plain_json else sys.maxsize
+    kept: dict[str, Any] = {}
+    # A large state's outputs may hold long lists: rendered by the line maker for them.
+    render_large = format_large_line if render is format_line else render
     result = AppliedBatch(applied_through=last_epoch)
     writes = result.writes
     undo_epochs, undo_keys = result.undo_epochs, result.undo_keys
@@ -163,7 +151,9 @@ def apply_events(
             break
         before = raw.get(key)
         try:
-            state = builder(key) if before is None else loads(before)
+            state = kept.pop(key, None)  # (None: not kept, or the key's state was deleted)
+            if state is None:
+                state = builder(key) if before is None else loads(before)
         except FlowTimeout as e:
             rejection = _timed_out(epoch, key, e)
             if _stop(result, rejection, on_error, e):
@@ -178,10 +168,11 @@ def apply_events(
                 new_state, emitted = mapper(state, value)
             except (TypeError, ValueError) as e:
                 raise _bad_return(stateful, mapper, state, value, e) from None
+            line = render if before is None or len(before) < KEEP_DECODED_BYTES else render_large
             if emit_one is not None:  # the steps after the mapper are plain maps
-                rendered = render(epoch, emit_one((key, emitted)))
+                rendered = line(epoch, emit_one((key, emitted)))
             else:
-                rendered_all = [render(epoch, item) for item in emit((key, emitted))]
+                rendered_all = [line(epoch, item) for item in emit((key, emitted))]
             new_raw = None if new_state is None else dumps(new_state)
         except Exception as e:  # the flow's code rejected this event (its state stays as it was)
             if _stop(result, Rejection(epoch, key, describe_exception(e)), on_error, e):
@@ -201,6 +192,8 @@ def apply_events(
             nbytes += _undo_step(result, last_values.get(key), before)
             last_values[key] = (value_json, value)
         raw[key] = writes[key] = new_raw
+        if new_raw is not None and len(new_raw) >= keep:
+            kept[key] = new_state
         if emit_one is not None:
             out_epochs.append(epoch)
             out_items.append(rendered)

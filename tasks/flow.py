@@ -49,6 +49,8 @@ class StatefulMapStep:
     step_id: str
     builder: Callable[[str], Any]
     mapper: Mapper
+    # The flow's promise that its states hold plain JSON values only (``stateful_map``).
+    plain_json: bool = False
 
 
 Step = MapStep | FilterStep | FlatMapStep
@@ -75,13 +77,30 @@ class Dataflow:
         """Replace every item with the items of the iterable ``fn(item)`` returns."""
         return self._add(FlatMapStep(_callable(fn, "flat_map")))
 
-    def stateful_map(self, step_id: str, builder: Callable[[str], Any], mapper: Mapper) -> Dataflow:
+    def stateful_map(
+        self,
+        step_id: str,
+        builder: Callable[[str], Any],
+        mapper: Mapper,
+        *,
+        plain_json: bool = False,
+    ) -> Dataflow:
         """Keep state per key: items must be ``(key, value)``; emits ``(key, out)``.
 
         ``builder(key)`` makes a key's first state; ``mapper(state, value)``
         returns ``(new_state, out)``. A new state of ``None`` deletes the key's
         state: its next item starts again from ``builder(key)``. States must be
-        JSON values (they are stored in Redis as JSON).
+        JSON values (they are stored in Redis as JSON), and the mapper sees each
+        state as decoded from its JSON.
+
+        ``plain_json=True`` is a promise: the states hold nothing but dicts with
+        string keys, lists, strings, ints, finite floats, booleans and None (no
+        tuple, set or subclass of these), so that decoding a state's JSON gives
+        it back as it was. A worker then keeps a key's state decoded from one of
+        its events to the next in a batch, instead of decoding its JSON again at
+        every event (a hot key's large state: docs/performance.md). Break the
+        promise and the mapper may see, within a batch, a value its JSON would
+        have turned into another (a tuple instead of a list).
 
         Raises:
             FlowError: the flow already has a stateful step (one per flow).
@@ -90,7 +109,9 @@ class Dataflow:
             msg = f"stateful_map {step_id!r}: a flow may have only one stateful step"
             raise FlowError(msg)
         return self._add(
-            StatefulMapStep(step_id, _callable(builder, "builder"), _callable(mapper, "mapper"))
+            StatefulMapStep(
+                step_id, _callable(builder, "builder"), _callable(mapper, "mapper"), plain_json
+            )
         )
 
     def capture(self) -> Dataflow:

@@ -1,15 +1,18 @@
 """Applying events to state, checked against the seed's semantics without Redis."""
 
+import itertools
 import json
 
 import orjson
 import pytest
 
-from tasks.apply import apply_events, format_line
+from tasks.apply import KEEP_DECODED_BYTES, apply_events, format_line
 from tasks.cartjoin import flow, validate_event
 from tasks.errors import InvalidEvent
 from tasks.flow import Dataflow
 from tasks.undo import decode_undo, encode_undo
+
+from reference import reference_run
 
 
 def order(user, oid):
@@ -131,6 +134,70 @@ def test_a_rejected_event_never_leaves_a_half_applied_state():
     assert orjson.loads(result.writes["k"]) == {"n": 2}
 
 
+LARGE = "x" * KEEP_DECODED_BYTES  # a state this large stays decoded (with plain_json)
+
+
+def test_nor_does_it_when_a_large_state_stays_decoded_between_events():
+    def mapper(state, value):
+        state["n"] += 1  # mutates in place, then fails: the mutation must not survive
+        if value == "boom":
+            raise RuntimeError("boom")
+        return state, state["n"]
+
+    f = Dataflow().stateful_map(
+        "count", lambda key: {"n": 0, "pad": LARGE}, mapper, plain_json=True
+    )
+    items = [(0, "k", 1), (1, "k", "boom"), (2, "k", 1), (3, "k", "boom"), (4, "k", 1)]
+    result = apply_events(f.capture(), items, {}, 4, "skip")
+    assert [line for _, line in result.outputs] == ['0 ["k", 1]', '2 ["k", 2]', '4 ["k", 3]']
+    assert orjson.loads(result.writes["k"]) == {"n": 3, "pad": LARGE}
+
+
+def tuple_keeping_mapper(state, value):
+    """Keeps the last value as a tuple, and says what type it found there."""
+    found = type(state["last"]).__name__
+    state["last"] = (value, value)
+    return state, found
+
+
+def test_without_the_promise_of_plain_json_every_event_sees_its_state_as_its_json_says():
+    f = Dataflow().stateful_map("t", lambda key: {"last": []}, tuple_keeping_mapper).capture()
+    result = apply_events(f, [(0, "k", 1), (1, "k", 2), (2, "k", 3)], {}, 2, "fail")
+    assert [line for _, line in result.outputs] == [
+        '0 ["k", "list"]', '1 ["k", "list"]', '2 ["k", "list"]'
+    ]  # fmt: skip
+
+
+def test_with_the_promise_a_state_stays_decoded_between_a_keys_events_in_a_batch():
+    """(What a flow that breaks the promise sees: its tuple, where the JSON has a list.)"""
+
+    def large(key):
+        return {"last": [], "pad": LARGE}
+
+    f = Dataflow().stateful_map("t", large, tuple_keeping_mapper, plain_json=True).capture()
+    loaded = {"k": orjson.dumps({"last": [0, 0], "pad": LARGE}), "s": b'{"last":[0,0]}'}
+    items = [(0, "k", 1), (1, "k", 2), (2, "j", 3), (3, "s", 4), (4, "s", 5)]
+    result = apply_events(f, items, loaded, 4, "fail")
+    assert [line for _, line in result.outputs] == [
+        '0 ["k", "list"]', '1 ["k", "tuple"]', '2 ["j", "list"]',
+        '3 ["s", "list"]', '4 ["s", "list"]',  # (a small state is decoded at every event)
+    ]  # fmt: skip
+    assert orjson.loads(result.writes["k"]) == {"last": [2, 2], "pad": LARGE}
+
+
+@pytest.mark.parametrize("plain_json", [False, True])
+def test_a_deleted_state_starts_again_from_the_builder(plain_json):
+    def mapper(n, value):
+        return (None if value == "end" else n + 1), n
+
+    f = Dataflow().stateful_map("n", lambda key: 10, mapper, plain_json=plain_json).capture()
+    items = [(0, "k", 1), (1, "k", "end"), (2, "k", 1), (3, "k", 1)]
+    result = apply_events(f, items, {}, 3, "fail")
+    assert [line for _, line in result.outputs] == [
+        '0 ["k", 10]', '1 ["k", 11]', '2 ["k", 10]', '3 ["k", 11]'
+    ]  # fmt: skip
+
+
 def test_returning_none_deletes_the_state():
     f = Dataflow().stateful_map("once", lambda key: 0, lambda s, v: (None, s + v)).capture()
     result = apply_events(f, [(0, "k", 5)], {"k": b"10"}, 0, "fail")
@@ -160,3 +227,21 @@ def test_validation_names_what_is_wrong(event, reason):
     with pytest.raises(InvalidEvent) as info:
         validate_event(event)
     assert str(info.value) == reason
+
+
+def test_a_hot_users_lines_are_the_seeds_in_and_across_batches():
+    """Past KEEP_DECODED_BYTES of state, a key's state stays decoded and its lines are
+    rendered by format_large_line: the output is the seed's all the same."""
+    items = [order("hot", i) for i in range(300)]
+    items += [payment("hot", i) for i in range(0, 300, 7)] + [order("cold", 5)]
+    items += [order("hot", i) for i in range(300, 400)]
+    lines = [json.dumps(e) for e in items]
+    expected, states = reference_run(lines)
+    raw, out = {}, []
+    for start, end in itertools.pairwise([0, 150, 200, 400, len(items)]):  # (batches)
+        part = events(*items[start:end], start=start)
+        result = apply_events(flow, part, raw, part[-1][0], "fail")
+        raw.update(result.writes)
+        out += [line for _, line in result.outputs]
+    assert "".join(f"{line}\n" for line in out) == expected
+    assert {k: orjson.loads(v) for k, v in raw.items()} == states
