@@ -19,7 +19,7 @@ import orjson
 from tasks.batch import OnError, Rejection
 from tasks.errors import InvalidEvent
 from tasks.flow import Dataflow, StatefulMapStep, make_emitter, single_emitter
-from tasks.render import format_large_line, format_line
+from tasks.output_line import format_large_line, format_line
 from tasks.undo import IMAGE, VALUE_OPTIONS, Raw, encode_undo_v2
 from tasks.watchdog import EventWatch, FlowTimeout
 

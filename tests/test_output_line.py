@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.render import LONG_LIST, format_large_line, format_line
+from tasks.output_line import LONG_LIST, format_large_line, format_line
 
 
 class Level(enum.IntEnum):
