@@ -28,7 +28,13 @@ from typing import IO, Any
 
 from orchestrator import keeper
 from orchestrator.errors import DataDirError, ServerStopped
-from orchestrator.keeper import ATTACH_LOCK, SERVER_INFO, forget_server, is_redis_server
+from orchestrator.keeper import (
+    ATTACH_LOCK,
+    SERVER_INFO,
+    forget_server,
+    is_keeper,
+    is_redis_server,
+)
 from orchestrator.messages import say
 from tasks.errors import PipelineError, RedisUnavailable
 from tasks.tuning import enabled
@@ -420,8 +426,11 @@ def _stopped(attachment: Attachment, wait: float = 30.0) -> None:
     forget_server(attachment.data_dir, attachment.server_pid, attachment.url)
     # The keeper has nothing left to do (the server is gone, its record removed): it is
     # killed rather than asked, which spares the command the wait for its interpreter's exit.
-    with contextlib.suppress(OSError):
-        os.kill(attachment.keeper_pid, signal.SIGKILL)
+    # (Only a keeper: a command that attached while another was starting the server read
+    # keeper 0 in its record, and os.kill(0, SIGKILL) killed its own process group.)
+    if is_keeper(attachment.keeper_pid):
+        with contextlib.suppress(OSError):
+            os.kill(attachment.keeper_pid, signal.SIGKILL)
     if attachment.keeper is not None:
         attachment.keeper.reap(wait=True)
         return

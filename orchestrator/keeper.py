@@ -40,14 +40,31 @@ def is_redis_server(pid: int) -> bool:
     line, which redis-server rewrites at its start (its title), and which reads
     as anything in between.
     """
+    return _running_as(pid, b"redis-server")
+
+
+def is_keeper(pid: int) -> bool:
+    """Whether ``pid`` is a running keeper (by the name it gives itself, ``PROCESS_NAME``).
+
+    Asked before a keeper is killed by its recorded pid: the record says 0 while a
+    command is starting the keeper (``os.kill(0, ...)`` would kill the caller's whole
+    process group), and the pid of a keeper that has exited may be another process's.
+    """
+    return _running_as(pid, PROCESS_NAME)
+
+
+def _running_as(pid: int, name: bytes) -> bool:
+    """Whether process ``pid`` runs (not exited, not a zombie) under the name ``name``."""
+    if pid <= 0:
+        return False
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return False
-    name, _, rest = stat.partition(b"(")[2].rpartition(b")")
+    found, _, rest = stat.partition(b"(")[2].rpartition(b")")
     state = rest.split()[:1]
-    return name == b"redis-server" and state not in ([b"Z"], [b"X"], [])
+    return found == name and state not in ([b"Z"], [b"X"], [])
 
 
 def forget_server(data_dir: Path, server_pid: int, url: str) -> None:

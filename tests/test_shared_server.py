@@ -156,3 +156,45 @@ def test_a_killed_command_leaves_no_server_and_no_listening_worker(tmp_path):
     assert json.loads(status.stdout)["workers"] == 0
     resumed = run_cli("resume", "events.json", "--output", "out.txt", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
+
+
+# A command that attaches while another is starting the server reads its record with keeper 0
+# (the keeper is not started yet); when it is the last to leave, it stops the server and kills
+# the keeper by the recorded pid. It used to run os.kill(0, SIGKILL): its own process group,
+# which was the test suite's (CI ended with exit 137) or a user's shell job.
+LAST_TO_LEAVE_WITH_KEEPER_0 = """
+import json, os, signal, sys
+from pathlib import Path
+from orchestrator.embedded import attach, detach, terminate_server
+from orchestrator.keeper import SERVER_INFO
+
+data = Path(sys.argv[1])
+first = attach(data)
+info = data / SERVER_INFO
+record = json.loads(info.read_text())
+info.write_text(json.dumps({**record, "keeper": 0}))  # (as while its keeper starts)
+second = attach(data)
+assert second.keeper_pid == 0, second
+info.write_text(json.dumps(record))
+detach(first, terminate_server)
+# (the keeper would stop the server if it saw nobody attached first: it is gone, so that
+# the second command is the last to leave for sure)
+os.kill(record["keeper"], signal.SIGKILL)
+first.keeper.reap(wait=True)
+detach(second, terminate_server)  # the last to leave: it stops the server
+print("left")
+"""
+
+
+def test_the_last_command_to_leave_never_signals_its_own_process_group(tmp_path):
+    data = tmp_path / "data"
+    run = subprocess.run(
+        [sys.executable, "-c", LAST_TO_LEAVE_WITH_KEEPER_0, str(data)],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=60,
+        start_new_session=True,  # (killing its own group must not reach the test suite's)
+    )  # fmt: skip
+    assert (run.returncode, run.stdout) == (0, "left\n"), run.stderr
+    deadline = time.monotonic() + 10
+    while (servers_in(data) or keepers_of(data)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # (the keeper leaves by itself once the server is gone)
+    assert servers_in(data) == [] and keepers_of(data) == []
