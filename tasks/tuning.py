@@ -27,6 +27,8 @@ The knobs (``KNOBS``):
 - ``rq``: RQ's worker writes its bookkeeping less often (``tasks/rqcompat.py``).
 - ``line-key``: the driver routes a line of the flow's declared layout by a regex
   over its bytes, without parsing it (``Dataflow.key_lines_by``).
+- ``line-block``: with ``line-key``, the driver matches a block of lines in one
+  call of the regex engine (``orchestrator/lineblock.py``), not a line at a time.
 
 Beside the knobs, one bound that is not switched off with them, since a run needs it
 to end: ``ORCHESTRATOR_COMMIT_BYTES`` (``commit_bytes``).
@@ -41,7 +43,9 @@ import gc
 import os
 import time
 
-KNOBS = ("gc", "malloc", "encoder", "fast-exit", "jemalloc", "server", "rq", "line-key")
+KNOBS = (
+    "gc", "malloc", "encoder", "fast-exit", "jemalloc", "server", "rq", "line-key", "line-block"
+)  # fmt: skip
 SWITCH = "ORCHESTRATOR_TUNING"
 
 

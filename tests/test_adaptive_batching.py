@@ -19,6 +19,7 @@ import pytest
 from rq.serializers import JSONSerializer
 
 import orchestrator.driver
+import orchestrator.lineblock
 from orchestrator.driver import Driver
 from orchestrator.progress import Progress
 from orchestrator.reader import LineSource
@@ -139,9 +140,16 @@ def test_lines_that_come_while_a_batch_runs_make_its_partitions_next_batch(fake,
     follow(fake, tmp_path, order("a", 1), script)
 
 
-def test_with_a_backlog_to_read_a_batch_fills_up_before_it_is_sent(fake, tmp_path):
+@pytest.mark.parametrize("reading", ["blocks", "line by line"])
+def test_with_a_backlog_to_read_a_batch_fills_up_before_it_is_sent(
+    fake, tmp_path, monkeypatch, reading
+):
     chunk = orchestrator.driver.READ_CHUNK
     lines = [order(f"u{i % 50}", i) for i in range(2 * chunk + 500)]
+    if reading == "blocks":  # (blocks of lines of the cart's layout: 2.5 blocks in all)
+        monkeypatch.setattr(orchestrator.lineblock, "BLOCK_BYTES", len("".join(lines)) * 2 // 5)
+    else:
+        monkeypatch.setenv("ORCHESTRATOR_TUNING", "-line-block")
 
     def script(keys: Keys, path: Path) -> Iterator[None]:
         # Whole chunks were read and more is there to read: nothing is sent yet.

@@ -63,3 +63,21 @@ def test_the_worker_profile_runs_small_and_names_every_phase():
     ]
     assert names[-1] == "total"
     assert float(phases[-1][1]) > 0
+
+
+def test_the_driver_profile_runs_small_and_names_every_phase():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.driver", "--events", "3000", "--users", "300",
+         "--batch-events", "500"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr  # (it checks every line was written)
+    phases = re.findall(r"^(.+?)\s+(\d+\.\d+) us/event$", run.stdout, re.MULTILINE)
+    assert [name.strip() for name, _ in phases] == [
+        "read, key and buffer the lines",
+        "frame the batches",
+        "decode the notices",
+        "merge and write the output lines",
+        "total",
+    ]
+    assert float(phases[-1][1]) > 0
