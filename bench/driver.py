@@ -133,7 +133,7 @@ def merge_and_write(notices: list[CommitNotice], partitions: int, out: io.Buffer
     applied = [-1] * partitions
     written = 0
     for notice in notices:
-        merger.add(notice.partition, list(zip(notice.epochs, notice.lines, strict=True)))
+        merger.add(notice.partition, notice.epochs, notice.lines)
         applied[notice.partition] = notice.applied_through
         lines = merger.pop_through(min(applied))
         write_lines(out, lines)

@@ -624,7 +624,7 @@ class Driver:
             self.buffered -= successor.events
             self.buffered_bytes -= successor.size
             self.dispatcher.discard(successor)
-        self.merger.add(p, list(zip(notice.epochs, notice.lines, strict=True)))
+        self.merger.add(p, notice.epochs, notice.lines)
         for rejection in [*notice.rejected, *([notice.failed] if notice.failed else [])]:
             self._reject(_bad(rejection, flight), result)
 
@@ -640,7 +640,7 @@ class Driver:
         self.committed_events += events
         if self.metrics is not None:
             self.metrics.events_committed.inc(events, self.metrics.ns)
-        self.merger.add(p, list(zip(notice.epochs, notice.lines, strict=True)))
+        self.merger.add(p, notice.epochs, notice.lines)
         for rejection in notice.rejected:
             self._reject(_bad(rejection, flight), result)
 

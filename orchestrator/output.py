@@ -25,51 +25,56 @@ class OutputMerger:
 
     Each partition's lines arrive in epoch order; a line is released once the
     namespace-wide committed epoch reaches it, so the output is in epoch order
-    whatever the number of partitions and workers.
+    whatever the number of partitions and workers. A partition's epochs and lines
+    are kept in two lists, as its notices carry them: no pair per line.
     """
 
     def __init__(self) -> None:
-        # partition -> [epoch, line] pairs in order; the ones before start[p] are taken
-        self._queues: dict[int, list[Any]] = {}
+        # partition -> (epochs, lines) in order; the ones before start[p] are taken
+        self._queues: dict[int, tuple[list[int], list[Any]]] = {}
         self._start: dict[int, int] = {}
         self.held = 0  # lines waiting for an earlier epoch to commit
 
-    def add(self, partition: int, lines: list[Any]) -> None:
-        """Add a partition's committed ``[epoch, line]`` pairs (in epoch order)."""
+    def add(self, partition: int, epochs: list[int], lines: list[Any]) -> None:
+        """Add a partition's committed lines, with the epoch of each (in epoch order)."""
         if lines:
-            self._queues.setdefault(partition, []).extend(lines)
-            self._start.setdefault(partition, 0)
+            if partition not in self._queues:
+                self._queues[partition] = ([], [])
+                self._start[partition] = 0
+            held_epochs, held_lines = self._queues[partition]
+            held_epochs += epochs
+            held_lines += lines
             self.held += len(lines)
 
-    def pop_through(self, epoch: int) -> list[bytes]:
+    def pop_through(self, epoch: int) -> list[Any]:
         """Remove and return, in epoch order, every line with an epoch <= ``epoch``."""
-        runs = []
-        for p, queue in self._queues.items():
+        runs: list[tuple[list[int], list[Any]]] = []
+        for p, (epochs, lines) in self._queues.items():
             start = self._start[p]
-            if start < len(queue) and queue[start][0] <= epoch:
-                end = bisect_right(queue, epoch, lo=start, key=_epoch)
-                runs.append(queue[start:end])
-                if end > len(queue) // 2:
-                    del queue[:end]  # compact now and then, not on every call
+            if start < len(epochs) and epochs[start] <= epoch:
+                end = bisect_right(epochs, epoch, lo=start)
+                runs.append((epochs[start:end], lines[start:end]))
+                if end > len(epochs) // 2:
+                    del epochs[:end], lines[:end]  # compact now and then, not on every call
                     end = 0
                 self._start[p] = end
-        self.held -= sum(len(run) for run in runs)
+        taken = sum(len(run_lines) for _, run_lines in runs)
+        self.held -= taken
         if len(runs) <= 1:
-            return [line for _, line in runs[0]] if runs else []
-        # Timsort merges the already-sorted runs in C; a partition's lines of one epoch
-        # stay in their order (the sort is stable and compares epochs only).
-        merged = sorted([pair for run in runs for pair in run], key=_epoch)
-        return [line for _, line in merged]
+            return runs[0][1] if runs else []
+        # Timsort merges the already-sorted runs of epochs in C; a partition's lines of one
+        # epoch stay in their order (the sort is stable and compares epochs only).
+        all_epochs = [e for run_epochs, _ in runs for e in run_epochs]
+        all_lines = [line for _, run_lines in runs for line in run_lines]
+        order = sorted(range(taken), key=all_epochs.__getitem__)
+        return list(itemgetter(*order)(all_lines)) if taken > 1 else all_lines
 
     def drop_from(self, epoch: int) -> None:
         """Forget lines with an epoch >= ``epoch`` (a run that stops there will not print them)."""
-        for p, queue in self._queues.items():
-            cut = bisect_left(queue, epoch, lo=self._start[p], key=_epoch)
-            self.held -= len(queue) - cut
-            del queue[cut:]
-
-
-_epoch = itemgetter(0)
+        for p, (epochs, lines) in self._queues.items():
+            cut = bisect_left(epochs, epoch, lo=self._start[p])
+            self.held -= len(epochs) - cut
+            del epochs[cut:], lines[cut:]
 
 
 @dataclass

@@ -4,6 +4,8 @@ import io
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.errors import InputError
 from orchestrator.output import OutputMerger
@@ -12,18 +14,18 @@ from orchestrator.reader import finish_oversized, seek_epoch
 
 def test_lines_are_released_in_epoch_order_only_up_to_the_committed_epoch():
     m = OutputMerger()
-    m.add(1, [(1, "1 b"), (4, "4 b")])
-    m.add(0, [(0, "0 a"), (2, "2 a"), (3, "3 a")])
+    m.add(1, [1, 4], ["1 b", "4 b"])
+    m.add(0, [0, 2, 3], ["0 a", "2 a", "3 a"])
     assert m.pop_through(2) == ["0 a", "1 b", "2 a"]
-    m.add(2, [(5, "5 c")])
+    m.add(2, [5], ["5 c"])
     assert m.pop_through(10) == ["3 a", "4 b", "5 c"]
     assert m.pop_through(10) == []
 
 
 def test_lines_from_a_stopping_epoch_on_are_dropped():
     m = OutputMerger()
-    m.add(0, [(0, "0"), (3, "3")])
-    m.add(1, [(1, "1"), (2, "2")])
+    m.add(0, [0, 3], ["0", "3"])
+    m.add(1, [1, 2], ["1", "2"])
     m.drop_from(2)
     assert m.pop_through(9) == ["0", "1"]
 
@@ -167,8 +169,8 @@ def test_a_file_size_is_known_only_for_input_read_to_its_end(tmp_path):
 
 def test_the_merger_counts_the_lines_it_holds():
     m = OutputMerger()
-    m.add(0, [(0, b"0"), (3, b"3")])
-    m.add(1, [(1, b"1"), (2, b"2"), (5, b"5")])
+    m.add(0, [0, 3], [b"0", b"3"])
+    m.add(1, [1, 2, 5], [b"1", b"2", b"5"])
     assert m.held == 5
     m.pop_through(1)
     assert m.held == 3
@@ -176,3 +178,32 @@ def test_the_merger_counts_the_lines_it_holds():
     assert m.held == 1
     m.pop_through(9)
     assert m.held == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(  # notices: (partition, how many lines, epochs to skip before each)
+        st.tuples(st.integers(0, 3), st.lists(st.integers(0, 2), max_size=6)), max_size=12
+    ),
+    st.lists(st.integers(-1, 40), max_size=6),
+)
+def test_the_merger_releases_what_a_stable_sort_of_all_lines_by_epoch_gives(notices, pops):
+    """A line of a flat_map may share its epoch with others, in several partitions: lines
+    of one epoch come out in the order their partitions first gave lines, each in order."""
+    m, last, given_lines, first_seen = OutputMerger(), {}, [], []
+    for p, gaps in notices:
+        epochs = []
+        for gap in gaps:
+            last[p] = last.get(p, 0) + gap
+            epochs.append(last[p])
+        lines = [f"{e} p{p} #{len(given_lines) + i}" for i, e in enumerate(epochs)]
+        given_lines += [(e, p, line) for e, line in zip(epochs, lines, strict=True)]
+        if lines and p not in first_seen:
+            first_seen.append(p)
+        m.add(p, epochs, lines)
+    out = []
+    for through in [*pops, 99]:
+        out += m.pop_through(through)
+    rank = {p: i for i, p in enumerate(first_seen)}
+    expected = [line for _, _, line in sorted(given_lines, key=lambda x: (x[0], rank[x[1]]))]
+    assert out == expected and m.held == 0
