@@ -20,14 +20,12 @@ import argparse
 import io
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import fakeredis
 
 from bench.generate import generate
+from bench.phases import Phases
 from orchestrator.driver import Driver, RunResult
 from orchestrator.output import OutputMerger, write_lines
 from orchestrator.progress import Progress
@@ -38,16 +36,6 @@ from tasks.cartjoin import FLOW_PATH
 from tasks.flow import load_flow
 from tasks.jobs import batch_events
 from tasks.keys import SLOTS, Keys
-
-
-def best_of(runs: int, fn: Callable[[], Any]) -> tuple[float, Any]:
-    """The shortest of ``runs`` timings of ``fn()`` (seconds), and its last result."""
-    best, result = float("inf"), None
-    for _ in range(runs):
-        started = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - started)
-    return best, result
 
 
 def read_and_route(path: Path, partitions: int, batch_events: int) -> Driver:
@@ -157,13 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         with path.open("w") as f:
             for line in generate(args.events, args.users, args.seed):
                 f.write(line + "\n")
-        rows: list[tuple[str, float]] = []
-
-        def timed(name: str, fn: Callable[[], Any]) -> Any:
-            seconds, result = best_of(3, fn)
-            rows.append((name, seconds))
-            return result
-
+        phases = Phases(runs=3)
+        timed = phases.timed
         driver = timed(
             "read, key and buffer the lines",
             lambda: read_and_route(path, args.partitions, args.batch_events),
@@ -180,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         assert written == args.events, (written, args.events)  # (one line per cart event)
 
     print(f"{args.events:,} events, {args.partitions} partitions, {len(batches)} batches")
-    width = max(len(name) for name, _ in rows)
-    for name, seconds in rows:
-        print(f"{name:<{width}}  {seconds / args.events * 1e6:6.2f} us/event")
-    print(f"{'total':<{width}}  {sum(s for _, s in rows) / args.events * 1e6:6.2f} us/event")
+    phases.print(args.events)
     return 0
 
 

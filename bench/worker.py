@@ -15,14 +15,12 @@ and changes measured side by side, rather than absolute figures across tools.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
-from typing import Any
 
 import orjson
 from redis.connection import HiredisRespSerializer
 
 from bench.generate import generate
+from bench.phases import Phases
 from tasks.apply import apply_events
 from tasks.batch import Batch, CommitNotice
 from tasks.cartjoin import FLOW_PATH
@@ -31,16 +29,6 @@ from tasks.jobs import batch_events
 from tasks.keys import SLOTS, partition_of
 
 PARTITIONS = 4
-
-
-def best_of(runs: int, fn: Callable[[], Any]) -> tuple[float, Any]:
-    """The shortest of ``runs`` timings of ``fn()`` (seconds), and its last result."""
-    best, result = float("inf"), None
-    for _ in range(runs):
-        started = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - started)
-    return best, result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,13 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     n = len(batch.lines)
     print(f"partition 0 of {PARTITIONS}: a batch of {n:,} events after {len(earlier[0]):,}")
-    rows: list[tuple[str, float]] = []
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        seconds, result = best_of(5, fn)
-        rows.append((name, seconds))
-        return result
-
+    phases = Phases(runs=5)
+    timed = phases.timed
     decoded = timed("decode the stored batch", lambda: Batch.decode(stored))
     events = timed("parse and route its lines", lambda: batch_events(decoded))
     wanted = list(dict.fromkeys(key for _, key, _ in events))
@@ -109,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     timed("pack HMGET (redis-py)", lambda: hiredis_pack("HMGET", "state", *wanted))
     timed("pack HSET (redis-py)", lambda: hiredis_pack("HSET", "state", *sets))
 
-    width = max(len(name) for name, _ in rows)
-    for name, seconds in rows:
-        print(f"{name:<{width}}  {seconds / n * 1e6:6.2f} us/event")
-    print(f"{'total':<{width}}  {sum(s for _, s in rows) / n * 1e6:6.2f} us/event")
+    phases.print(n)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import signal
 import threading
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from rq.serializers import JSONSerializer
 from orchestrator import cli
 from orchestrator.server import client_for
 from tasks.keys import LEGACY_SLOTS, Keys, Layout
+from tasks.rqcompat import LeanWorker, partition_queues
 
 
 def committed_states(url: str, namespace: str) -> dict[str, object]:
@@ -173,3 +175,16 @@ def run_command(argv: list[str], url: str) -> CommandRun:
     assert not worker.errors, worker.errors
     out.flush()
     return CommandRun(status, out.buffer.getvalue(), err.getvalue())
+
+
+def run_queued_jobs(r, keys: Keys, partitions: int) -> None:
+    """What workers do with the queued batch jobs: RQ's worker in burst mode, in this process."""
+    worker = LeanWorker(
+        partition_queues(r, keys, partitions), connection=r, serializer=JSONSerializer
+    )
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.work(burst=True, logging_level="WARNING")
+    finally:
+        for signum, handler in handlers.items():  # (RQ's worker installs its own)
+            signal.signal(signum, handler)

@@ -11,12 +11,10 @@ batch here is sent because time passed: what is sent depends on the mechanism al
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from rq.serializers import JSONSerializer
 
 import orchestrator.driver
 import orchestrator.lineblock
@@ -25,8 +23,9 @@ from orchestrator.progress import Progress
 from orchestrator.reader import LineSource
 from tasks.batch import Batch
 from tasks.keys import SLOTS, Keys, partition_of
-from tasks.rqcompat import LeanWorker, partition_queues
 from tasks.store import claim_partition
+
+from helpers import run_queued_jobs
 
 GENERATION = 1
 
@@ -96,19 +95,6 @@ def staged(fake, keys: Keys, p: int) -> int:
     return fake.llen(keys.successor(GENERATION, p))
 
 
-def commit_all(fake, keys: Keys, partitions: int) -> None:
-    """RQ's own worker, in burst mode in this process: every queued batch commits."""
-    worker = LeanWorker(
-        partition_queues(fake, keys, partitions), connection=fake, serializer=JSONSerializer
-    )
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        worker.work(burst=True, logging_level="WARNING")
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-
-
 def test_an_idle_partition_is_sent_a_single_event_at_once(fake, tmp_path):
     def script(keys: Keys, path: Path) -> Iterator[None]:
         # After the first read: the one line is in its partition's queue, alone.
@@ -131,7 +117,7 @@ def test_lines_that_come_while_a_batch_runs_make_its_partitions_next_batch(fake,
         # and a staged batch would be a batch of its own, not these lines with the next.
         assert sent(fake, keys) == [[0]]
         assert (queued(fake, keys, p), staged(fake, keys, p)) == (1, 0)
-        commit_all(fake, keys, 4)
+        run_queued_jobs(fake, keys, 4)
         for _ in range(3):  # the driver reads the commit's notice, then sends
             yield
         assert sent(fake, keys) == [[1, 2, 3]]

@@ -2,10 +2,8 @@
 and only while Redis holds everything that run saw committed (fakeredis and a real server)."""
 
 import dataclasses
-import signal
 
 import pytest
-from rq.serializers import JSONSerializer
 from test_store import SEED_LINES, batch
 
 from orchestrator.dispatch import Dispatcher
@@ -15,7 +13,8 @@ from orchestrator.namespace import Committer, read_info, reset, start_run
 from tasks.errors import RedisLostData, Superseded
 from tasks.jobs import run_batch
 from tasks.keys import Keys
-from tasks.rqcompat import LeanWorker, partition_queues
+
+from helpers import run_queued_jobs
 
 TOKEN = "host:1:abcd"
 
@@ -175,19 +174,6 @@ def test_a_partition_whose_claim_is_gone_refuses_the_record(r, keys):
         committer.record(-1, 0, [], floors=[-1, -1])
 
 
-def run_queued_jobs(r, keys, partitions=1):
-    """What a worker does with the queued batch jobs: runs each (in this process)."""
-    worker = LeanWorker(
-        partition_queues(r, keys, partitions), connection=r, serializer=JSONSerializer
-    )
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        worker.work(burst=True, logging_level="CRITICAL")
-    finally:
-        for signum, handler in handlers.items():  # (RQ's worker installs its own)
-            signal.signal(signum, handler)
-
-
 def sent(r, keys, generation, lost_batch):
     dispatcher = Dispatcher(r, keys, generation, 1)
     flight = dispatcher.new_flight(
@@ -207,7 +193,7 @@ def test_a_batch_that_found_its_partition_behind_what_the_driver_saw_is_a_loss(r
     # The driver saw the partition commit through epoch 4 and sent the batch after it; then
     # Redis came back with the partition at epoch 1.
     dispatcher, flight = sent(r, keys, g, batch(keys, SEED_LINES[5:], 4, 6, generation=g))
-    run_queued_jobs(r, keys)
+    run_queued_jobs(r, keys, 1)
     run_batch(r, batch(keys, SEED_LINES[2:5], 1, 4, generation=g))  # the lost batch, again
     lost = "partition 0 is at epoch 1, but this driver saw it commit through epoch 4"
     with pytest.raises(RedisLostData, match=lost):
@@ -221,7 +207,7 @@ def test_a_batch_job_that_fails_otherwise_is_a_worker_failure(r, keys):
         batch(keys, SEED_LINES[:2], -1, 1, generation=g), flow="tests.flows.no_such_module:flow"
     )
     dispatcher, flight = sent(r, keys, g, broken)
-    run_queued_jobs(r, keys)
+    run_queued_jobs(r, keys, 1)
     with pytest.raises(
         WorkerFailed, match=r"a worker failed on job .* \(partition 0 epochs 0..1\): "
     ):
