@@ -287,8 +287,10 @@ class Driver:
         """Read up to READ_CHUNK lines: parse, route, buffer per partition.
 
         Returns whether the input is exhausted; a bad line under ``fail`` stops the
-        chunk before it. This is the driver's hot loop: it reads with the file's own
-        ``readline``, keeps to local names and does one dict lookup per event.
+        chunk before it. This is the driver's hot loop: a file's lines of the flow's
+        declared layout are read a block at a time (``orchestrator/lineblock.py``);
+        any other line with the file's own ``readline``, keeping to local names and
+        one dict lookup per event.
         """
         if self.blocks is not None and not isinstance(source.file, PipeInput | StreamInput):
             block = self.blocks.read(source.file, source.offset, source.max_line_bytes)
