@@ -44,6 +44,8 @@ from orchestrator.messages import say
 from orchestrator.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
 from orchestrator.settings import Settings, redact_text, redact_url
 from tasks.errors import RedisUnavailable
+from tasks.resp import PackingAware
+from tasks.tuning import enabled
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +243,8 @@ def client_for(url: str, *, retry: bool = True) -> Redis:
     correct. RQ needs bytes responses. A ``redis+sentinel://`` URL gives a client
     of the primary that the sentinels name: it asks them again at every
     reconnect, so after a failover the retries land on the promoted replica.
+    Its connections send commands that the worker packed at once as they are
+    (``tasks/resp.py``; the ``packed`` tuning knob).
 
     Raises:
         RedisUrlError: the URL is not one this function understands.
@@ -250,6 +254,8 @@ def client_for(url: str, *, retry: bool = True) -> Redis:
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_timeout": SOCKET_TIMEOUT,
     }
+    if enabled("packed"):
+        kwargs["command_packer"] = PackingAware()
     if retry:
         kwargs["retry"] = AnnouncedRetry()
         kwargs["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]

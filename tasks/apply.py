@@ -49,6 +49,9 @@ class AppliedBatch:
     more: bool = False
     # the exception behind `failed`, for callers in the same process (run_main)
     failed_exception: BaseException | None = None
+    # At least the bytes of its undo images and steps, and of its states together (as
+    # apply_events counts them; unknown: sys.maxsize)
+    carried: int = sys.maxsize
 
     @property
     def outputs(self) -> list[tuple[int, Any]]:
@@ -202,6 +205,7 @@ def apply_events(  # noqa: C901 - the hot loop of a worker, kept in one function
             out_epochs += [epoch] * len(rendered_all)
             out_items += rendered_all
             nbytes += sum(map(len, rendered_all)) + len(new_raw or b"")
+    result.carried = nbytes
     return result
 
 

@@ -386,6 +386,8 @@ def _check_size(batch: Batch, after: int, applied: AppliedBatch, notice: bytes) 
     Raises:
         CommitTooLarge: naming the partition, the epochs and the limit.
     """
+    if applied.carried < REDIS_MAX_ARGUMENT and len(notice) < REDIS_MAX_ARGUMENT:
+        return  # (the sums below cost a worker ~0.1 us an event)
     undo = sum(len(x) for x in applied.undo_images if x is not None)
     undo += sum(map(len, applied.undo_steps))
     state = max((len(x) for x in applied.writes.values() if x is not None), default=0)

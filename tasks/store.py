@@ -28,6 +28,7 @@ from tasks.apply import AppliedBatch
 from tasks.errors import FlowError, Superseded
 from tasks.flow import Dataflow, load_flow
 from tasks.keys import Keys
+from tasks.resp import send, takes_packed
 from tasks.undo import FlowSource, Raw, first_befores_after, first_epoch, truncate_undo
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class PartitionTransaction:
 
     def __init__(self, r: Redis, pipe: Pipeline, keys: Keys, partition: int) -> None:
         self.r, self.pipe, self.keys, self.partition = r, pipe, keys, partition
+        self.fast = takes_packed(r)  # (the HMGET and HSET of a batch's keys: tasks/resp.py)
 
     def load(self, wanted: list[str]) -> Loaded:
         """Read the partition's owner, progress and the states of ``wanted`` (under the WATCH).
@@ -119,7 +121,7 @@ class PartitionTransaction:
         with self.r.pipeline(transaction=False) as reads:
             reads.hmget(self.keys.progress(self.partition), PROGRESS_FIELDS)
             if wanted:
-                reads.hmget(self.keys.state(self.partition), wanted)
+                send(reads, self.fast, "HMGET", self.keys.state(self.partition), *wanted)
             replies = reads.execute()
         states = dict(zip(wanted, replies[1], strict=True)) if wanted else {}
         return Loaded(*decode_progress(replies[0]), states)
@@ -142,7 +144,7 @@ class PartitionTransaction:
                 sets += (key, raw)
         pipe.multi()
         if sets:
-            pipe.hset(keys.state(p), items=sets)
+            send(pipe, self.fast, "HSET", keys.state(p), *sets)
         if deletes:
             pipe.hdel(keys.state(p), *deletes)
         if applied.undo_epochs:

@@ -29,6 +29,9 @@ The knobs (``KNOBS``):
   over its bytes, without parsing it (``Dataflow.key_lines_by``).
 - ``line-block``: with ``line-key``, the driver matches a block of lines in one
   call of the regex engine (``orchestrator/lineblock.py``), not a line at a time.
+- ``packed``: a worker's HMGET and HSET of a batch's keys are packed into Redis's
+  protocol in one call of hiredis, not an argument at a time by redis-py
+  (``tasks/resp.py``).
 
 Beside the knobs, one bound that is not switched off with them, since a run needs it
 to end: ``ORCHESTRATOR_COMMIT_BYTES`` (``commit_bytes``).
@@ -44,7 +47,8 @@ import os
 import time
 
 KNOBS = (
-    "gc", "malloc", "encoder", "fast-exit", "jemalloc", "server", "rq", "line-key", "line-block"
+    "gc", "malloc", "encoder", "fast-exit", "jemalloc", "server", "rq", "line-key", "line-block",
+    "packed",
 )  # fmt: skip
 SWITCH = "ORCHESTRATOR_TUNING"
 

@@ -25,6 +25,7 @@ import redis
 from orchestrator import progress
 from orchestrator.embedded import redis_server_binary
 from orchestrator.namespace import reset
+from orchestrator.server import client_for
 from tasks.keys import Keys
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,8 +127,8 @@ def own_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def real(redis_url: str) -> Iterator[redis.Redis]:
-    """A client on the real Redis."""
-    client = redis.Redis.from_url(redis_url, decode_responses=False)
+    """A client on the real Redis, as the pipeline makes them (``client_for``)."""
+    client = client_for(redis_url)
     yield client
     client.close()
 

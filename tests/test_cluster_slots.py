@@ -20,6 +20,7 @@ from tasks.cartjoin import FLOW_PATH
 from tasks.jobs import run_batch
 from tasks.keys import SLOTS
 from tasks.lease import partition_lease
+from tasks.resp import PackedCommand
 from tasks.store import claim_partition
 
 pytestmark = pytest.mark.integration
@@ -60,11 +61,12 @@ def recording_client(real: redis.Redis) -> tuple[redis.Redis, list[tuple[Any, ..
 
     class Recording(base):  # type: ignore[valid-type, misc]
         def pack_command(self, *args: Any) -> Any:
-            sent.append(args)
+            sent.append(args[0].args if type(args[0]) is PackedCommand else args)
             return super().pack_command(*args)
 
         def pack_commands(self, commands: Any) -> Any:
-            sent.extend(tuple(c) for c in commands)
+            # (a command packed at once: tasks/resp.py)
+            sent.extend(c[0].args if type(c[0]) is PackedCommand else tuple(c) for c in commands)
             return super().pack_commands(commands)
 
     pool = redis.ConnectionPool(
