@@ -6,7 +6,7 @@ It generates cart events, applies all but the last ``--batch`` epochs of
 partition 0 to build its states, then times (best of 5) each phase a worker
 runs for a batch of the last ``--batch`` epochs: decoding the stored batch,
 parsing and routing its lines, applying the flow, encoding the undo record and
-the notice, and packing the HMGET/HSET arguments with redis-py. Figures are
+the notice, and packing the HMGET and HSET commands (``tasks/resp.py``). Figures are
 microseconds per event of the batch; they are measurements, not a test. They
 move with the state of the process's heap (docs/performance.md): compare phases,
 and changes measured side by side, rather than absolute figures across tools.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 
 import orjson
-from redis.connection import HiredisRespSerializer
 
 from bench.generate import generate
 from bench.phases import Phases
@@ -27,6 +26,7 @@ from tasks.cartjoin import FLOW_PATH
 from tasks.flow import load_flow
 from tasks.jobs import batch_events
 from tasks.keys import SLOTS, partition_of
+from tasks.resp import packed
 
 PARTITIONS = 4
 
@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     sets = [x for key, raw in applied.writes.items() for x in (key, raw)]
-    hiredis_pack = HiredisRespSerializer().pack
-    timed("pack HMGET (redis-py)", lambda: hiredis_pack("HMGET", "state", *wanted))
-    timed("pack HSET (redis-py)", lambda: hiredis_pack("HSET", "state", *sets))
+    timed("pack HMGET", lambda: packed("HMGET", "state", *wanted))
+    timed("pack HSET", lambda: packed("HSET", "state", *sets))
 
     phases.print(n)
     return 0
