@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import redis
 from redis import Redis
@@ -235,6 +236,12 @@ def server_config(r: Redis, name: str) -> str | None:
     return value.decode() if isinstance(value, bytes) else None if value is None else str(value)
 
 
+def _sets_encoding(url: str) -> bool:
+    """Whether a URL's query sets redis-py's ``encoding`` or ``encoding_errors``."""
+    options = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    return any(name in ("encoding", "encoding_errors") for name, _ in options)
+
+
 def client_for(url: str, *, retry: bool = True) -> Redis:
     """A client for a URL that rides out a Redis restart (or failover) of up to RECONNECT_FOR s.
 
@@ -244,7 +251,9 @@ def client_for(url: str, *, retry: bool = True) -> Redis:
     of the primary that the sentinels name: it asks them again at every
     reconnect, so after a failover the retries land on the promoted replica.
     Its connections send commands that the worker packed at once as they are
-    (``tasks/resp.py``; the ``packed`` tuning knob).
+    (``tasks/resp.py``; the ``packed`` tuning knob), unless the URL sets how
+    redis-py encodes strings: packed commands are always UTF-8, and a key must be
+    encoded the same way by every command that names it.
 
     Raises:
         RedisUrlError: the URL is not one this function understands.
@@ -254,7 +263,7 @@ def client_for(url: str, *, retry: bool = True) -> Redis:
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_timeout": SOCKET_TIMEOUT,
     }
-    if enabled("packed"):
+    if enabled("packed") and not _sets_encoding(url):
         kwargs["command_packer"] = PackingAware()
     if retry:
         kwargs["retry"] = AnnouncedRetry()

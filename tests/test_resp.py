@@ -46,6 +46,18 @@ def test_only_clients_that_send_packed_commands_get_them(fake, redis_url):
     assert not takes_packed(redis.Redis.from_url(redis_url))
 
 
+def test_a_url_that_sets_redis_pys_encoding_gets_no_packed_commands(redis_url):
+    # (packed commands are UTF-8: a key must be encoded alike by every command naming it)
+    joiner = "&" if "?" in redis_url else "?"
+    for option in ("encoding=latin-1", "encoding_errors=replace"):
+        client = client_for(f"{redis_url}{joiner}{option}")
+        try:
+            assert not takes_packed(client)
+            assert client.ping()
+        finally:
+            client.close()
+
+
 def test_the_packed_knob_switched_off_leaves_every_command_to_redis_py(redis_url, monkeypatch):
     monkeypatch.setenv("ORCHESTRATOR_TUNING", "-packed")
     client = client_for(redis_url)
