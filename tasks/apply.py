@@ -49,8 +49,8 @@ class AppliedBatch:
     more: bool = False
     # the exception behind `failed`, for callers in the same process (run_main)
     failed_exception: BaseException | None = None
-    # At least the bytes of its undo images and steps, and of its states together (as
-    # apply_events counts them; unknown: sys.maxsize)
+    # The bytes apply_events counted: its undo images, its re-deriving undo steps (not the
+    # one-byte IMAGE ones), its states and output lines (unknown: sys.maxsize)
     carried: int = sys.maxsize
 
     @property

@@ -386,8 +386,11 @@ def _check_size(batch: Batch, after: int, applied: AppliedBatch, notice: bytes) 
     Raises:
         CommitTooLarge: naming the partition, the epochs and the limit.
     """
-    if applied.carried < REDIS_MAX_ARGUMENT and len(notice) < REDIS_MAX_ARGUMENT:
-        return  # (the sums below cost a worker ~0.1 us an event)
+    # Under the limit for sure (undo <= carried + one byte per IMAGE step, a state <= carried):
+    # the sums below cost a worker ~0.1 us an event.
+    bound = applied.carried + len(applied.undo_steps)
+    if bound < REDIS_MAX_ARGUMENT and len(notice) < REDIS_MAX_ARGUMENT:
+        return
     undo = sum(len(x) for x in applied.undo_images if x is not None)
     undo += sum(map(len, applied.undo_steps))
     state = max((len(x) for x in applied.writes.values() if x is not None), default=0)
