@@ -362,7 +362,8 @@ class Driver:
         parts = [table[crc32(key) % modulus] for key in block.keys]
         sizes = [len(line) + 1 for line in lines]
         offsets = list(accumulate(sizes, initial=source.offset))
-        epochs = range(source.epoch, source.epoch + n)
+        # (a list: itemgetter of a range makes each int anew, 36 ns a line against 18)
+        epochs = list(range(source.epoch, source.epoch + n))
         # Each partition's lines in input order: a stable sort of the line indexes by partition.
         order = sorted(range(n), key=parts.__getitem__)
         start = 0

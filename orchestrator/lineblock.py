@@ -75,7 +75,10 @@ class BlockReader:
         found = self._findall(block)
         lines = block.split(b"\n")
         lines.pop()  # (after the last newline)
-        if len(found) != len(lines) or max(map(len, lines)) > max_line_bytes:
+        if len(found) != len(lines):
+            return None
+        # (a block no longer than the limit holds no line over it)
+        if end > max_line_bytes and max(map(len, lines)) > max_line_bytes:
             return None
         keys = found if self._key is None else [groups[self._key] for groups in found]
         return LineBlock(lines, keys, end)
