@@ -24,7 +24,7 @@ from orchestrator.recovery import RedisRecoveryConfig
 from orchestrator.server import EmbeddedServer, client_for, connect
 from tasks.apply import apply_events
 from tasks.errors import NamespaceError, PipelineError, StaleGeneration
-from tasks.flow import Dataflow, keyed, run_steps
+from tasks.flow import RUN_MAIN_FLOW, Dataflow, keyed, run_steps
 from tasks.keys import Keys
 from tasks.store import CommitOutcome, CommitTarget, partition_transaction
 
@@ -32,6 +32,12 @@ InputBuilder = Callable[[int, int], Iterable[tuple[int, Any]]]
 OutputBuilder = Callable[[int, int], Callable[[tuple[int, Any]], Any]]
 
 BATCH_EVENTS = 1_000
+# A key's state of at least this many bytes of JSON is re-derived by the flow at restore
+# time (tasks/undo.py) instead of stored before each of its events: an image per event
+# made a hot key's replay history grow as N² (docs/performance.md, "Hot keys: run_main").
+# A smaller state keeps every image, so a later run may go back with another flow object;
+# going back over a large one needs a flow that gives the same states (else FlowError).
+DERIVE_FROM_BYTES = 4096
 
 
 @contextlib.contextmanager
@@ -75,7 +81,7 @@ def run_main(
             raised, after every earlier epoch has been committed and delivered.
     """
     _, stateful, _ = flow.split()
-    flow_id = f"run_main:{stateful.step_id}"
+    flow_id = f"{RUN_MAIN_FLOW}{stateful.step_id}"
     inputs = iter(input_builder(0, 1))
     first = next(inputs, None)
     if first is None:
@@ -147,8 +153,7 @@ class _Runner:
             applied = apply_events(
                 self.flow, events, loaded.states, through, "fail",
                 render=lambda e, x: (e, deepcopy(x)),
-                # every before-image stored: the caller may pass another flow object next run
-                derive=False,
+                derive_from=DERIVE_FROM_BYTES,
             )  # fmt: skip
             outcome = txn.commit(target, applied)
         if outcome is not CommitOutcome.COMMITTED:

@@ -90,6 +90,7 @@ def apply_events(  # noqa: C901 - the hot loop of a worker, kept in one function
     watch: EventWatch | None = None,
     derive: bool = True,
     max_bytes: int = 0,
+    derive_from: int = 0,
 ) -> AppliedBatch:
     """Apply events (in epoch order) to the loaded states.
 
@@ -103,8 +104,11 @@ def apply_events(  # noqa: C901 - the hot loop of a worker, kept in one function
         watch: stops an event that runs longer than its timeout (armed by the
             caller); the event is rejected as timed out, the batch goes on.
         derive: the undo record may re-derive states with the flow (else it
-            stores every event's before-image: ``run_main``, whose flow object
-            may change between runs).
+            stores every event's before-image).
+        derive_from: with ``derive``, only a state of at least this many bytes of
+            JSON is re-derived; a smaller one keeps its image at every event (0:
+            any state may be). ``run_main``, whose caller may pass another flow
+            object on its next run, derives only large states.
         max_bytes: once the bytes the commit would carry (output lines, each
             event's new state, undo images and values) pass this, stop at the end
             of that epoch: ``more`` is set and ``applied_through`` is that epoch
@@ -165,7 +169,11 @@ def apply_events(  # noqa: C901 - the hot loop of a worker, kept in one function
         # Only a key's second event on stores its value (so a key's image may be stored twice
         # per batch): JSON of every value cost the 1M-event bench's worker +1.7 µs per event.
         # (taken before the mapper runs: it may change the value in place)
-        value_json = _value_json(value) if derive and key in writes else _FIRST
+        value_json = (
+            _value_json(value)
+            if derive and key in writes and (not derive_from or len(before or b"") >= derive_from)
+            else _FIRST
+        )
         try:
             try:
                 new_state, emitted = mapper(state, value)

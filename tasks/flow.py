@@ -20,6 +20,10 @@ from tasks.errors import FlowError
 
 Mapper = Callable[[Any, Any], tuple[Any, Any]]
 
+# What a namespace written by ``run_main`` records as its flow (then its stateful step's
+# id): no module to import, the flow object lives in the program that ran it.
+RUN_MAIN_FLOW = "run_main:"
+
 
 @dataclass(frozen=True)
 class MapStep:

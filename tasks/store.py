@@ -26,7 +26,7 @@ from redis.client import Pipeline
 
 from tasks.apply import AppliedBatch
 from tasks.errors import FlowError, Superseded
-from tasks.flow import Dataflow, load_flow
+from tasks.flow import RUN_MAIN_FLOW, Dataflow, load_flow
 from tasks.keys import Keys
 from tasks.resp import send, takes_packed
 from tasks.undo import FlowSource, Raw, first_befores_after, first_epoch, truncate_undo
@@ -293,7 +293,15 @@ def namespace_flow(r: Redis, keys: Keys, flow: Dataflow | None = None) -> FlowSo
         if name is None:
             msg = f"namespace {keys.namespace!r} names no flow: its undo records cannot be read"
             raise FlowError(msg)
-        return load_flow(name.decode() if isinstance(name, bytes) else str(name))
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        if name.startswith(RUN_MAIN_FLOW):
+            msg = (
+                f"namespace {keys.namespace!r} was written by run_main: a large state there is "
+                f"re-derived by the flow object it ran with, which only that program has "
+                f"(run it again from the epoch wanted)"
+            )
+            raise FlowError(msg)
+        return load_flow(name)
 
     return load
 

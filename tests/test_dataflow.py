@@ -2,13 +2,17 @@
 
 import json
 
+import orjson
 import pytest
+import redis
 
-from orchestrator import Dataflow, run_main
+from orchestrator import Dataflow, inprocess, run_main
+from orchestrator.queries import state_of
 from orchestrator.recovery import RedisRecoveryConfig
 from tasks.apply import apply_events
 from tasks.errors import FlowError
 from tasks.flow import keyed, load_flow, run_steps
+from tasks.keys import Keys
 
 
 def collect(flow, items, recovery_config=None):
@@ -201,3 +205,83 @@ def test_flows_for_workers_must_be_importable(tmp_path, monkeypatch):
     with pytest.raises(FlowError, match="expected 'package.module:attribute'"):
         load_flow("nowhere")
     assert json.dumps(load_flow("tasks.cartjoin:flow").split()[1].step_id) == '"joiner"'
+
+
+# --- run_main and a hot key ---------------------------------------------------------------
+
+
+def growing():
+    """Each key's state is the list of its values; it emits the list's length."""
+    return Dataflow().stateful_map("grow", lambda key: [], lambda s, v: ([*s, v], len(s) + 1))
+
+
+def hot_and_cold(events=800):
+    """Three events in four for the key "hot", the rest spread over ten cold keys."""
+    return [
+        (e, (f"cold{e // 4 % 10}" if e % 4 == 0 else "hot", 100_000 + e)) for e in range(events)
+    ]
+
+
+def images_per_record(r, keys, key):
+    """For each undo record of run_main's partition: how many events of ``key`` it holds and
+    how many of them have their before-image stored."""
+    counts = []
+    for record in r.zrange(keys.undo(0), 0, -1):
+        _, _, record_keys, steps = orjson.loads(record.partition(b"\n")[0])
+        mine = [step for k, step in zip(record_keys, steps, strict=True) if k == key]
+        counts.append((len(mine), sum(1 for step in mine if step == 0)))
+    return counts
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    monkeypatch.setattr(inprocess, "BATCH_EVENTS", 100)
+    monkeypatch.setattr(inprocess, "DERIVE_FROM_BYTES", 1000)  # ~125 values of the hot key
+
+
+def test_a_hot_keys_history_follows_its_state_not_its_square(redis_url, namespace, small_batches):
+    recovery = RedisRecoveryConfig(redis_url, namespace=namespace)
+    flow = growing().capture()
+    items = hot_and_cold()
+    outputs = collect(flow, items, recovery)
+    assert outputs == reference_outputs(items)
+    r = redis.Redis.from_url(redis_url)
+    hot = images_per_record(r, Keys(namespace), "hot")
+    assert len(hot) == 8
+    # Its state is over 1,000 bytes from the third batch on: at most two images a batch.
+    assert [images <= 2 for events, images in hot[2:]] == [True] * 6
+    assert sum(events for events, _ in hot) == 600
+    # A cold key's state stays small: its image is stored at every event.
+    cold = images_per_record(r, Keys(namespace), "cold3")
+    assert [events == images for events, images in cold] == [True] * 8
+
+    # `state --at-epoch` cannot re-derive it without the flow object: it says so.
+    with pytest.raises(FlowError, match="written by run_main.*run it again from the epoch"):
+        state_of(r, Keys(namespace), "hot", 550)
+    assert state_of(r, Keys(namespace), "cold3", 550)["state"] == [
+        100_000 + e for e in range(12, 551, 40)
+    ]
+    # Going back to epoch 550 re-derives the hot key's state there: the same outputs again.
+    assert collect(flow, items[550:], recovery) == outputs[550:]
+
+
+def test_going_back_over_a_large_state_needs_a_flow_that_gives_the_same_states(
+    redis_url, namespace, small_batches
+):
+    recovery = RedisRecoveryConfig(redis_url, namespace=namespace)
+    items = hot_and_cold()
+    outputs = collect(growing().capture(), items, recovery)
+    doubling = Dataflow().stateful_map("grow", lambda key: [], lambda s, v: ([*s, 2 * v], 0))
+    with pytest.raises(FlowError, match="no longer gives the state key 'hot' had"):
+        collect(doubling.capture(), items[550:], recovery)
+    # Nothing was restored with it: the flow it ran with goes back as before.
+    assert collect(growing().capture(), items[550:], recovery) == outputs[550:]
+
+
+def reference_outputs(items):
+    states: dict[str, list[int]] = {}
+    out = []
+    for epoch, (key, value) in items:
+        states.setdefault(key, []).append(value)
+        out.append((epoch, (key, len(states[key]))))
+    return out
