@@ -12,6 +12,7 @@ import contextlib
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,13 @@ from orchestrator.lock import DriverLock
 from orchestrator.namespace import Committer, check_compatible, read_info, start_run
 from orchestrator.recovery import RedisRecoveryConfig
 from orchestrator.server import EmbeddedServer, client_for, connect
-from tasks.apply import apply_events
+from tasks.apply import AppliedBatch, apply_events
 from tasks.errors import NamespaceError, PipelineError, StaleGeneration
 from tasks.flow import RUN_MAIN_FLOW, Dataflow, keyed, run_steps
+from tasks.jobs import REDIS_MAX_ARGUMENT
 from tasks.keys import Keys
 from tasks.store import CommitOutcome, CommitTarget, partition_transaction
+from tasks.tuning import commit_bytes
 
 InputBuilder = Callable[[int, int], Iterable[tuple[int, Any]]]
 OutputBuilder = Callable[[int, int], Callable[[tuple[int, Any]], Any]]
@@ -115,6 +118,7 @@ class _Runner:
         self.before, self.stateful, _ = flow.split()
         self.after = after  # the last committed epoch
         self.events: list[tuple[int, str, Any]] = []
+        self.max_bytes = min(commit_bytes(), REDIS_MAX_ARGUMENT // 2)
         self.read_through = after
 
     def run(
@@ -140,12 +144,24 @@ class _Runner:
         self._flush(self.read_through, output)
 
     def _flush(self, through: int, output: Callable[..., Any]) -> None:
+        """Commit and deliver the events up to ``through``, in parts bounded by bytes."""
         events = [e for e in self.events if e[0] <= through]
         self.events = self.events[len(events) :]
-        if through <= self.after:
-            return
+        start = 0
+        while through > self.after:
+            while start < len(events) and events[start][0] <= self.after:
+                start += 1  # (committed by the part before)
+            applied = self._commit(events[start:], through)
+            self._deliver(applied, output)
+            if applied.failed_exception is not None:
+                raise applied.failed_exception
+            if not applied.more:
+                return
+
+    def _commit(self, events: list[tuple[int, str, Any]], through: int) -> AppliedBatch:
+        """Apply and commit events after ``self.after``, through ``through`` or, once the
+        commit carries ``max_bytes``, through the end of that epoch (``more`` is then set)."""
         wanted = list(dict.fromkeys(key for _, key, _ in events))
-        target = CommitTarget(self.keys, self.generation, 0, self.after, through)
         with partition_transaction(self.r, self.keys, 0) as txn:
             loaded = txn.load(wanted)
             # Outputs are delivered after the commit: copy each one as it is emitted, since
@@ -154,11 +170,19 @@ class _Runner:
                 self.flow, events, loaded.states, through, "fail",
                 render=lambda e, x: (e, deepcopy(x)),
                 derive_from=DERIVE_FROM_BYTES,
+                # (the bytes of the states, which a hot key's outputs follow: they are held
+                # until the commit, as copies)
+                max_bytes=self.max_bytes,
             )  # fmt: skip
-            outcome = txn.commit(target, applied)
+            target = CommitTarget(self.keys, self.generation, 0, self.after, through)
+            outcome = txn.commit(replace(target, part=applied.more), applied)
         if outcome is not CommitOutcome.COMMITTED:
             msg = f"namespace {self.keys.namespace!r} was taken over by another run"
             raise StaleGeneration(msg)
+        return applied
+
+    def _deliver(self, applied: AppliedBatch, output: Callable[..., Any]) -> None:
+        """Hand the committed outputs over, and record how far they went."""
         delivered = self.after  # every epoch up to this one is out
         try:
             for epoch, rendered in applied.outputs:
@@ -168,8 +192,6 @@ class _Runner:
         finally:
             self.committer.record(delivered, 0, [], floors=[applied.applied_through])
             self.after = delivered
-        if applied.failed_exception is not None:
-            raise applied.failed_exception
 
 
 def _epoch_item(item: Any, previous: int) -> tuple[int, Any]:

@@ -285,3 +285,39 @@ def reference_outputs(items):
         states.setdefault(key, []).append(value)
         out.append((epoch, (key, len(states[key]))))
     return out
+
+
+def test_a_hot_keys_commits_are_bounded_by_bytes(redis_url, namespace, small_batches, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATOR_COMMIT_BYTES", "3000")  # a few events of the hot key
+    recovery = RedisRecoveryConfig(redis_url, namespace=namespace)
+    flow = growing().capture()
+    items = hot_and_cold()
+    outputs = collect(flow, items, recovery)
+    assert outputs == reference_outputs(items)
+    r = redis.Redis.from_url(redis_url)
+    hot = images_per_record(r, Keys(namespace), "hot")
+    # Eight batches of 100 events; the hot key's later ones in parts of a few events each.
+    assert len(hot) > 40
+    assert max(events for events, _ in hot[-10:]) <= 3
+    assert collect(flow, items[550:], recovery) == outputs[550:]
+
+
+def test_an_exception_in_a_later_part_comes_after_the_parts_before_it(
+    redis_url, namespace, small_batches, monkeypatch
+):
+    monkeypatch.setenv("ORCHESTRATOR_COMMIT_BYTES", "3000")
+    recovery = RedisRecoveryConfig(redis_url, namespace=namespace)
+
+    def mapper(state, value):
+        if value == 100_000 + 650:
+            raise ValueError("no")
+        return [*state, value], len(state) + 1
+
+    flow = Dataflow().stateful_map("grow", lambda key: [], mapper).capture()
+    items = hot_and_cold()
+    out = []
+    with pytest.raises(ValueError, match="no"):
+        run_main(flow, lambda i, n: iter(items), lambda i, n: out.append, recovery)
+    assert out == reference_outputs(items)[:650]
+    # The next run starts at 650 (its first epoch) from the state at the end of 649.
+    assert collect(growing().capture(), items[650:], recovery) == reference_outputs(items)[650:]
