@@ -124,8 +124,9 @@ def check_consistency(
         raise RedisLostData(msg)
 
 
-def eviction_problem(r: Redis) -> str | None:
-    """What is wrong with the server's eviction policy for this pipeline, if anything."""
+def eviction_problem(r: Redis, allow: str = "pass --allow-eviction") -> str | None:
+    """What is wrong with the server's eviction policy for this pipeline, if anything
+    (``allow``: how the caller's user runs anyway)."""
     try:
         policy = server_config(r, "maxmemory-policy") or "noeviction"
     except redis.ResponseError:
@@ -135,7 +136,7 @@ def eviction_problem(r: Redis) -> str | None:
     return (
         f"the Redis server runs with maxmemory-policy {policy}: it may evict the pipeline's "
         f"keys (state, progress, queued batches) under memory pressure, which loses data "
-        f"silently; set maxmemory-policy noeviction, or pass --allow-eviction to run anyway"
+        f"silently; set maxmemory-policy noeviction, or {allow} to run anyway"
     )
 
 

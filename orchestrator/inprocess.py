@@ -18,13 +18,13 @@ from typing import Any
 
 from redis import Redis
 
-from orchestrator.fence import Fence
+from orchestrator.fence import EvictionWatch, Fence, check_consistency, eviction_problem
 from orchestrator.lock import DriverLock
 from orchestrator.namespace import Committer, check_compatible, read_info, start_run
 from orchestrator.recovery import RedisRecoveryConfig
 from orchestrator.server import EmbeddedServer, client_for, connect
 from tasks.apply import AppliedBatch, apply_events
-from tasks.errors import NamespaceError, PipelineError, StaleGeneration
+from tasks.errors import NamespaceError, PipelineError, RedisLostData, StaleGeneration
 from tasks.flow import RUN_MAIN_FLOW, Dataflow, keyed, run_steps
 from tasks.jobs import REDIS_MAX_ARGUMENT
 from tasks.keys import Keys
@@ -100,6 +100,21 @@ def run_main(
             )
             raise NamespaceError(msg) from None
         start = min(first[0], info.committed + 1)
+        # What a resume of the CLI checks first (orchestrator/commands.py): a server that may
+        # evict the state, and one that came back with less than the namespace recorded.
+        allow = recovery_config is not None and recovery_config.allow_eviction
+        problem = eviction_problem(r, allow="pass RedisRecoveryConfig(..., allow_eviction=True)")
+        if problem is not None and not allow:
+            raise NamespaceError(problem)
+        check_consistency(r, Keys(keys.namespace, info.tagged), info.floors, start,
+                          info.evicted_keys)  # fmt: skip
+        if not info.exists and r.exists(keys.progress(0), keys.state(0), keys.undo(0)):
+            msg = (
+                f"namespace {keys.namespace!r} holds a partition's data but no record of its "
+                f"runs: Redis lost part of it (evicted, or came back with less); nothing was "
+                f"written; start over with a namespace of its own, or reset this one"
+            )
+            raise RedisLostData(msg)
         fence = start_run(
             r, keys, token=lock.token, lock_ttl_ms=lock.ttl_ms, info=info, partitions=1,
             flow=flow_id, input_name="run_main", start_epoch=start, start_offset=0,
@@ -114,7 +129,11 @@ class _Runner:
 
     def __init__(self, r: Redis, keys: Keys, flow: Dataflow, fence: Fence, after: int) -> None:
         self.r, self.keys, self.flow, self.generation = r, keys, flow, fence.generation
-        self.committer = Committer(r, keys, 1, fence, last_committed=after)
+        # (as the CLI's runs: stopped if the server evicts keys, possible under allow_eviction)
+        self.evictions = EvictionWatch(r, keys)
+        self.committer = Committer(
+            r, keys, 1, fence, last_committed=after, evictions=self.evictions
+        )
         self.before, self.stateful, _ = flow.split()
         self.after = after  # the last committed epoch
         self.events: list[tuple[int, str, Any]] = []
@@ -183,6 +202,8 @@ class _Runner:
 
     def _deliver(self, applied: AppliedBatch, output: Callable[..., Any]) -> None:
         """Hand the committed outputs over, and record how far they went."""
+        # (none made from states the server may have evicted: allow_eviction's promise)
+        self.evictions.check(now=True)
         delivered = self.after  # every epoch up to this one is out
         try:
             for epoch, rendered in applied.outputs:
@@ -190,6 +211,9 @@ class _Runner:
                 output(rendered)
             delivered = applied.applied_through
         finally:
+            # (an eviction during the handler's calls is named as such, and marked for the
+            # next run, before the record can find some key of the run gone)
+            self.evictions.check(now=True)
             self.committer.record(delivered, 0, [], floors=[applied.applied_through])
             self.after = delivered
 

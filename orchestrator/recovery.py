@@ -20,10 +20,13 @@ class RedisRecoveryConfig:
             (see ``orchestrator.sentinel``), or a directory
             for the embedded redis-server (created if missing; the data persists there).
         namespace: the namespace of the flow's keys in that Redis.
+        allow_eviction: run even if the server's maxmemory-policy may evict keys
+            (refused by default: an evicted state is lost silently).
     """
 
     location: str | os.PathLike[str]
     namespace: str = "run-main"
+    allow_eviction: bool = False
 
     def __post_init__(self) -> None:
         Keys(self.namespace)  # a bad namespace fails here, not mid-run

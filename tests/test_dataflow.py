@@ -10,7 +10,7 @@ from orchestrator import Dataflow, inprocess, run_main
 from orchestrator.queries import state_of
 from orchestrator.recovery import RedisRecoveryConfig
 from tasks.apply import apply_events
-from tasks.errors import FlowError
+from tasks.errors import FlowError, NamespaceError, RedisLostData
 from tasks.flow import keyed, load_flow, run_steps
 from tasks.keys import Keys
 
@@ -321,3 +321,70 @@ def test_an_exception_in_a_later_part_comes_after_the_parts_before_it(
     assert out == reference_outputs(items)[:650]
     # The next run starts at 650 (its first epoch) from the state at the end of 649.
     assert collect(growing().capture(), items[650:], recovery) == reference_outputs(items)[650:]
+
+
+def test_run_main_refuses_a_redis_that_comes_back_with_less(
+    redis_url, namespace, small_batches, monkeypatch
+):
+    monkeypatch.setenv("ORCHESTRATOR_COMMIT_BYTES", "3000")
+    recovery = RedisRecoveryConfig(redis_url, namespace=namespace)
+    r, keys = redis.Redis.from_url(redis_url), Keys(namespace)
+    partition = (keys.progress(0), keys.state(0), keys.undo(0))
+    saved, out = {}, []
+
+    def output(item):
+        out.append(item)
+        if item[0] == 300:
+            saved.update({key: r.dump(key) for key in partition})
+        if item[0] == 420:  # Redis comes back with what it held at epoch 300 (a lost tail)
+            for key, dumped in saved.items():
+                r.restore(key, 0, dumped, replace=True)
+
+    items = hot_and_cold()
+    with pytest.raises(RedisLostData, match="came back with less than it acknowledged"):
+        run_main(growing().capture(), lambda i, n: iter(items), lambda i, n: output, recovery)
+    assert out == reference_outputs(items)[: len(out)]
+    # The next run refuses too, rather than go on from what Redis has left.
+    with pytest.raises(RedisLostData, match="partition 0 is at epoch 301, but it had applied"):
+        collect(growing().capture(), items[len(out) :], recovery)
+    # From before the loss, with its history, it goes back and gives the right outputs.
+    assert collect(growing().capture(), items[250:], recovery) == reference_outputs(items)[250:]
+
+
+def test_run_main_refuses_a_server_that_may_evict_its_state(own_redis):
+    redis.Redis.from_url(own_redis.url).config_set("maxmemory-policy", "allkeys-lru")
+    items = [(e, ("a", 1)) for e in range(3)]
+    with pytest.raises(NamespaceError, match="allkeys-lru.*allow_eviction=True"):
+        collect(counter().capture(), items, RedisRecoveryConfig(own_redis.url))
+    allowed = RedisRecoveryConfig(own_redis.url, allow_eviction=True)
+    assert collect(counter().capture(), items, allowed) == [
+        (0, ("a", 1)),
+        (1, ("a", 2)),
+        (2, ("a", 3)),
+    ]
+
+
+def test_run_main_allowed_to_run_on_an_evicting_server_stops_when_it_evicts(own_redis):
+    client = redis.Redis.from_url(own_redis.url)
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", used + (4 << 20))
+    out = []
+
+    def output(item):
+        out.append(item)
+        if item[0] == 1500:  # someone else fills the server: it evicts
+            for i in range(100):
+                client.set(f"filler:{i}", b"x" * (100 << 10))
+
+    items = [(e, (f"k{e % 50}", 1)) for e in range(3000)]
+    allowed = RedisRecoveryConfig(own_redis.url, allow_eviction=True)
+    # (the refusal names what it found first: the eviction, or a key of the run gone)
+    with pytest.raises(RedisLostData):
+        run_main(counter().capture(), lambda i, n: iter(items), lambda i, n: output, allowed)
+    # Nothing made from what was left was handed over.
+    assert out == [(e, (key, e // 50 + 1)) for e, (key, _) in items[: len(out)]]
+    assert len(out) < 3000
+    # and no later run builds on what is left
+    with pytest.raises(RedisLostData):
+        collect(counter().capture(), items[len(out) :], allowed)
