@@ -14,6 +14,8 @@ from tasks.errors import FlowError, NamespaceError, RedisLostData
 from tasks.flow import keyed, load_flow, run_steps
 from tasks.keys import Keys
 
+from conftest import REPO, cli_env
+
 
 def collect(flow, items, recovery_config=None):
     """Run flow over [(epoch, item)] in-process; return the outputs."""
@@ -388,3 +390,74 @@ def test_run_main_allowed_to_run_on_an_evicting_server_stops_when_it_evicts(own_
     # and no later run builds on what is left
     with pytest.raises(RedisLostData):
         collect(counter().capture(), items[len(out) :], allowed)
+
+
+PAUSED_RUN = """
+import sys, time
+from orchestrator import Dataflow, inprocess, run_main
+from orchestrator.recovery import RedisRecoveryConfig
+inprocess.BATCH_EVENTS = 50
+url, namespace, out_path, first, last = sys.argv[1:]
+flow = Dataflow().stateful_map("count", lambda key: 0, lambda s, v: (s + v, s + v)).capture()
+items = [(e, (f"k{e % 7}", 1)) for e in range(int(first), int(last))]
+with open(out_path, "a", buffering=1) as out:
+    def handler(item):
+        out.write(f"{item[0]} {item[1][0]} {item[1][1]}\\n")
+        time.sleep(0.002)
+    try:
+        run_main(flow, lambda i, n: iter(items), lambda i, n: handler,
+                 RedisRecoveryConfig(url, namespace=namespace))
+    except Exception as e:
+        print(type(e).__name__, e, file=sys.stderr)
+        sys.exit(3)
+"""
+
+
+def test_a_paused_run_main_wakes_up_to_a_refusal_and_the_run_after_it_is_exact(
+    redis_url, namespace, tmp_path
+):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "paused.py"
+    script.write_text(PAUSED_RUN)
+    env = cli_env(ORCHESTRATOR_DRIVER_LOCK_TTL="1")
+    first_out, second_out = tmp_path / "first.txt", tmp_path / "second.txt"
+
+    def start(out, first, last):
+        args = [sys.executable, str(script), redis_url, namespace, str(out), str(first), str(last)]
+        return subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+
+    paused = start(first_out, 0, 2000)
+    try:
+        deadline = time.monotonic() + 30
+        while not first_out.exists() or len(first_out.read_text().splitlines()) < 300:
+            assert time.monotonic() < deadline and paused.poll() is None
+            time.sleep(0.01)
+        paused.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)  # its lock expires
+        # Another run takes the namespace over from before where the paused one was, to the end.
+        taken = int(first_out.read_text().splitlines()[-1].split()[0]) - 100
+        after = start(second_out, taken, 2000)
+        _, said = after.communicate(timeout=60)
+        assert after.returncode == 0, said
+        paused.send_signal(signal.SIGCONT)
+        _, said = paused.communicate(timeout=60)
+    finally:
+        paused.send_signal(signal.SIGCONT)
+        paused.kill()
+    assert paused.returncode == 3
+    assert "another driver took over" in said
+    # The second run's outputs are the plain loop's from where it started.
+    counts: dict[str, int] = {}
+    expected = []
+    for e in range(2000):
+        key = f"k{e % 7}"
+        counts[key] = counts.get(key, 0) + 1
+        expected.append(f"{e} {key} {counts[key]}")
+    assert second_out.read_text().splitlines() == expected[taken:]
+    # and what the paused one handed over before and after its pause was exact too
+    lines = first_out.read_text().splitlines()
+    assert lines == expected[: len(lines)]
