@@ -256,12 +256,20 @@ def total_cpu(run: Timed) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--events", type=int, default=1_000_000, help="events to generate (default 1,000,000)"
+    )
+    parser.add_argument(
+        "--users", type=int, default=100_000, help="users they come from (default 100,000)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="worker processes of the ingest (default 2)"
+    )
+    parser.add_argument(
+        "--partitions", type=int, default=4, help="partitions of the namespace (default 4)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the generator's seed (default 0)")
     parser.add_argument(
         "--hot-key-orders",
         type=int,

@@ -214,7 +214,9 @@ def verify(lines: list[str], outputs: list[str], states: dict[str, object]) -> d
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.chaos", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--users", type=int, default=5_000)
     parser.add_argument("--worker-kills", type=int, default=10)

@@ -130,7 +130,9 @@ def merge_and_write(notices: list[CommitNotice], partitions: int, out: io.Buffer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.driver", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--events", type=int, default=400_000)
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=4)

@@ -55,7 +55,9 @@ def generate(
 
 def main(argv: list[str] | None = None) -> None:
     """Write generated events to stdout or a file."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.generate", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)

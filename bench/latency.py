@@ -287,7 +287,9 @@ def measure(name: str, args: argparse.Namespace, run_dir: Path) -> Figures:
 
 def main(argv: list[str] | None = None) -> None:
     """Measure each source and print one line of percentiles for it."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.latency", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--rate", type=int, default=1000, help="events a second (default 1000)")
     parser.add_argument("--seconds", type=int, default=10, help="how long to produce (10)")
     parser.add_argument("--source", action="append", choices=sorted(SOURCES),

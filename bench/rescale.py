@@ -63,7 +63,9 @@ def cli(*args: str) -> tuple[float, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.rescale", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--epochs", type=int, default=100_000)
     parser.add_argument(

@@ -32,7 +32,9 @@ PARTITIONS = 4
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.worker", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--events", type=int, default=400_000)
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=40_000, help="epochs in the timed batch")
