@@ -241,14 +241,21 @@ def small_batches(monkeypatch):
     monkeypatch.setattr(inprocess, "DERIVE_FROM_BYTES", 1000)  # ~125 values of the hot key
 
 
-def test_a_hot_keys_history_follows_its_state_not_its_square(redis_url, namespace, small_batches):
+def run_hot_and_cold(redis_url, namespace):
+    """run_main of ``growing`` over ``hot_and_cold()``, kept in Redis: its outputs (checked
+    against the plain loop's) and the hot key's events and images per undo record."""
     recovery = RedisRecoveryConfig(redis_url, namespace=namespace)
-    flow = growing().capture()
     items = hot_and_cold()
-    outputs = collect(flow, items, recovery)
+    outputs = collect(growing().capture(), items, recovery)
     assert outputs == reference_outputs(items)
+    hot = images_per_record(redis.Redis.from_url(redis_url), Keys(namespace), "hot")
+    return recovery, items, outputs, hot
+
+
+def test_a_hot_keys_history_follows_its_state_not_its_square(redis_url, namespace, small_batches):
+    recovery, items, outputs, hot = run_hot_and_cold(redis_url, namespace)
     r = redis.Redis.from_url(redis_url)
-    hot = images_per_record(r, Keys(namespace), "hot")
+    flow = growing().capture()
     assert len(hot) == 8
     # Its state is over 1,000 bytes from the third batch on: at most two images a batch.
     assert [images <= 2 for events, images in hot[2:]] == [True] * 6
@@ -291,13 +298,8 @@ def reference_outputs(items):
 
 def test_a_hot_keys_commits_are_bounded_by_bytes(redis_url, namespace, small_batches, monkeypatch):
     monkeypatch.setenv("ORCHESTRATOR_COMMIT_BYTES", "3000")  # a few events of the hot key
-    recovery = RedisRecoveryConfig(redis_url, namespace=namespace)
+    recovery, items, outputs, hot = run_hot_and_cold(redis_url, namespace)
     flow = growing().capture()
-    items = hot_and_cold()
-    outputs = collect(flow, items, recovery)
-    assert outputs == reference_outputs(items)
-    r = redis.Redis.from_url(redis_url)
-    hot = images_per_record(r, Keys(namespace), "hot")
     # Eight batches of 100 events; the hot key's later ones in parts of a few events each.
     assert len(hot) > 40
     assert max(events for events, _ in hot[-10:]) <= 3
