@@ -26,10 +26,9 @@ from orchestrator.server import EmbeddedServer, client_for, connect
 from tasks.apply import AppliedBatch, apply_events
 from tasks.errors import NamespaceError, PipelineError, RedisLostData, StaleGeneration
 from tasks.flow import RUN_MAIN_FLOW, Dataflow, keyed, run_steps
-from tasks.jobs import REDIS_MAX_ARGUMENT
+from tasks.jobs import part_bytes
 from tasks.keys import Keys
 from tasks.store import CommitOutcome, CommitTarget, partition_transaction
-from tasks.tuning import commit_bytes
 
 InputBuilder = Callable[[int, int], Iterable[tuple[int, Any]]]
 OutputBuilder = Callable[[int, int], Callable[[tuple[int, Any]], Any]]
@@ -137,7 +136,7 @@ class _Runner:
         self.before, self.stateful, _ = flow.split()
         self.after = after  # the last committed epoch
         self.events: list[tuple[int, str, Any]] = []
-        self.max_bytes = min(commit_bytes(), REDIS_MAX_ARGUMENT // 2)
+        self.max_bytes = part_bytes()
         self.read_through = after
 
     def run(

@@ -42,6 +42,12 @@ REDIS_MAX_ARGUMENT = 512 << 20
 MB = 1 << 20
 
 
+def part_bytes() -> int:
+    """The bytes after which a commit ends at the next epoch: ``commit_bytes``, at most half
+    of what Redis takes in one argument (a part over that limit is then one epoch's doing)."""
+    return min(commit_bytes(), REDIS_MAX_ARGUMENT // 2)
+
+
 def process_batch(
     namespace: str, partition: int, batch_key: str, attempt: int = 1
 ) -> dict[str, Any]:
@@ -244,8 +250,7 @@ class _Parts:
         )  # fmt: skip
         self.epochs = [epoch for epoch, _, _ in events]
         self.poison: dict[int, Rejection] | None = None if careful is not None else {}
-        # (at most half of what Redis takes: a part over that limit is then one epoch's doing)
-        self.max_bytes = min(commit_bytes(), REDIS_MAX_ARGUMENT // 2)
+        self.max_bytes = part_bytes()
 
     def first_after(self, epoch: int) -> int:
         """The index of the first event after ``epoch``."""

@@ -1,6 +1,10 @@
 """The Dataflow operators' contracts, and run_main with and without recovery."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import orjson
 import pytest
@@ -418,11 +422,6 @@ with open(out_path, "a", buffering=1) as out:
 def test_a_paused_run_main_wakes_up_to_a_refusal_and_the_run_after_it_is_exact(
     redis_url, namespace, tmp_path
 ):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     script = tmp_path / "paused.py"
     script.write_text(PAUSED_RUN)
     env = cli_env(ORCHESTRATOR_DRIVER_LOCK_TTL="1")
