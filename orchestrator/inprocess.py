@@ -114,6 +114,16 @@ def run_main(
                 f"written; start over with a namespace of its own, or reset this one"
             )
             raise RedisLostData(msg)
+        # (without a recovery config, the namespace is a private server's, new every time)
+        new_from = None if recovery_config is None else recovery_config.first_epoch
+        if not info.exists and new_from is not None and first[0] > new_from:
+            msg = (
+                f"recovery namespace {keys.namespace!r} has no record of earlier runs, but the "
+                f"input starts at epoch {first[0]}: if runs came before, their state is gone "
+                f"(Redis restarted empty, or the namespace was reset); nothing was written. If "
+                f"this is its first run, pass RedisRecoveryConfig(..., first_epoch={first[0]})"
+            )
+            raise RedisLostData(msg)
         fence = start_run(
             r, keys, token=lock.token, lock_ttl_ms=lock.ttl_ms, info=info, partitions=1,
             flow=flow_id, input_name="run_main", start_epoch=start, start_offset=0,

@@ -22,14 +22,22 @@ class RedisRecoveryConfig:
         namespace: the namespace of the flow's keys in that Redis.
         allow_eviction: run even if the server's maxmemory-policy may evict keys
             (refused by default: an evicted state is lost silently).
+        first_epoch: the epoch a new namespace's first run may start at. A namespace with
+            no record of earlier runs whose input starts after it is refused: a Redis that
+            lost everything (restarted empty, say) looks just like that, and going on from
+            an empty state would give wrong outputs.
     """
 
     location: str | os.PathLike[str]
     namespace: str = "run-main"
     allow_eviction: bool = False
+    first_epoch: int = 0
 
     def __post_init__(self) -> None:
         Keys(self.namespace)  # a bad namespace fails here, not mid-run
+        if not isinstance(self.first_epoch, int) or isinstance(self.first_epoch, bool):
+            msg = f"first_epoch must be an int, got {self.first_epoch!r:.60}"
+            raise TypeError(msg)
 
     @property
     def url(self) -> str | None:

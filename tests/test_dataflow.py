@@ -1,6 +1,8 @@
 """The Dataflow operators' contracts, and run_main with and without recovery."""
 
+import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from tasks.errors import FlowError, NamespaceError, RedisLostData
 from tasks.flow import keyed, load_flow, run_steps
 from tasks.keys import Keys
 
-from conftest import REPO, cli_env
+from conftest import REPO, RedisServer, cli_env
 
 
 def collect(flow, items, recovery_config=None):
@@ -463,3 +465,51 @@ def test_a_paused_run_main_wakes_up_to_a_refusal_and_the_run_after_it_is_exact(
     # and what the paused one handed over before and after its pause was exact too
     lines = first_out.read_text().splitlines()
     assert lines == expected[: len(lines)]
+
+
+def test_a_new_namespace_whose_input_starts_later_is_refused_unless_first_epoch_says_so(
+    recovery,
+):
+    items = [(e, ("a", 1)) for e in range(3, 6)]
+    with pytest.raises(RedisLostData, match=r"no record of earlier runs.*first_epoch=3"):
+        collect(counter().capture(), items, recovery)
+    told = dataclasses.replace(recovery, first_epoch=3)
+    assert collect(counter().capture(), items, told) == [
+        (3, ("a", 1)),
+        (4, ("a", 2)),
+        (5, ("a", 3)),
+    ]
+    # Once it has a record, a run may start anywhere, as before.
+    assert collect(counter().capture(), [(5, ("a", 10))], recovery) == [(5, ("a", 12))]
+
+
+def test_run_main_refuses_to_go_on_from_a_redis_that_restarted_empty(tmp_path):
+    server = RedisServer(str(tmp_path), appendonly=False).start()  # a restart comes back empty
+    try:
+        recovery = RedisRecoveryConfig(server.url)
+        items = [(e, ("a", 1)) for e in range(10)]
+        assert collect(counter().capture(), items[:5], recovery)[-1] == (4, ("a", 5))
+        server.kill()
+        server.start()
+        with pytest.raises(RedisLostData, match="no record of earlier runs.*epoch 5"):
+            collect(counter().capture(), items[5:], recovery)
+        assert not redis.Redis.from_url(server.url).keys("*run-main*")  # nothing written
+        # Run again from the start: every output is exact.
+        assert collect(counter().capture(), items, recovery)[-1] == (9, ("a", 10))
+    finally:
+        server.stop()
+
+
+def test_run_main_refuses_to_go_on_from_an_embedded_server_that_lost_its_files(tmp_path):
+    recovery = RedisRecoveryConfig(tmp_path / "recovery")
+    items = [(e, ("a", 1)) for e in range(10)]
+    assert collect(counter().capture(), items[:5], recovery)[-1] == (4, ("a", 5))
+    shutil.rmtree(tmp_path / "recovery")  # its data directory, gone between two runs
+    with pytest.raises(RedisLostData, match="no record of earlier runs.*epoch 5"):
+        collect(counter().capture(), items[5:], recovery)
+    assert collect(counter().capture(), items, recovery)[-1] == (9, ("a", 10))
+
+
+def test_first_epoch_must_be_an_int():
+    with pytest.raises(TypeError, match="first_epoch must be an int"):
+        RedisRecoveryConfig("unused", first_epoch="3")
