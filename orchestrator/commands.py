@@ -588,6 +588,8 @@ def resume_hint(settings: Settings, path: Path) -> str:
         parts += ["--namespace", settings.namespace]
     if settings.redis_url is None and settings.data_dir != Settings.data_dir:
         parts += ["--data-dir", str(settings.data_dir)]
+    if settings.partitions is not None:  # (a rescale that was asked for and may not be done)
+        parts += ["--partitions", str(settings.partitions)]
     if settings.output is not None:
         parts += ["--output", str(settings.output)]
     elif settings.output_stream is not None:

@@ -190,3 +190,21 @@ def test_a_running_orchestrator_worker_takes_the_queues_of_the_new_count(redis_u
     expected_out, expected_states = reference_run(f"{line}\n" for line in lines)
     assert out.read_text() == expected_out
     assert committed_states(redis_url, ns) == expected_states
+
+
+def test_a_rescale_interrupted_by_ctrl_c_says_how_to_finish_it(redis_url, tmp_path, expected):
+    ns = new_namespace()
+    path, out = first_run(tmp_path, redis_url, ns)
+    driver = start_rescale(path, redis_url, ns, out, 16)
+    driver.send_signal(signal.SIGINT)
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 130, stderr
+    hint = stderr.splitlines()[-1]
+    assert partitions_of(redis_url, ns) in (4, 16)  # (the move is done, or not begun)
+    # The command it prints asks for 16 partitions again: it finishes the rescale.
+    command = hint.split("'")[1].split()
+    assert command[:3] == ["orchestrator", "resume", str(path)], hint
+    assert command[command.index("--partitions") + 1] == "16", hint
+    done = run_cli(*command[1:], "--redis-url", redis_url, "--workers", "2", cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert_exact(redis_url, ns, out, expected, 16)

@@ -156,7 +156,7 @@ def test_health_and_status_of_a_running_run_and_its_interrupted_outcome(redis_ur
         "ingest",
         130,
         "interrupted; committed epochs are kept: "
-        f"'orchestrator resume in.json --namespace {ns}' continues",
+        f"'orchestrator resume in.json --namespace {ns} --partitions 2' continues",
     )
     assert (last["committed_epoch"], last["epochs"], last["events"]) == (-1, 0, 0)
     code, line = health(*args, "--role", "driver", cwd=tmp_path)
