@@ -360,7 +360,8 @@ def run_pipeline(
                     None if metrics is None else metrics.metrics,
                 )  # fmt: skip
         except RedisLostData as e:
-            raise RedisLostData(f"{e}; {_what_resume_does(conn.client, keys, path)}") from e
+            after = _what_resume_does(conn.client, keys, path, resume_hint(settings, path))
+            raise RedisLostData(f"{e}; {after}") from e
         finally:
             pool.stop()
             if metrics is not None:
@@ -382,17 +383,19 @@ def run_reason(path: Path, result: RunResult) -> str:
     return f"done: {result.events} events read, committed through epoch {result.committed}{skipped}"
 
 
-def _what_resume_does(r: Redis, keys: Keys, path: Path) -> str:
-    """After a detected data loss: what Redis still holds, and the command that continues."""
+def _what_resume_does(r: Redis, keys: Keys, path: Path, resume: str) -> str:
+    """After a detected data loss: what Redis still holds, and the command that continues
+    (``resume``)."""
     try:
         info = read_info(r, keys)
     except redis.RedisError:
-        return f"once Redis is back, 'orchestrator resume {path}' continues from what it holds"
+        return f"once Redis is back, '{resume}' continues from what it holds"
     if not info.exists:
-        return f"Redis holds nothing of the namespace: start over with 'orchestrator ingest {path}'"
+        start_over = resume.replace("orchestrator resume", "orchestrator ingest", 1)
+        return f"Redis holds nothing of the namespace: start over with '{start_over}'"
     return (
-        f"'orchestrator resume {path}' continues after epoch {info.committed}, the last "
-        f"epoch Redis still holds as committed"
+        f"'{resume}' continues after epoch {info.committed}, the last epoch Redis still holds "
+        f"as committed"
     )
 
 

@@ -14,7 +14,7 @@ from redis import Redis
 from orchestrator.fence import EvictionWatch, Fence, refusal_error
 from orchestrator.output import OutputStream, wrong_stream_type
 from orchestrator.reader import Input, PipeInput, fingerprint
-from orchestrator.rescale import rescale
+from orchestrator.rescale import STAGED, drop_staged, rescale
 from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks import scripts
 from tasks.errors import NamespaceError, Superseded
@@ -66,6 +66,8 @@ class NamespaceInfo:
     slots: int = SLOTS
     # whether its partitions' keys have hash tags (tasks/keys.py): not in one made before them
     tagged: bool = True
+    # whether a rescale that did not finish left staged keys (orchestrator/rescale.py)
+    staged_rescale: bool = False
 
     @property
     def layout(self) -> Layout | None:
@@ -114,6 +116,7 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         source_position=meta.get("source_position") or None,
         slots=int(meta.get("slots", LEGACY_SLOTS if "partitions" in meta else SLOTS)),
         tagged=meta.get("hash_tags", "0" if "partitions" in meta else "1") == "1",
+        staged_rescale=STAGED in meta,
     )
 
 
@@ -229,6 +232,8 @@ def start_run(
             r, keys, generation=generation, source=current, target=target,
             epoch=start_epoch - 1, leftovers=leftovers,
         )  # fmt: skip
+    elif info.staged_rescale:  # (a rescale killed, or superseded, before its last step)
+        drop_staged(r, keys)
     queues = partition_queues(r, keys, partitions)
     for queue in queues:
         queue.empty()

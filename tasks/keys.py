@@ -202,6 +202,16 @@ class Keys:
         """Sorted set: one undo record per committed batch, scored by its last epoch."""
         return f"{self._partition(partition)}:undo"
 
+    def staged_state(self, partition: int, generation: int) -> str:
+        """Hash: the states a rescale by run ``generation`` moves to the partition, until its
+        last step renames it to ``state`` (``orchestrator/rescale.py``)."""
+        return f"{self._partition(partition)}:state:rescale-g{generation}"
+
+    def staged_undo(self, partition: int, generation: int) -> str:
+        """Sorted set: the undo records a rescale by run ``generation`` moves to the
+        partition, until its last step renames it to ``undo``."""
+        return f"{self._partition(partition)}:undo:rescale-g{generation}"
+
     @property
     def pattern(self) -> str:
         """SCAN pattern matching every key of the namespace."""

@@ -16,6 +16,7 @@ from test_driver_inprocess import BurstWorkers, run
 from test_undo import LEDGER, LOADED, batches, fresh, ledger_events, plain_befores
 
 from bench.generate import generate
+from orchestrator import rescale as moving
 from orchestrator.commands import drive
 from orchestrator.lock import DriverLock
 from orchestrator.namespace import read_info
@@ -246,3 +247,90 @@ def test_a_rescale_writes_in_chunks_of_bounded_count_and_bytes(fake, tmp_path, m
     assert (tmp_path / "out").read_text() == output
     assert states_in(fake, "rescale") == states
     assert states_at(fake, PROBED_EPOCHS) == history
+
+
+def test_a_rescale_moves_the_namespace_in_steps_of_bounded_size(fake, tmp_path, monkeypatch):
+    monkeypatch.setattr(moving, "READ_KEYS", 10)
+    monkeypatch.setattr(moving, "READ_BYTES", 3_000)
+    monkeypatch.setattr(moving, "MAX_RECORDS", 4)
+    states_read, records_read = [], []
+    step = moving._Move._step
+
+    def counting(self, read, write, any_to_write):
+        found = step(self, read, write, any_to_write)
+        if isinstance(found, tuple):
+            states_read.append(len(found[1]))
+        else:
+            records_read.append(len(found))
+        return found
+
+    monkeypatch.setattr(moving._Move, "_step", counting)
+    path = write(tmp_path / "events.json", LINES[:FIRST_RUN])
+    run(fake, options(tmp_path, 3), "ingest", path)
+    history = states_at(fake, PROBED_EPOCHS)
+    write(path, LINES)
+    run(fake, options(tmp_path, 7), "resume", path)
+    output, states = reference_run(f"{line}\n" for line in LINES)
+    assert (tmp_path / "out").read_text() == output
+    assert states_in(fake, "rescale") == states
+    assert states_at(fake, PROBED_EPOCHS) == history
+    # ~300 keys, 10 a step; the undo records a few at a time, never more than 4
+    assert sum(states_read) >= 300 and len(states_read) >= 30 and max(states_read) <= 20
+    assert len(records_read) >= 6 and max(records_read) <= 4
+
+
+def staged_keys(fake) -> list[bytes]:
+    return [key for key in fake.keys("rescale:*") if b":rescale-g" in key]
+
+
+@pytest.mark.parametrize("lost", ["a step's count", "staged states", "staged undo records"])
+def test_a_rescale_whose_steps_redis_lost_moves_nothing(fake, tmp_path, monkeypatch, lost):
+    # Redis comes back without the last steps it acknowledged (a lost append-only-file tail)
+    # while the rescale runs: its last step must not swap in what is left.
+    path = write(tmp_path / "events.json", LINES[:FIRST_RUN])
+    run(fake, options(tmp_path, 4), "ingest", path)
+    keys, before = Keys("rescale"), states_in(fake, "rescale")
+    history_of = moving._Move.history_of
+
+    def losing(self, p):
+        history_of(self, p)
+        if p == 1:
+            fake.hincrby(keys.meta, moving.STEPS, -1)
+            kind = {"staged states": ":state:", "staged undo records": ":undo:"}.get(lost)
+            if kind is not None:
+                fake.delete(next(name for name in sorted(self.staged) if kind in name))
+
+    monkeypatch.setattr(moving._Move, "history_of", losing)
+    write(path, LINES)
+    with pytest.raises(RedisLostData, match="Redis lost part of the rescale.*nothing was moved"):
+        run(fake, options(tmp_path, 8), "resume", path)
+    assert read_info(fake, keys).partitions == 4
+    assert states_in(fake, "rescale") == before
+    assert staged_keys(fake) == [] and not read_info(fake, keys).staged_rescale
+
+    monkeypatch.setattr(moving._Move, "history_of", history_of)
+    run(fake, options(tmp_path, 8), "resume", path)
+    output, states = reference_run(f"{line}\n" for line in LINES)
+    assert (tmp_path / "out").read_text() == output
+    assert states_in(fake, "rescale") == states
+
+
+def test_what_a_killed_rescale_staged_is_deleted_by_the_next_run(fake, tmp_path, monkeypatch):
+    path = write(tmp_path / "events.json", LINES[:FIRST_RUN])
+    run(fake, options(tmp_path, 4), "ingest", path)
+
+    def killed(self, epoch, leftovers, started):
+        raise KeyboardInterrupt  # (the command dies before the last step)
+
+    monkeypatch.setattr(moving._Move, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(fake, options(tmp_path, 8), "resume", path)
+    assert staged_keys(fake) and read_info(fake, Keys("rescale")).staged_rescale
+    monkeypatch.undo()
+    write(path, LINES)
+    run(fake, options(tmp_path, None), "resume", path)  # (at the old count: no rescale)
+    assert staged_keys(fake) == [] and not read_info(fake, Keys("rescale")).staged_rescale
+    output, states = reference_run(f"{line}\n" for line in LINES)
+    assert (tmp_path / "out").read_text() == output
+    assert states_in(fake, "rescale") == states
+    assert read_info(fake, Keys("rescale")).partitions == 4

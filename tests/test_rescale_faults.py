@@ -19,6 +19,7 @@ import redis
 from test_redis_lost_data import aof_path, one_line_error
 
 from bench.generate import generate
+from orchestrator import rescale as moving
 from orchestrator.workers import listening_workers
 from tasks.keys import Keys
 
@@ -208,3 +209,77 @@ def test_a_rescale_interrupted_by_ctrl_c_says_how_to_finish_it(redis_url, tmp_pa
     done = run_cli(*command[1:], "--redis-url", redis_url, "--workers", "2", cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert_exact(redis_url, ns, out, expected, 16)
+
+
+def staged_keys(url: str, ns: str) -> list[bytes]:
+    client = redis.Redis.from_url(url)
+    try:
+        return [key for key in client.scan_iter(match=f"{ns}:*:rescale-g*", count=1000)]
+    finally:
+        client.close()
+
+
+def steps_staged(url: str, ns: str) -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.hget(Keys(ns).meta, moving.STEPS) or 0)
+    finally:
+        client.close()
+
+
+def stop_in_its_steps(driver: subprocess.Popen, url: str, ns: str, steps: int) -> None:
+    """SIGSTOP the rescaling driver once it has staged ``steps`` steps, before its last."""
+    deadline = time.monotonic() + 60
+    while steps_staged(url, ns) < steps:
+        assert driver.poll() is None and time.monotonic() < deadline, "the rescale ended first"
+        time.sleep(0.002)
+    os.kill(driver.pid, signal.SIGSTOP)
+    assert partitions_of(url, ns) == 4, "stopped after its last step"
+
+
+def test_a_rescale_killed_in_its_steps_leaves_the_old_count_and_the_next_run_cleans_up(
+    redis_url, tmp_path, expected
+):
+    ns = new_namespace()
+    path, out = first_run(tmp_path, redis_url, ns)
+    driver = start_rescale(path, redis_url, ns, out, 16)
+    stop_in_its_steps(driver, redis_url, ns, 2)
+    driver.kill()
+    driver.communicate()
+    assert staged_keys(redis_url, ns)  # (what it staged is there, named after its run)
+    committed_states(redis_url, ns)  # (every key in its partition of the 4)
+    done = run_cli("resume", str(path), *args(redis_url, ns, out), cwd=REPO, env=SHORT_LOCK)
+    assert done.returncode == 0, done.stderr
+    assert_exact(redis_url, ns, out, expected, 4)
+    assert staged_keys(redis_url, ns) == []
+
+
+def test_a_redis_that_lost_some_of_a_rescales_steps_under_it_stops_it(
+    own_redis, tmp_path, expected
+):
+    # The driver is paused in its steps; Redis restarts from an append-only file whose last
+    # step is cut off (a lost tail); the driver wakes up and goes on with its steps.
+    ns = new_namespace()
+    path, out = first_run(tmp_path, own_redis.url, ns)
+    driver = start_rescale(path, own_redis.url, ns, out, 16)
+    stop_in_its_steps(driver, own_redis.url, ns, 3)
+    try:
+        own_redis.kill()
+        aof = aof_path(own_redis.directory)
+        with open(aof, "rb") as f:
+            grown = f.read()
+        last_step = grown.rindex(b"\r\n$13\r\nrescale_steps\r\n")
+        os.truncate(aof, grown.rindex(b"*1\r\n$5\r\nMULTI\r\n", 0, last_step))
+        own_redis.start()
+    finally:
+        os.kill(driver.pid, signal.SIGCONT)
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 3, stderr
+    one_line_error(stderr, "Redis lost")
+    assert partitions_of(own_redis.url, ns) == 4
+
+    done = run_cli("resume", str(path), *args(own_redis.url, ns, out, "--partitions", "16"),
+                   cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_exact(own_redis.url, ns, out, expected, 16)
+    assert staged_keys(own_redis.url, ns) == []
