@@ -102,6 +102,7 @@ def test_a_rescale_killed_at_any_point_is_done_by_the_next_command(redis_url, tm
                    cwd=REPO, env=SHORT_LOCK)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert_exact(redis_url, ns, out, expected, 16)
+    assert staged_keys(redis_url, ns) == []
 
 
 def test_a_driver_paused_in_its_rescale_moves_nothing_when_it_wakes(redis_url, tmp_path, expected):
@@ -123,6 +124,7 @@ def test_a_driver_paused_in_its_rescale_moves_nothing_when_it_wakes(redis_url, t
     assert other.stdout == "".join(output[FIRST_RUN:])  # (every line has an output line)
     assert committed_states(redis_url, ns) == expected[1]
     assert partitions_of(redis_url, ns) == 3
+    assert staged_keys(redis_url, ns) == []  # (what the paused one staged went with its run)
 
 
 @pytest.mark.parametrize("cut", ["before", "inside", "after"])
@@ -275,7 +277,9 @@ def test_a_redis_that_lost_some_of_a_rescales_steps_under_it_stops_it(
         os.kill(driver.pid, signal.SIGCONT)
     _, stderr = driver.communicate(timeout=120)
     assert driver.returncode == 3, stderr
-    one_line_error(stderr, "Redis lost")
+    one_line_error(stderr, "Redis lost part of the rescale", "nothing was moved",
+                   f"'orchestrator resume {path} --namespace {ns} --partitions 16 --output {out}' "
+                   f"continues after epoch {FIRST_RUN - 1}")  # fmt: skip
     assert partitions_of(own_redis.url, ns) == 4
 
     done = run_cli("resume", str(path), *args(own_redis.url, ns, out, "--partitions", "16"),
