@@ -14,7 +14,7 @@ from redis import Redis
 from orchestrator.fence import EvictionWatch, Fence, refusal_error
 from orchestrator.output import OutputStream, wrong_stream_type
 from orchestrator.reader import Input, PipeInput, fingerprint
-from orchestrator.rescale import STAGED, drop_staged, rescale
+from orchestrator.rescale import STAGED, STEPS, drop_staged, rescale
 from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks import scripts
 from tasks.errors import NamespaceError, Superseded
@@ -66,8 +66,9 @@ class NamespaceInfo:
     slots: int = SLOTS
     # whether its partitions' keys have hash tags (tasks/keys.py): not in one made before them
     tagged: bool = True
-    # whether a rescale that did not finish left staged keys (orchestrator/rescale.py)
-    staged_rescale: bool = False
+    # a rescale under way, or killed before its last step: (its run's generation, the
+    # partition count it moves to, the steps it staged) (orchestrator/rescale.py)
+    staged_rescale: tuple[int, int, int] | None = None
 
     @property
     def layout(self) -> Layout | None:
@@ -116,8 +117,15 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         source_position=meta.get("source_position") or None,
         slots=int(meta.get("slots", LEGACY_SLOTS if "partitions" in meta else SLOTS)),
         tagged=meta.get("hash_tags", "0" if "partitions" in meta else "1") == "1",
-        staged_rescale=STAGED in meta,
+        staged_rescale=_staged(meta),
     )
+
+
+def _staged(meta: dict[str, str]) -> tuple[int, int, int] | None:
+    if STAGED not in meta:
+        return None
+    generation, _, partitions = meta[STAGED].partition(":")
+    return int(generation), int(partitions), int(meta.get(STEPS, 0))
 
 
 def _number(meta: dict[str, str], field: str, kind: type[_N]) -> _N | None:

@@ -121,7 +121,14 @@ def status(settings: Settings) -> dict[str, Any]:
             "source_position": None,
             "source_lag_entries": None,
             "source_lag_seconds": None,
+            # a rescale under way (or killed before its last step: the next run deletes it)
+            "rescale": None,
         }
+        if info.staged_rescale is not None:
+            generation, partitions, steps = info.staged_rescale
+            running = driver is not None and info.generation == generation
+            report["rescale"] = {"to_partitions": partitions, "steps_staged": steps,
+                                 "running": running}  # fmt: skip
         if info.partitions is None:
             return report
         if info.input is not None and info.input.startswith(STREAM_SOURCE):

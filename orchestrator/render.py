@@ -113,6 +113,16 @@ def print_status(report: dict[str, Any], *, as_json: bool) -> None:
         )
     print(f"workers:         {report['workers']} listening")
     print(f"partitions:      {report['partitions']}")
+    if (rescale := report["rescale"]) is not None:
+        steps = counted(rescale["steps_staged"], "step")
+        if rescale["running"]:
+            print(f"  rescaling to {rescale['to_partitions']}: {steps} staged so far")
+        else:
+            print(
+                f"  a rescale to {rescale['to_partitions']} stopped before its end ({steps} "
+                f"staged): the next run deletes them; ask for --partitions "
+                f"{rescale['to_partitions']} again to rescale"
+            )
     for row in report["partition_progress"]:
         print(
             f"  p{row['partition']}: applied through epoch {row['applied_through']}, "

@@ -17,6 +17,7 @@ import time
 import pytest
 import redis
 from test_redis_lost_data import aof_path, one_line_error
+from test_status_health import status
 
 from bench.generate import generate
 from orchestrator import rescale as moving
@@ -250,10 +251,20 @@ def test_a_rescale_killed_in_its_steps_leaves_the_old_count_and_the_next_run_cle
     driver.communicate()
     assert staged_keys(redis_url, ns)  # (what it staged is there, named after its run)
     committed_states(redis_url, ns)  # (every key in its partition of the 4)
+    where = ["--redis-url", redis_url, "--namespace", ns]
+    time.sleep(2.5)  # (its lock expires: then no driver runs)
+    report = status(where, REPO)
+    shown = report["rescale"]
+    assert report["driver"] is None and shown["to_partitions"] == 16, report
+    assert shown["steps_staged"] >= 2, shown
+    assert not shown["running"]
+    text = run_cli("status", *where, cwd=REPO).stdout
+    assert "a rescale to 16 stopped before its end" in text, text
     done = run_cli("resume", str(path), *args(redis_url, ns, out), cwd=REPO, env=SHORT_LOCK)
     assert done.returncode == 0, done.stderr
     assert_exact(redis_url, ns, out, expected, 4)
     assert staged_keys(redis_url, ns) == []
+    assert status(where, REPO)["rescale"] is None
 
 
 def test_a_redis_that_lost_some_of_a_rescales_steps_under_it_stops_it(
@@ -266,6 +277,8 @@ def test_a_redis_that_lost_some_of_a_rescales_steps_under_it_stops_it(
     driver = start_rescale(path, own_redis.url, ns, out, 16)
     stop_in_its_steps(driver, own_redis.url, ns, 3)
     try:
+        shown = status(["--redis-url", own_redis.url, "--namespace", ns], REPO)["rescale"]
+        assert shown["running"] and shown["to_partitions"] == 16, shown
         own_redis.kill()
         aof = aof_path(own_redis.directory)
         with open(aof, "rb") as f:
