@@ -173,6 +173,13 @@ class _Move:
         self.was = Keys(self.keys.namespace, self.source.tagged)
         self.will = Keys(self.keys.namespace, self.target.tagged)
         self.route = self.target.router()
+        # (for the progress lines: nothing writes the old partitions while it runs)
+        with self.r.pipeline(transaction=False) as pipe:
+            for p in range(self.source.partitions):
+                pipe.hlen(self.was.state(p))
+                pipe.zcard(self.was.undo(p))
+            counts = pipe.execute()
+        self.total_keys, self.total_records = sum(counts[::2]), sum(counts[1::2])
 
     def states_of(self, p: int) -> None:
         """Stage the states of old partition ``p``, a chunk a step."""
@@ -283,10 +290,12 @@ class _Move:
     def _show(self, p: int) -> None:
         if time.monotonic() - self.shown >= PROGRESS_EVERY:  # a long rescale shows where it is
             self.shown = time.monotonic()
+            # (HSCAN may give a key twice: the count may run a little ahead)
+            moved = min(self.moved_keys, self.total_keys)
             note(
-                f"rescale: partition {p + 1} of {self.source.partitions}, "
-                f"{counted(self.moved_keys, 'key')} and "
-                f"{counted(self.moved_records, 'undo record')} moved"
+                f"rescale: {moved:,} of {counted(self.total_keys, 'key')} and "
+                f"{self.moved_records:,} of {counted(self.total_records, 'undo record')} "
+                f"moved ({moved / max(self.total_keys, 1):.0%} of the keys)"
             )
 
     def finish(self, epoch: int, leftovers: Sequence[bytes], started: float) -> Rescaled:
