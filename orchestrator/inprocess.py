@@ -18,7 +18,13 @@ from typing import Any
 
 from redis import Redis
 
-from orchestrator.fence import EvictionWatch, Fence, check_consistency, eviction_problem
+from orchestrator.fence import (
+    LOSS_CAUSES,
+    EvictionWatch,
+    Fence,
+    check_consistency,
+    eviction_problem,
+)
 from orchestrator.lock import DriverLock
 from orchestrator.namespace import Committer, check_compatible, read_info, start_run
 from orchestrator.recovery import RedisRecoveryConfig
@@ -28,7 +34,14 @@ from tasks.errors import NamespaceError, PipelineError, RedisLostData, StaleGene
 from tasks.flow import RUN_MAIN_FLOW, Dataflow, keyed, run_steps
 from tasks.jobs import part_bytes
 from tasks.keys import Keys
-from tasks.store import CommitOutcome, CommitTarget, partition_transaction
+from tasks.store import (
+    PROGRESS_FIELDS,
+    CommitOutcome,
+    CommitTarget,
+    decode_progress,
+    outcome_of,
+    partition_transaction,
+)
 
 InputBuilder = Callable[[int, int], Iterable[tuple[int, Any]]]
 OutputBuilder = Callable[[int, int], Callable[[tuple[int, Any]], Any]]
@@ -190,8 +203,12 @@ class _Runner:
         """Apply and commit events after ``self.after``, through ``through`` or, once the
         commit carries ``max_bytes``, through the end of that epoch (``more`` is then set)."""
         wanted = list(dict.fromkeys(key for _, key, _ in events))
+        target = CommitTarget(self.keys, self.generation, 0, self.after, through)
         with partition_transaction(self.r, self.keys, 0) as txn:
             loaded = txn.load(wanted)
+            # (as a worker does: the WATCH only catches changes after the load, so a run that
+            # was paused before it must see here that another run took the partition over)
+            self._check_loaded(target, loaded.generation, loaded.applied)
             # Outputs are delivered after the commit: copy each one as it is emitted, since
             # a mapper may emit its state and change it again for a later event.
             applied = apply_events(
@@ -202,12 +219,32 @@ class _Runner:
                 # until the commit, as copies)
                 max_bytes=self.max_bytes,
             )  # fmt: skip
-            target = CommitTarget(self.keys, self.generation, 0, self.after, through)
             outcome = txn.commit(replace(target, part=applied.more), applied)
         if outcome is not CommitOutcome.COMMITTED:
+            progress = self.r.hmget(self.keys.progress(0), PROGRESS_FIELDS)
+            self._check_loaded(target, *decode_progress(progress))
             msg = f"namespace {self.keys.namespace!r} was taken over by another run"
-            raise StaleGeneration(msg)
+            raise StaleGeneration(msg)  # (a progress that changed and came back)
         return applied
+
+    def _check_loaded(self, target: CommitTarget, generation: int | None, applied: int) -> None:
+        """Refuse to commit on a partition that is not where this run left it."""
+        refused = outcome_of(target, generation, applied)
+        if refused is None:
+            return
+        if refused is CommitOutcome.STALE:
+            msg = (
+                f"namespace {self.keys.namespace!r} was taken over by another run (generation "
+                f"{generation}) while this one (generation {self.generation}) was paused or "
+                f"cut off; this run stopped without writing anything more"
+            )
+            raise StaleGeneration(msg)
+        msg = (
+            f"Redis came back with less than it acknowledged ({LOSS_CAUSES}): partition 0 "
+            f"is at epoch {applied}, but this run saw it commit through epoch {self.after}; "
+            f"this run stopped without writing anything more"
+        )
+        raise RedisLostData(msg)
 
     def _deliver(self, applied: AppliedBatch, output: Callable[..., Any]) -> None:
         """Hand the committed outputs over, and record how far they went."""

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -401,19 +402,26 @@ def test_run_main_allowed_to_run_on_an_evicting_server_stops_when_it_evicts(own_
 
 
 PAUSED_RUN = """
-import sys, time
+import os, signal, sys, time
 from orchestrator import Dataflow, inprocess, run_main
 from orchestrator.recovery import RedisRecoveryConfig
 inprocess.BATCH_EVENTS = 50
-url, namespace, out_path, first, last = sys.argv[1:]
+url, namespace, out_path, first, last, *pause_at = sys.argv[1:]
 flow = Dataflow().stateful_map("count", lambda key: 0, lambda s, v: (s + v, s + v)).capture()
 items = [(e, (f"k{e % 7}", 1)) for e in range(int(first), int(last))]
+
+def inputs(i, n):
+    for item in items:
+        if pause_at and item[0] == int(pause_at[0]):
+            os.kill(os.getpid(), signal.SIGSTOP)  # paused while it reads, between two commits
+        yield item
+
 with open(out_path, "a", buffering=1) as out:
     def handler(item):
         out.write(f"{item[0]} {item[1][0]} {item[1][1]}\\n")
         time.sleep(0.002)
     try:
-        run_main(flow, lambda i, n: iter(items), lambda i, n: handler,
+        run_main(flow, inputs, lambda i, n: handler,
                  RedisRecoveryConfig(url, namespace=namespace))
     except Exception as e:
         print(type(e).__name__, e, file=sys.stderr)
@@ -465,6 +473,54 @@ def test_a_paused_run_main_wakes_up_to_a_refusal_and_the_run_after_it_is_exact(
     # and what the paused one handed over before and after its pause was exact too
     lines = first_out.read_text().splitlines()
     assert lines == expected[: len(lines)]
+
+
+def counts_of(first, last):
+    """The plain loop's output lines of PAUSED_RUN's items, epochs first..last-1."""
+    counts: dict[str, int] = {}
+    lines = []
+    for e in range(last):
+        key = f"k{e % 7}"
+        counts[key] = counts.get(key, 0) + 1
+        lines.append(f"{e} {key} {counts[key]}")
+    return lines[first:]
+
+
+def test_a_run_main_paused_between_commits_wakes_up_to_a_refusal_and_writes_nothing(
+    redis_url, namespace, tmp_path
+):
+    script = tmp_path / "paused.py"
+    script.write_text(PAUSED_RUN)
+    env = cli_env(ORCHESTRATOR_DRIVER_LOCK_TTL="1")
+    first_out, second_out, third_out = (tmp_path / f"{n}.txt" for n in ("1", "2", "3"))
+
+    def start(out, first, last, *pause_at):
+        args = [sys.executable, str(script), redis_url, namespace, str(out), str(first),
+                str(last), *pause_at]  # fmt: skip
+        return subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+
+    paused = start(first_out, 0, 2000, "120")  # (it commits every 50 epochs: 0-49, 50-99)
+    try:
+        _, status = os.waitpid(paused.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), status
+        time.sleep(2.5)  # its lock (TTL 1 s) expires
+        after = start(second_out, 60, 2000)  # another run takes over, from before it, to the end
+        _, said = after.communicate(timeout=60)
+        assert after.returncode == 0, said
+        paused.send_signal(signal.SIGCONT)
+        _, said = paused.communicate(timeout=60)
+    finally:
+        paused.send_signal(signal.SIGCONT)
+        paused.kill()
+    assert first_out.read_text().splitlines() == counts_of(0, 100)  # nothing after its pause
+    assert second_out.read_text().splitlines() == counts_of(60, 2000)
+    assert paused.returncode == 3, said
+    assert "was taken over by another run" in said, said
+    # The second run's states are intact: a run after it goes on from them.
+    third = start(third_out, 2000, 2007)
+    _, said = third.communicate(timeout=60)
+    assert third.returncode == 0, said
+    assert third_out.read_text().splitlines() == counts_of(2000, 2007)
 
 
 def test_a_new_namespace_whose_input_starts_later_is_refused_unless_first_epoch_says_so(
