@@ -98,12 +98,14 @@ class CarefulRun:
             suspect = orjson.loads(stored[b"suspect"])
             self.suspect = None if suspect is None else (suspect[0], suspect[1])
             at = orjson.loads(stored[b"at"]) if b"at" in stored else None
-            if at is not None:
-                attempt, lo, hi, host, pid = at
+            # (only this batch's: an attempt of an older batch, paused and woken, may have
+            # written over it since; a probe without a batch id comes from before they had one)
+            if at is not None and at[5:] in ([], [self.batch_id]):
+                attempt, lo, hi, host, pid = at[:5]
                 if attempt < self.attempt and lo < len(events) and self._died(host, pid):
                     if hi - lo == 1:
                         self.deaths[lo] = self.deaths.get(lo, 0) + 1
-                        if timed_out == [attempt, lo]:
+                        if timed_out in ([attempt, lo], [attempt, lo, self.batch_id]):
                             self.hung.add(lo)
                     self.suspect = (lo, hi)
         self.r.hset(
@@ -143,7 +145,7 @@ class CarefulRun:
 
     def probe(self, lo: int, hi: int) -> None:
         """Say that this attempt now runs events ``lo..hi-1`` (before it runs them)."""
-        at = [self.attempt, lo, hi, self.host, self.pid]
+        at = [self.attempt, lo, hi, self.host, self.pid, self.batch_id]
         self.r.hset(self.key, "at", orjson.dumps(at))
         self.at = (lo, hi)
 
@@ -156,7 +158,7 @@ class CarefulRun:
         """
         lo, hi = self.at
         if hi - lo == 1:
-            self.r.hset(self.key, "timed_out", orjson.dumps([self.attempt, lo]))
+            self.r.hset(self.key, "timed_out", orjson.dumps([self.attempt, lo, self.batch_id]))
 
     def finish(self) -> None:
         """Delete the probe after the batch's commit (or its refusal), if it is still this batch's.

@@ -348,3 +348,22 @@ def test_under_fail_an_earlier_rejection_stops_the_batch_before_a_poison_event(f
     [notice] = notices(fake, keys)
     assert notice.failed.epoch == 0 and notice.failed.kind == "rejected"
     assert notice.rejected == [] and notice.applied_through == -1
+
+
+def test_a_paused_attempt_of_another_batch_that_wakes_up_counts_no_death(fake, keys):
+    # An attempt of an older batch, paused, wakes up and writes where it is into the probe
+    # that the partition's newer batch uses by then: the newer batch's next attempts must not
+    # count that (dead, by then) process as a death at one of their own events.
+    start(fake, keys)
+    b = cart_batch(keys, KILLER_FLOW, "skip")
+    older = Batch(
+        b.namespace, b.generation - 1, 0, 1, 2, 5, KILLER_FLOW, "skip", [3], [CURSED.encode()]
+    )
+    stale = CarefulRun(fake, keys, older, 2)
+    stale.start(batch_events(older))  # (before its pause)
+    CarefulRun(fake, keys, b, 2).start(batch_events(b))  # the newer batch's careful attempt
+    for attempt in (3, 4):
+        stale.pid = dead_pid()
+        stale.probe(1, 2)  # it wakes up, writes, and is gone by the time the next one looks
+        CarefulRun(fake, keys, b, attempt).start(batch_events(b))
+    assert CarefulRun(fake, keys, b, 5).start(batch_events(b)) == {}
