@@ -353,6 +353,7 @@ def run_pipeline(
             if metrics is not None:
                 metrics.server.start()  # (its thread: after the fork)
             with DriverLock(conn.client, keys) as lock:
+                outcome.token = lock.token  # (whose run meta names: this one, or a newer)
                 r = conn.client
                 housekeeping = partial(RunHousekeeping, pool, r, metrics)
                 result = drive(

@@ -65,6 +65,7 @@ class OutcomeRecorder:
         self.generation_before = read_info(r, keys).generation
         self.status: int | None = None  # set by the run when it returns normally
         self.reason: str | None = None
+        self.token: str | None = None  # the run's driver lock token, once it holds the lock
 
     def finish(self, status: int, reason: str) -> None:
         """The run returned: its exit status and a one-line reason."""
@@ -87,12 +88,14 @@ class OutcomeRecorder:
         except Exception:  # noqa: BLE001 - the URL was usable a moment ago; nothing to record
             return
         try:
-            self._count(client)
+            newer = self._count(client)
             # Not into a namespace that holds nothing (never started, or reset meanwhile):
             # reset leaves no key behind, even when the run it stopped ends after it.
             with client.pipeline() as pipe:
-                pipe.watch(self.keys.meta)
-                if pipe.exists(self.keys.meta):
+                pipe.watch(self.keys.meta, self.keys.last_run)
+                # (nor over the outcome of the run that took over from this one, paused)
+                taken_over = newer is not None and _recorded_generation(pipe, self.keys) == newer
+                if pipe.exists(self.keys.meta) and not taken_over:
                     pipe.multi()
                     pipe.set(self.keys.last_run, orjson.dumps(asdict(outcome)))
                     pipe.execute()
@@ -101,11 +104,19 @@ class OutcomeRecorder:
         finally:
             client.close()
 
-    def _count(self, r: Redis) -> None:
-        """How far the run got, from what its driver recorded (if it started a generation)."""
+    def _count(self, r: Redis) -> int | None:
+        """How far the run got, from what its driver recorded (if it started a generation).
+
+        Returns:
+            The generation of a run that another driver started after this one began
+            (this one was paused, or cut off, and superseded), else None.
+        """
         info = read_info(r, self.keys)
         if info.generation == self.generation_before:
-            return
+            return None
+        started_by = r.hget(self.keys.meta, "run")
+        if self.token is None or started_by != self.token.encode():
+            return info.generation  # (its figures are that run's, not this one's)
         outcome = self.outcome
         outcome.generation = info.generation
         outcome.committed_epoch = info.committed
@@ -113,6 +124,7 @@ class OutcomeRecorder:
         outcome.events = info.committed_events
         if info.run_first_epoch is not None:
             outcome.epochs = max(0, info.committed - info.run_first_epoch + 1)
+        return None
 
 
 @contextlib.contextmanager
@@ -127,6 +139,11 @@ def recording(
         recorder.record(e, resume)
         raise
     recorder.record(None, resume)
+
+
+def _recorded_generation(r: Redis, keys: Keys) -> int | None:
+    stored = last_run(r, keys)
+    return None if stored is None else stored["generation"]
 
 
 def last_run(r: Redis, keys: Keys) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ import redis
 
 from bench.generate import generate
 from orchestrator.embedded import redis_server_binary
+from orchestrator.outcome import last_run
 from tasks.keys import Keys
 
 from conftest import REPO, cli_env, new_namespace, run_cli
@@ -281,6 +282,10 @@ def test_a_driver_paused_past_its_lock_writes_nothing_when_it_wakes(
     one_line_error(stderr, "another driver took over", "without writing anything more")
     after = [client.hgetall(keys.meta)] + [client.hgetall(keys.progress(p)) for p in range(3)]
     assert after == before  # the old driver wrote nothing
+    # and the last run status shows is the one that took over, with its own figures
+    shown = last_run(client, keys)
+    assert (shown["command"], shown["exit_status"]) == ("resume", 0), shown
+    assert shown["generation"] == int(after[0][b"generation"]), shown
     last = run_cli("resume", str(path), *run_args(url, ns), cwd=REPO, env=short_lock)
     assert last.returncode == 0 and last.stdout == "", last.stderr
     expected_out, expected_states = reference_run(lines)
