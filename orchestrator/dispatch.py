@@ -178,7 +178,7 @@ class Dispatcher:
         for f in flights:
             p = f.batch.partition
             pipe.lpos(self.queues[p].key, f.job_id)
-            pipe.exists(self.keys.lease(p))
+            pipe.get(self.keys.lease(p))
             pipe.hmget(self.keys.progress(p), PROGRESS_FIELDS)
             pipe.hget(rq_job_key(f.job_id), "status")
         pipe.exists(self.keys.meta)
@@ -196,6 +196,9 @@ class Dispatcher:
             # last epoch: a batch stopped by a bad event under fail, or a part of a batch:
             # after a part, a batch whose worker died is sent again all the same.)
             committed = applied_through > f.through
+            # (a lease of an older run's job is a worker that was paused and woke up: it
+            # will be refused at its commit, and says nothing of this run's batch)
+            leased = leased is not None and self._is_job_of(leased, f)
             if queued is not None or leased or committed:
                 f.suspect_since = None
             elif f.suspect_since is None:
@@ -216,6 +219,12 @@ class Dispatcher:
                 f.attempt,
             )
         self.send(lost, at_front=True)
+
+    def _is_job_of(self, job_id: bytes, flight: InFlight) -> bool:
+        """Whether ``job_id`` is a try of the batch in flight (its first or a later one)."""
+        b = flight.batch
+        base = self.keys.job_id(self.generation, b.partition, b.last_epoch).encode()
+        return job_id == base or job_id.startswith(base + b"-r")
 
     def _check_partition(self, flight: InFlight, owner: int | None, found: int) -> int:
         """How far the partition of a batch in flight has applied; raise if it went back in time

@@ -162,3 +162,25 @@ def test_a_rejection_inside_a_part_stops_the_run_there_and_resume_is_exact(redis
     second = run_cli("resume", str(path), *args, cwd=REPO, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert first.stdout + second.stdout == cart_model([x.encode() for x in lines]).output
+
+
+def test_a_lease_held_by_an_older_runs_job_does_not_keep_a_lost_batch_waiting(
+    fake, keys, monkeypatch
+):
+    monkeypatch.setattr(orchestrator.dispatch, "WATCH_EVERY", 0.0)
+    monkeypatch.setattr(orchestrator.dispatch, "LOST_AFTER", 0.0)
+    start(fake, keys)
+    dispatcher = Dispatcher(fake, keys, 1, 1)
+    b = batch(keys, LINES, -1, len(LINES) - 1)
+    flight = dispatcher.new_flight(b, list(range(len(LINES))), len(LINES), 1000)
+    # Its worker died; a worker of an older run, paused until now, renews its own lease on
+    # the partition (its commit will be refused).
+    fake.set(keys.lease(0), keys.job_id(0, 0, len(LINES) - 1), px=3000)
+    for _ in range(2):  # suspect, then lost
+        dispatcher.watch({0: flight})
+    assert (flight.attempt, dispatcher.reruns) == (2, 1)
+    # This run's own job holding the lease (any try of it) keeps it waiting.
+    fake.set(keys.lease(0), flight.job_id, px=3000)
+    for _ in range(3):
+        dispatcher.watch({0: flight})
+    assert (flight.attempt, dispatcher.reruns) == (2, 1)
