@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import redis
 from redis import Redis
 
+from tasks.scripts import renew_lease
+
 LEASE_TTL_MS = 3_000
 RENEW_EVERY = 1.0
 
@@ -28,10 +30,15 @@ class Lease:
         self.r, self.key, self.job_id = r, key, job_id
         self.renewed_at = time.monotonic()
         self.fetched: bytes | None = None
+        self.lost = False  # another job took the lease: this one is stale (its commit fails)
 
     def renew(self) -> None:
+        if self.lost:
+            return
         with contextlib.suppress(redis.RedisError):
-            self.r.set(self.key, self.job_id, px=LEASE_TTL_MS)
+            # (only while this job holds it: a worker paused and woken must not take the
+            # lease back from the partition's newer job, whose proof of life it is)
+            self.lost = not renew_lease(self.r, self.key, self.job_id, LEASE_TTL_MS)
             self.renewed_at = time.monotonic()
 
     def renew_if_late(self) -> None:

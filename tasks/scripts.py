@@ -131,6 +131,12 @@ def start_run(
     return _text(value)
 
 
+def renew_lease(r: Redis, key: str, job_id: str, ttl_ms: int) -> bool:
+    """Renew a partition's lease for ``job_id``; False (nothing written) if another job
+    holds it."""
+    return bool(_script(r, "renew_lease")(keys=[key], args=[job_id, ttl_ms]))
+
+
 def _pairs(mapping: dict[Any, Any]) -> list[Any]:
     return [x for item in mapping.items() for x in item]
 

@@ -13,6 +13,7 @@ from orchestrator.namespace import Committer, read_info, reset, start_run
 from tasks.errors import RedisLostData, Superseded
 from tasks.jobs import run_batch
 from tasks.keys import Keys
+from tasks.lease import Lease
 
 from helpers import run_queued_jobs
 
@@ -212,3 +213,18 @@ def test_a_batch_job_that_fails_otherwise_is_a_worker_failure(r, keys):
         WorkerFailed, match=r"a worker failed on job .* \(partition 0 epochs 0..1\): "
     ):
         dispatcher.watch({0: flight})
+
+
+def test_a_paused_job_that_wakes_up_does_not_take_its_partitions_lease_back(r, keys):
+    stale = Lease(r, keys.lease(0), "ns-g1-p0-e99")
+    stale.renew()
+    r.set(keys.lease(0), "ns-g2-p0-e99", px=3000)  # the newer run's job took it meanwhile
+    stale.renew()  # the old job's lease thread, woken up
+    assert r.get(keys.lease(0)) == b"ns-g2-p0-e99" and stale.lost
+    stale.renew()
+    assert r.get(keys.lease(0)) == b"ns-g2-p0-e99"
+    mine = Lease(r, keys.lease(1), "ns-g2-p1-e5")
+    mine.renew()  # (a lease nobody holds, or this job's own, is renewed)
+    mine.renew()
+    assert r.get(keys.lease(1)) == b"ns-g2-p1-e5" and 0 < r.pttl(keys.lease(1)) <= 3000
+    assert not mine.lost
