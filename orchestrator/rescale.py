@@ -311,10 +311,19 @@ class _Move:
         return Rescaled(keys, records, time.monotonic() - started)
 
     def _swapped(self) -> bool:
-        """Whether the last step's transaction was done (by this run)."""
-        found = self.r.hmget(self.keys.meta, ["generation", "partitions", STAGED])
+        """Whether the last step's transaction was done (by this run): meta then holds the
+        target layout, which differs from the source's in one of its three fields at least."""
+        fields = ["generation", "partitions", "slots", "hash_tags", STAGED]
+        found = self.r.hmget(self.keys.meta, fields)
+        layout = [str(x).encode() for x in self.target_fields().values()]
         mine = found[0] is not None and int(found[0]) == self.generation
-        return mine and found[1] == str(self.target.partitions).encode() and found[2] is None
+        return mine and found[1:4] == layout and found[4] is None
+
+    def target_fields(self) -> dict[str, int]:
+        """The meta fields of the target layout."""
+        target = self.target
+        return {"partitions": target.partitions, "slots": target.slots,
+                "hash_tags": int(target.tagged)}  # fmt: skip
 
     def _try_finish(self, epoch: int, leftovers: Sequence[bytes]) -> None:
         was, will, generation = self.was, self.will, self.generation
@@ -357,15 +366,8 @@ class _Move:
                         pipe.rename(name, final)
                 pipe.hset(will.progress(q), mapping={"generation": generation, "applied": epoch})
             pipe.delete(will.backlog)
-            pipe.hset(
-                will.meta,
-                mapping={
-                    "partitions": new,
-                    "slots": self.target.slots,
-                    "hash_tags": int(self.target.tagged),
-                    "floors": json.dumps([epoch] * new),
-                },
-            )
+            fields: dict[Any, Any] = {**self.target_fields(), "floors": json.dumps([epoch] * new)}
+            pipe.hset(will.meta, mapping=fields)
             pipe.hdel(will.meta, STAGED, STEPS)
             pipe.execute()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis import WatchError
 from test_driver_inprocess import BurstWorkers, run
 from test_undo import LEDGER, LOADED, batches, fresh, ledger_events, plain_befores
 
@@ -334,3 +335,40 @@ def test_what_a_killed_rescale_staged_is_deleted_by_the_next_run(fake, tmp_path,
     assert (tmp_path / "out").read_text() == output
     assert states_in(fake, "rescale") == states
     assert read_info(fake, Keys("rescale")).partitions == 4
+
+
+LOST_CONNECTION = WatchError("A ConnectionError occurred while watching one or more keys")
+
+
+@pytest.mark.parametrize("where", ["a step, after its EXEC", "the last step, after its EXEC",
+                                   "the last step, before its EXEC"])  # fmt: skip
+def test_a_rescale_whose_connection_drops_does_the_step_again_and_is_exact(
+    fake, tmp_path, monkeypatch, where
+):
+    # (redis-py raises WatchError, not ConnectionError, for a connection lost under a WATCH)
+    name = "_try_step" if where.startswith("a step") else "_try_finish"
+    original, dropped = getattr(moving._Move, name), []
+
+    def dropping(self, *args):
+        if not dropped:
+            dropped.append(where)
+            if where.endswith("before its EXEC"):
+                raise LOST_CONNECTION
+            original(self, *args)
+            if name == "_try_step":
+                self.steps -= 1  # (counted only once its reply arrives)
+            raise LOST_CONNECTION  # (it was done, but its reply was lost)
+        return original(self, *args)
+
+    monkeypatch.setattr(moving._Move, name, dropping)
+    path = write(tmp_path / "events.json", LINES[:FIRST_RUN])
+    run(fake, options(tmp_path, 4), "ingest", path)
+    history = states_at(fake, PROBED_EPOCHS)
+    write(path, LINES)
+    run(fake, options(tmp_path, 6), "resume", path)
+    assert dropped == [where]
+    output, states = reference_run(f"{line}\n" for line in LINES)
+    assert (tmp_path / "out").read_text() == output
+    assert states_in(fake, "rescale") == states
+    assert states_at(fake, PROBED_EPOCHS) == history
+    assert read_info(fake, Keys("rescale")).partitions == 6 and staged_keys(fake) == []
