@@ -106,13 +106,19 @@ def test_a_commit_over_what_redis_takes_in_one_argument_is_refused(fake, keys, m
     assert snapshot(fake, keys) == before
 
 
-def test_a_batch_whose_worker_died_after_a_part_is_sent_again(fake, keys, monkeypatch):
+def in_flight(fake, keys, monkeypatch):
+    """A driver's dispatcher (looking every time, a batch lost at once) and one batch in
+    flight, as sent."""
     monkeypatch.setattr(orchestrator.dispatch, "WATCH_EVERY", 0.0)
     monkeypatch.setattr(orchestrator.dispatch, "LOST_AFTER", 0.0)
     start(fake, keys)
     dispatcher = Dispatcher(fake, keys, 1, 1)
     b = batch(keys, LINES, -1, len(LINES) - 1)
-    flight = dispatcher.new_flight(b, list(range(len(LINES))), len(LINES), 1000)
+    return dispatcher, dispatcher.new_flight(b, list(range(len(LINES))), len(LINES), 1000)
+
+
+def test_a_batch_whose_worker_died_after_a_part_is_sent_again(fake, keys, monkeypatch):
+    dispatcher, flight = in_flight(fake, keys, monkeypatch)
     # Its worker committed a part through epoch 10 (the driver took its notice), then died:
     # no lease, not queued, and the progress stays there.
     fake.hset(keys.progress(0), "applied", 10)
@@ -167,12 +173,7 @@ def test_a_rejection_inside_a_part_stops_the_run_there_and_resume_is_exact(redis
 def test_a_lease_held_by_an_older_runs_job_does_not_keep_a_lost_batch_waiting(
     fake, keys, monkeypatch
 ):
-    monkeypatch.setattr(orchestrator.dispatch, "WATCH_EVERY", 0.0)
-    monkeypatch.setattr(orchestrator.dispatch, "LOST_AFTER", 0.0)
-    start(fake, keys)
-    dispatcher = Dispatcher(fake, keys, 1, 1)
-    b = batch(keys, LINES, -1, len(LINES) - 1)
-    flight = dispatcher.new_flight(b, list(range(len(LINES))), len(LINES), 1000)
+    dispatcher, flight = in_flight(fake, keys, monkeypatch)
     # Its worker died; a worker of an older run, paused until now, renews its own lease on
     # the partition (its commit will be refused).
     fake.set(keys.lease(0), keys.job_id(0, 0, len(LINES) - 1), px=3000)

@@ -429,52 +429,6 @@ with open(out_path, "a", buffering=1) as out:
 """
 
 
-def test_a_paused_run_main_wakes_up_to_a_refusal_and_the_run_after_it_is_exact(
-    redis_url, namespace, tmp_path
-):
-    script = tmp_path / "paused.py"
-    script.write_text(PAUSED_RUN)
-    env = cli_env(ORCHESTRATOR_DRIVER_LOCK_TTL="1")
-    first_out, second_out = tmp_path / "first.txt", tmp_path / "second.txt"
-
-    def start(out, first, last):
-        args = [sys.executable, str(script), redis_url, namespace, str(out), str(first), str(last)]
-        return subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-
-    paused = start(first_out, 0, 2000)
-    try:
-        deadline = time.monotonic() + 30
-        while not first_out.exists() or len(first_out.read_text().splitlines()) < 300:
-            assert time.monotonic() < deadline and paused.poll() is None
-            time.sleep(0.01)
-        paused.send_signal(signal.SIGSTOP)
-        time.sleep(2.5)  # its lock (TTL 1 s) expires
-        # Another run takes the namespace over from before where the paused one was, to the end.
-        taken = int(first_out.read_text().splitlines()[-1].split()[0]) - 100
-        after = start(second_out, taken, 2000)
-        _, said = after.communicate(timeout=60)
-        assert after.returncode == 0, said
-        paused.send_signal(signal.SIGCONT)
-        _, said = paused.communicate(timeout=60)
-    finally:
-        paused.send_signal(signal.SIGCONT)
-        paused.kill()
-    assert paused.returncode == 3
-    # (refused at its next commit or its next record, whichever it reaches first)
-    assert "another driver took over" in said or "was taken over by another run" in said, said
-    # The second run's outputs are the plain loop's from where it started.
-    counts: dict[str, int] = {}
-    expected = []
-    for e in range(2000):
-        key = f"k{e % 7}"
-        counts[key] = counts.get(key, 0) + 1
-        expected.append(f"{e} {key} {counts[key]}")
-    assert second_out.read_text().splitlines() == expected[taken:]
-    # and what the paused one handed over before and after its pause was exact too
-    lines = first_out.read_text().splitlines()
-    assert lines == expected[: len(lines)]
-
-
 def counts_of(first, last):
     """The plain loop's output lines of PAUSED_RUN's items, epochs first..last-1."""
     counts: dict[str, int] = {}
@@ -486,32 +440,79 @@ def counts_of(first, last):
     return lines[first:]
 
 
-def test_a_run_main_paused_between_commits_wakes_up_to_a_refusal_and_writes_nothing(
-    redis_url, namespace, tmp_path
-):
+def start_paused_run(tmp_path, redis_url, namespace, out, first, last, *pause_at):
+    """PAUSED_RUN over epochs first..last-1 in a child process, with a 1 s driver lock."""
     script = tmp_path / "paused.py"
     script.write_text(PAUSED_RUN)
+    args = [sys.executable, str(script), redis_url, namespace, str(out), str(first), str(last),
+            *pause_at]  # fmt: skip
     env = cli_env(ORCHESTRATOR_DRIVER_LOCK_TTL="1")
-    first_out, second_out, third_out = (tmp_path / f"{n}.txt" for n in ("1", "2", "3"))
+    return subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
 
-    def start(out, first, last, *pause_at):
-        args = [sys.executable, str(script), redis_url, namespace, str(out), str(first),
-                str(last), *pause_at]  # fmt: skip
-        return subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
 
-    paused = start(first_out, 0, 2000, "120")  # (it commits every 50 epochs: 0-49, 50-99)
+def take_over_while_paused(paused, other):
+    """``paused`` is stopped: its lock expires, ``other()`` starts a run that takes the
+    namespace over and ends, then ``paused`` wakes up. Returns what ``paused`` said."""
     try:
-        _, status = os.waitpid(paused.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status), status
         time.sleep(2.5)  # its lock (TTL 1 s) expires
-        after = start(second_out, 60, 2000)  # another run takes over, from before it, to the end
+        after = other()
         _, said = after.communicate(timeout=60)
         assert after.returncode == 0, said
         paused.send_signal(signal.SIGCONT)
         _, said = paused.communicate(timeout=60)
+        return said
     finally:
         paused.send_signal(signal.SIGCONT)
         paused.kill()
+
+
+def test_a_paused_run_main_wakes_up_to_a_refusal_and_the_run_after_it_is_exact(
+    redis_url, namespace, tmp_path
+):
+    first_out, second_out = tmp_path / "first.txt", tmp_path / "second.txt"
+
+    def start(out, first, last):
+        return start_paused_run(tmp_path, redis_url, namespace, out, first, last)
+
+    paused = start(first_out, 0, 2000)
+    try:
+        deadline = time.monotonic() + 30
+        while not first_out.exists() or len(first_out.read_text().splitlines()) < 300:
+            assert time.monotonic() < deadline and paused.poll() is None
+            time.sleep(0.01)
+        paused.send_signal(signal.SIGSTOP)
+    except BaseException:
+        paused.kill()
+        raise
+    # Another run takes the namespace over from before where the paused one was, to the end.
+    taken = int(first_out.read_text().splitlines()[-1].split()[0]) - 100
+    said = take_over_while_paused(paused, lambda: start(second_out, taken, 2000))
+    assert paused.returncode == 3
+    # (refused at its next commit or its next record, whichever it reaches first)
+    assert "another driver took over" in said or "was taken over by another run" in said, said
+    # The second run's outputs are the plain loop's from where it started.
+    expected = counts_of(0, 2000)
+    assert second_out.read_text().splitlines() == expected[taken:]
+    # and what the paused one handed over before and after its pause was exact too
+    lines = first_out.read_text().splitlines()
+    assert lines == expected[: len(lines)]
+
+
+def test_a_run_main_paused_between_commits_wakes_up_to_a_refusal_and_writes_nothing(
+    redis_url, namespace, tmp_path
+):
+    first_out, second_out, third_out = (tmp_path / f"{n}.txt" for n in ("1", "2", "3"))
+
+    def start(out, first, last, *pause_at):
+        return start_paused_run(tmp_path, redis_url, namespace, out, first, last, *pause_at)
+
+    paused = start(first_out, 0, 2000, "120")  # (it commits every 50 epochs: 0-49, 50-99)
+    _, status = os.waitpid(paused.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        paused.kill()
+        pytest.fail(f"the run did not stop itself: {status}")
+    # another run takes over, from before where it stopped, to the end
+    said = take_over_while_paused(paused, lambda: start(second_out, 60, 2000))
     assert first_out.read_text().splitlines() == counts_of(0, 100)  # nothing after its pause
     assert second_out.read_text().splitlines() == counts_of(60, 2000)
     assert paused.returncode == 3, said

@@ -234,20 +234,26 @@ def test_a_run_whose_rescale_redis_lost_records_nothing(fake, tmp_path):
     assert read_info(fake, keys).committed == committed
 
 
+def rescaled_exactly(fake, tmp_path, before, after):
+    """Ingest the first lines with ``before`` partitions, resume over all of them with
+    ``after``: the plain loop's output and states, and the same history."""
+    path = write(tmp_path / "events.json", LINES[:FIRST_RUN])
+    run(fake, options(tmp_path, before), "ingest", path)
+    history = states_at(fake, PROBED_EPOCHS)
+    write(path, LINES)
+    run(fake, options(tmp_path, after), "resume", path)
+    output, states = reference_run(f"{line}\n" for line in LINES)
+    assert (tmp_path / "out").read_text() == output
+    assert states_in(fake, "rescale") == states
+    assert states_at(fake, PROBED_EPOCHS) == history
+
+
 def test_a_rescale_writes_in_chunks_of_bounded_count_and_bytes(fake, tmp_path, monkeypatch):
     import orchestrator.rescale
 
     monkeypatch.setattr(orchestrator.rescale, "WRITE_CHUNK", 7)
     monkeypatch.setattr(orchestrator.rescale, "WRITE_BYTES", 300)  # (an undo record is more)
-    path = write(tmp_path / "events.json", LINES[:FIRST_RUN])
-    run(fake, options(tmp_path, 2), "ingest", path)
-    history = states_at(fake, PROBED_EPOCHS)
-    write(path, LINES)
-    run(fake, options(tmp_path, 5), "resume", path)
-    output, states = reference_run(f"{line}\n" for line in LINES)
-    assert (tmp_path / "out").read_text() == output
-    assert states_in(fake, "rescale") == states
-    assert states_at(fake, PROBED_EPOCHS) == history
+    rescaled_exactly(fake, tmp_path, 2, 5)
 
 
 def test_a_rescale_moves_the_namespace_in_steps_of_bounded_size(fake, tmp_path, monkeypatch):
@@ -266,15 +272,7 @@ def test_a_rescale_moves_the_namespace_in_steps_of_bounded_size(fake, tmp_path, 
         return found
 
     monkeypatch.setattr(moving._Move, "_step", counting)
-    path = write(tmp_path / "events.json", LINES[:FIRST_RUN])
-    run(fake, options(tmp_path, 3), "ingest", path)
-    history = states_at(fake, PROBED_EPOCHS)
-    write(path, LINES)
-    run(fake, options(tmp_path, 7), "resume", path)
-    output, states = reference_run(f"{line}\n" for line in LINES)
-    assert (tmp_path / "out").read_text() == output
-    assert states_in(fake, "rescale") == states
-    assert states_at(fake, PROBED_EPOCHS) == history
+    rescaled_exactly(fake, tmp_path, 3, 7)
     # ~300 keys, 10 a step; the undo records a few at a time, never more than 4
     assert sum(states_read) >= 300 and len(states_read) >= 30 and max(states_read) <= 20
     assert len(records_read) >= 6 and max(records_read) <= 4
@@ -361,14 +359,6 @@ def test_a_rescale_whose_connection_drops_does_the_step_again_and_is_exact(
         return original(self, *args)
 
     monkeypatch.setattr(moving._Move, name, dropping)
-    path = write(tmp_path / "events.json", LINES[:FIRST_RUN])
-    run(fake, options(tmp_path, 4), "ingest", path)
-    history = states_at(fake, PROBED_EPOCHS)
-    write(path, LINES)
-    run(fake, options(tmp_path, 6), "resume", path)
+    rescaled_exactly(fake, tmp_path, 4, 6)
     assert dropped == [where]
-    output, states = reference_run(f"{line}\n" for line in LINES)
-    assert (tmp_path / "out").read_text() == output
-    assert states_in(fake, "rescale") == states
-    assert states_at(fake, PROBED_EPOCHS) == history
     assert read_info(fake, Keys("rescale")).partitions == 6 and staged_keys(fake) == []
