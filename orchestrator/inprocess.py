@@ -213,7 +213,7 @@ class _Runner:
             # a mapper may emit its state and change it again for a later event.
             applied = apply_events(
                 self.flow, events, loaded.states, through, "fail",
-                render=lambda e, x: (e, deepcopy(x)),
+                render=lambda e, x: (e, copy_output(x)),
                 derive_from=DERIVE_FROM_BYTES,
                 # (the bytes of the states, which a hot key's outputs follow: they are held
                 # until the commit, as copies)
@@ -262,6 +262,41 @@ class _Runner:
             self.evictions.check(now=True)
             self.committer.record(delivered, 0, [], floors=[applied.applied_through])
             self.after = delivered
+
+
+_ATOMS = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def copy_output(item: Any) -> Any:
+    """A copy of an output that later changes to the objects it holds cannot reach: ``deepcopy``,
+    with JSON-like values (dicts, lists and tuples of strings and numbers) copied by hand.
+
+    deepcopy cost ~3.6 us more per cart join output (4.8 against 1.3 us, timeit), about a
+    fifth of run_main's time. Objects shared inside one output come out as separate copies,
+    equal to each other; a self-containing one goes to deepcopy.
+    """
+    try:
+        return _copied(item)
+    except RecursionError:
+        return deepcopy(item)
+
+
+def _copied(item: Any) -> Any:
+    kind = type(item)
+    if kind in _ATOMS:
+        return item
+    if kind is dict:
+        copied = {}
+        for key, value in item.items():
+            if type(key) not in _ATOMS:  # (a key deepcopy would copy too)
+                return deepcopy(item)
+            copied[key] = _copied(value)
+        return copied
+    if kind is list:
+        return [_copied(value) for value in item]
+    if kind is tuple:
+        return tuple([_copied(value) for value in item])
+    return deepcopy(item)
 
 
 def _epoch_item(item: Any, previous: int) -> tuple[int, Any]:

@@ -570,3 +570,41 @@ def test_run_main_refuses_to_go_on_from_an_embedded_server_that_lost_its_files(t
 def test_first_epoch_must_be_an_int():
     with pytest.raises(TypeError, match="first_epoch must be an int"):
         RedisRecoveryConfig("unused", first_epoch="3")
+
+
+def test_each_output_is_handed_over_as_it_was_emitted(recovery):
+    # The mapper emits its state and changes it again for the key's next event, in the same
+    # batch; a state of 1 KiB or more with plain_json=True stays decoded between the key's
+    # events (the same object): each output must still be the value at its own event.
+    def mapper(orders, order):
+        orders.append(order)
+        return orders, {"orders": orders, "last": (order[:3], [order[:3]])}
+
+    flow = Dataflow().stateful_map("orders", lambda key: [], mapper, plain_json=True).capture()
+    orders = [f"{e:03}" + "x" * 100 for e in range(30)]
+    got = collect(flow, [(e, ("a", order)) for e, order in enumerate(orders)], recovery)
+    assert got == [
+        (e, ("a", {"orders": orders[: e + 1], "last": (order[:3], [order[:3]])}))
+        for e, order in enumerate(orders)
+    ]
+
+
+def test_an_output_copy_is_deep_and_falls_back_to_deepcopy_for_what_it_does_not_know():
+    from collections import namedtuple
+
+    from orchestrator.inprocess import copy_output
+
+    Point = namedtuple("Point", "x y")
+    shared = [1, 2]
+    item = {"a": [shared, shared], "p": Point([1], 2), "t": (1.5, None, True, b"x")}
+    copied = copy_output(item)
+    assert copied == item and type(copied["p"]) is Point
+    shared.append(3)
+    item["p"].x.append(9)
+    assert copied == {"a": [[1, 2], [1, 2]], "p": Point([1], 2), "t": (1.5, None, True, b"x")}
+    looped: list = [1]
+    looped.append(looped)  # (contains itself: deepcopy keeps the loop)
+    again = copy_output(looped)
+    assert again[0] == 1 and again[1] is again and again is not looped
+    keyed_by_tuple = {(1, 2): [3]}
+    assert copy_output(keyed_by_tuple) == keyed_by_tuple
