@@ -271,9 +271,9 @@ def copy_output(item: Any) -> Any:
     """A copy of an output that later changes to the objects it holds cannot reach: ``deepcopy``,
     with JSON-like values (dicts, lists and tuples of strings and numbers) copied by hand.
 
-    deepcopy cost ~3.6 us more per cart join output (4.8 against 1.3 us, timeit), about a
-    fifth of run_main's time. Objects shared inside one output come out as separate copies,
-    equal to each other; a self-containing one goes to deepcopy.
+    (deepcopy was about a fifth of run_main's time: docs/performance.md, "Hot keys:
+    run_main".) Objects shared inside one output come out as separate copies, equal to each
+    other; a self-containing one goes to deepcopy.
     """
     try:
         return _copied(item)
