@@ -24,10 +24,11 @@ batch size; a batch of up to ``PROBES`` events finds its poison in three deaths.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis import Redis
@@ -40,6 +41,13 @@ PROBES = 128
 DEATHS = 2  # deaths at one event that make it poison
 
 Event = tuple[int, str, Any]
+
+
+def _order(batch_id: bytes | None) -> tuple[int, int]:
+    """(generation, last epoch) of a probe's batch id ``g<gen>-e<after>-<last>``; a batch
+    before every batch for none."""
+    found = re.fullmatch(rb"g(\d+)-e-?\d+-(-?\d+)", batch_id or b"")
+    return (int(found[1]), int(found[2])) if found else (-1, -1)
 
 
 def alive_here(host: str, pid: int) -> bool:
@@ -80,6 +88,8 @@ class CarefulRun:
         self.r, self.attempt = r, attempt
         self.key = keys.probe(batch.partition)
         self.batch_id = f"g{batch.generation}-e{batch.after_epoch}-{batch.last_epoch}"
+        self.order = (batch.generation, batch.last_epoch)
+        self.stale = False  # a newer batch of the partition probes: this one writes nothing
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.wait_for_death = batch.timeout + GRACE + 5.0
         self.deaths: dict[int, int] = {}
@@ -90,7 +100,12 @@ class CarefulRun:
 
     def start(self, events: list[Event]) -> dict[int, Rejection]:
         """Read what earlier attempts left; return the poison events (index -> rejection)."""
-        stored = self.r.hgetall(self.key)
+        stored = cast("dict[bytes, bytes]", self.r.hgetall(self.key))
+        if _order(stored.get(b"batch")) > self.order:
+            # (an attempt paused and woken after a newer batch began: its commit will be
+            # refused; the newer batch's probe and the deaths it counts stay as they are)
+            self.stale = True
+            return {}
         if stored.get(b"batch") == self.batch_id.encode():
             self.deaths = {int(i): n for i, n in orjson.loads(stored[b"deaths"]).items()}
             self.hung = set(orjson.loads(stored.get(b"hung", b"[]")))
@@ -145,9 +160,11 @@ class CarefulRun:
 
     def probe(self, lo: int, hi: int) -> None:
         """Say that this attempt now runs events ``lo..hi-1`` (before it runs them)."""
+        self.at = (lo, hi)
+        if self.stale:
+            return
         at = [self.attempt, lo, hi, self.host, self.pid, self.batch_id]
         self.r.hset(self.key, "at", orjson.dumps(at))
-        self.at = (lo, hi)
 
     def timed_out(self) -> None:
         """Note that the flow ran past the timeout in the current range (called by a tick).
@@ -157,7 +174,7 @@ class CarefulRun:
         its worker.
         """
         lo, hi = self.at
-        if hi - lo == 1:
+        if hi - lo == 1 and not self.stale:
             self.r.hset(self.key, "timed_out", orjson.dumps([self.attempt, lo, self.batch_id]))
 
     def finish(self) -> None:

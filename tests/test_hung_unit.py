@@ -367,3 +367,20 @@ def test_a_paused_attempt_of_another_batch_that_wakes_up_counts_no_death(fake, k
         stale.probe(1, 2)  # it wakes up, writes, and is gone by the time the next one looks
         CarefulRun(fake, keys, b, attempt).start(batch_events(b))
     assert CarefulRun(fake, keys, b, 5).start(batch_events(b)) == {}
+
+
+def test_an_attempt_that_wakes_up_after_a_newer_batch_began_leaves_its_probe(fake, keys):
+    # An attempt of an older batch, paused before it even read the probe, wakes up while the
+    # partition's newer batch probes: it must not replace the deaths that batch has counted.
+    start(fake, keys)
+    b = cart_batch(keys, KILLER_FLOW, "skip")
+    older = Batch(
+        b.namespace, b.generation - 1, 0, 1, 2, 5, KILLER_FLOW, "skip", [3], [CURSED.encode()]
+    )
+    die_at(fake, keys, b, 2, 1)  # the newer batch: one death at its event 1 so far
+    stale = CarefulRun(fake, keys, older, 2)
+    assert stale.start(batch_events(older)) == {} and stale.stale
+    stale.probe(0, 1)
+    assert fake.hget(keys.probe(0), "batch") == CarefulRun(fake, keys, b, 9).batch_id.encode()
+    die_at(fake, keys, b, 3, 1)  # a second death there: now it is poison
+    assert set(CarefulRun(fake, keys, b, 4).start(batch_events(b))) == {1}
