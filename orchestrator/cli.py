@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 # Only light modules here: a run starts its embedded server (``prestart``) before
 # it imports redis-py, RQ and the driver, time which the server spends loading.
+from orchestrator import interrupts
 from orchestrator.embedded import prestart, stop_prestarted
 from orchestrator.errors import DataDirError
 from orchestrator.logs import LOG_FORMATS, configure_logging
@@ -654,18 +654,6 @@ def _resume_command(args: argparse.Namespace, settings: Settings | None) -> str 
     return resume_hint(settings, args.file)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """Ctrl-C or SIGTERM: stop as an interrupted run, once.
-
-    The command then stops its workers, releases the namespace and leaves the
-    embedded server: a second Ctrl-C during that would only cut it short (the
-    next command would wait for the driver lock to expire), so it is ignored.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``orchestrator`` console script."""
     parser = build_parser()
@@ -684,8 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_process()
     if args.command != "worker":  # RQ's worker handles SIGTERM itself (finish the job, exit)
         # SIGTERM stops like Ctrl-C: workers stopped, server left, namespace released.
-        signal.signal(signal.SIGINT, _interrupt)
-        signal.signal(signal.SIGTERM, _interrupt)
+        interrupts.install()
     settings = None
     try:
         settings = settings_from(args)

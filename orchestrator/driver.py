@@ -35,6 +35,7 @@ import orjson
 from redis import Redis
 
 from orchestrator.dispatch import Dispatcher, InFlight
+from orchestrator.interrupts import held_interrupts
 from orchestrator.lineblock import BlockReader, LineBlock
 from orchestrator.metrics import DriverMetrics
 from orchestrator.notices import NoticeReader
@@ -278,8 +279,9 @@ class Driver:
                 return result
 
     def record_interrupted(self) -> None:
-        """After an interrupt (Ctrl-C, SIGTERM): record what is committed, if the interrupt did
-        not come while lines were being written or recorded (the last record then stands)."""
+        """After an interrupt (Ctrl-C, SIGTERM): record what is committed, unless writing lines
+        or recording them failed (the interrupt cut a record that waited for a lost Redis):
+        the last record then stands."""
         if self.result is not None and not self._writing:
             self._record(self.result, force=True)
 
@@ -695,17 +697,19 @@ class Driver:
         if result.failure is not None and result.failure.epoch < next_epoch:
             next_epoch, next_offset = result.failure.epoch, result.failure.offset
         committed = next_epoch - 1
-        if committed > result.committed:
-            self._writing = True  # an interrupt now leaves the record as it was
-            lines = self.merger.pop_through(committed)
-            if self.output_stream is not None:
-                # held for the next record, whose script adds them to the stream (exactly once)
-                self.output_stream.add(lines)
-            else:
-                write_lines(self.out, lines)
-            result.committed, result.next_offset = committed, next_offset
-            self._writing = False
-        self._record(result)
+        # An interrupt waits for the lines and their record: the interrupted run records them.
+        with held_interrupts():
+            if committed > result.committed:
+                self._writing = True  # a failure now leaves the record as it was
+                lines = self.merger.pop_through(committed)
+                if self.output_stream is not None:
+                    # held for the next record, whose script adds them to the stream (exactly once)
+                    self.output_stream.add(lines)
+                else:
+                    write_lines(self.out, lines)
+                result.committed, result.next_offset = committed, next_offset
+                self._writing = False
+            self._record(result)
 
     def _record(self, result: RunResult, *, force: bool = False) -> None:
         """Record the committed epoch (after its lines are written), at most every RECORD_EVERY.
@@ -721,19 +725,20 @@ class Driver:
         ):
             return
         committed = result.committed
-        self._writing = True
-        dead = sorted((d for d in self.dead if d.epoch <= committed), key=lambda d: d.epoch)
-        self.dead = [d for d in self.dead if d.epoch > committed]
-        self.on_commit(
-            committed,
-            result.next_offset,
-            dead,
-            floors=list(self.after),
-            output_length=self.output_length(),
-            progress=self._progress(result, now),
-            open_line=self.open_line_through(committed),
-        )
-        self._writing = False
+        with held_interrupts():
+            self._writing = True
+            dead = sorted((d for d in self.dead if d.epoch <= committed), key=lambda d: d.epoch)
+            self.dead = [d for d in self.dead if d.epoch > committed]
+            self.on_commit(
+                committed,
+                result.next_offset,
+                dead,
+                floors=list(self.after),
+                output_length=self.output_length(),
+                progress=self._progress(result, now),
+                open_line=self.open_line_through(committed),
+            )
+            self._writing = False
         if self.metrics is not None:
             self.metrics.commit_seconds.observe(time.monotonic() - now, self.metrics.ns)
             self.metrics.dead_letters.inc(len(dead), self.metrics.ns)

@@ -8,6 +8,7 @@ tests run the same code through the CLI on a real redis-server.
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -15,14 +16,16 @@ import pytest
 from rq.serializers import JSONSerializer
 
 from bench.generate import generate
+from orchestrator import interrupts
 from orchestrator.commands import drive
 from orchestrator.lock import DriverLock
-from orchestrator.namespace import read_info
+from orchestrator.namespace import Committer, read_info
+from orchestrator.server import AnnouncedRetry
 from orchestrator.settings import Settings
 from tasks.keys import Keys
 from tasks.rqcompat import LeanWorker, partition_queues
 
-from conftest import SEED_INPUT
+from conftest import SEED_INPUT, new_namespace
 from helpers import states_in
 from reference import reference_run
 
@@ -111,3 +114,47 @@ def test_the_seeds_bad_line_stops_the_run_after_everything_before_it(fake, tmp_p
     assert result.failure is not None and result.failure.epoch == 5
     assert result.committed == 4
     assert (tmp_path / "out.txt").read_text().splitlines()[-1].startswith("4 ")
+
+
+@pytest.fixture
+def interrupts_installed():
+    """The commands' Ctrl-C handler in this process; pytest's own back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    gave_up = AnnouncedRetry.give_up
+    interrupts.install()
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    AnnouncedRetry.give_up = gave_up
+    interrupts.HELD.pending = False
+
+
+@pytest.mark.parametrize("where", ["fakeredis", "redis-server"])
+def test_a_ctrl_c_while_lines_are_recorded_leaves_them_recorded(
+    where, request, tmp_path, events, monkeypatch, interrupts_installed
+):
+    r = request.getfixturevalue("fake" if where == "fakeredis" else "real")
+    path, lines = events
+    ns = new_namespace()
+    settings = Settings(namespace=ns, partitions=3, batch_events=200, output=tmp_path / "out.txt")
+    record, cut = Committer.record, []
+
+    def ctrl_c_during_the_record(self, committed, *args, **kwargs):
+        if committed >= 1_000 and not cut:
+            cut.append(committed)
+            os.kill(os.getpid(), signal.SIGINT)  # delivered here, before the record's script
+        return record(self, committed, *args, **kwargs)
+
+    monkeypatch.setattr(Committer, "record", ctrl_c_during_the_record)
+    with pytest.raises(KeyboardInterrupt):
+        run(r, settings, "ingest", path)
+    monkeypatch.setattr(Committer, "record", record)
+
+    # The record went through and the interrupted run recorded every line it wrote.
+    written = (tmp_path / "out.txt").read_text()
+    assert read_info(r, Keys(ns)).committed == cut[0]
+    assert int(written.splitlines()[-1].split()[0]) == cut[0]
+    run(r, settings, "resume", path)
+    expected_output, expected_states = reference_run(lines)
+    assert (tmp_path / "out.txt").read_text() == expected_output
+    assert states_in(r, ns) == expected_states
