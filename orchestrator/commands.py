@@ -60,7 +60,7 @@ from orchestrator.settings import (
 from orchestrator.sink import open_sink
 from orchestrator.streamsource import Position, StreamInput, StreamLost, produce
 from orchestrator.workers import WorkerPool
-from tasks.errors import ExitStatus, NamespaceError, RedisLostData, Superseded
+from tasks.errors import ExitStatus, NamespaceError, RedisLostData, Superseded, TornWrite
 from tasks.flow import load_flow
 from tasks.keys import Keys
 from tasks.store import NOTHING
@@ -360,6 +360,8 @@ def run_pipeline(
                     settings, mode, path, from_epoch, f, r, conn.embedded, housekeeping, lock,
                     None if metrics is None else metrics.metrics,
                 )  # fmt: skip
+        except TornWrite:
+            raise  # (no resume continues: the message says to start over)
         except RedisLostData as e:
             after = _what_resume_does(conn.client, keys, path, resume_hint(settings, path))
             raise RedisLostData(f"{e}; {after}") from e
@@ -452,7 +454,7 @@ def drive(
     if mode != "ingest":
         # (with the names it has now: a rescale at the run's start may rename them)
         now = Keys(keys.namespace, info.tagged)
-        check_consistency(r, now, info.floors, start.epoch, info.evicted_keys)
+        check_consistency(r, now, info.floors, start.epoch, info.evicted_keys, torn=info.torn)
     sink_mode: Mode = "replay" if start.reopens else mode
     output: Path | OutputStream | None = settings.output
     if settings.output_stream is not None:

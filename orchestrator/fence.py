@@ -20,10 +20,10 @@ from redis import Redis
 
 from orchestrator.server import server_config
 from orchestrator.wording import counted
-from tasks.errors import PipelineError, RedisLostData, Superseded
+from tasks.errors import PipelineError, RedisLostData, Superseded, TornWrite
 from tasks.keys import Keys
 from tasks.scripts import Refusal
-from tasks.store import applied_epochs
+from tasks.store import applied_epochs, torn_message
 
 LOSS_CAUSES = "a lost append-only-file tail, a failover to a lagging replica, or evicted keys"
 
@@ -47,6 +47,9 @@ def refusal_error(refusal: Refusal, keys: Keys, fence: Fence) -> PipelineError:
             f"empty, e.g. without persistence); {stopped}"
         )
         return RedisLostData(msg)
+    if refusal.code == "torn":
+        where = "meta" if refusal.partition < 0 else f"partition {refusal.partition}'s progress"
+        return TornWrite(torn_message(f"the namespace's {where}"))
     if refusal.code == "superseded":
         if refusal.partition == -2:
             who = f"another driver holds its lock ({refusal.found})"
@@ -89,7 +92,13 @@ def refusal_error(refusal: Refusal, keys: Keys, fence: Fence) -> PipelineError:
 
 
 def check_consistency(
-    r: Redis, keys: Keys, floors: tuple[int, ...] | None, start: int, evicted: int = 0
+    r: Redis,
+    keys: Keys,
+    floors: tuple[int, ...] | None,
+    start: int,
+    evicted: int = 0,
+    *,
+    torn: bool = False,
 ) -> None:
     """Refuse to start a run at epoch ``start`` on data that Redis no longer fully holds.
 
@@ -101,7 +110,10 @@ def check_consistency(
     Raises:
         RedisLostData: a partition is behind what the namespace recorded, or the
             server evicted keys during an earlier run.
+        TornWrite: meta (``torn``) or a partition holds part of a transaction.
     """
+    if torn:
+        raise TornWrite(torn_message("the namespace's meta"))
     if evicted:
         msg = (
             f"the Redis server evicted {counted(evicted, 'key')} during an earlier run of "
@@ -111,6 +123,7 @@ def check_consistency(
         raise RedisLostData(msg)
     if floors is None:
         return  # recorded by a version that kept no floors
+    # (a partition that holds part of a transaction raises TornWrite here)
     for p, applied in enumerate(applied_epochs(r, keys, len(floors))):
         if applied >= min(floors[p], start - 1):
             continue

@@ -119,7 +119,7 @@ def run_main(
         if problem is not None and not allow:
             raise NamespaceError(problem)
         check_consistency(r, Keys(keys.namespace, info.tagged), info.floors, start,
-                          info.evicted_keys)  # fmt: skip
+                          info.evicted_keys, torn=info.torn)  # fmt: skip
         if not info.exists and r.exists(keys.progress(0), keys.state(0), keys.undo(0)):
             msg = (
                 f"namespace {keys.namespace!r} holds a partition's data but no record of its "

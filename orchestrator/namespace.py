@@ -17,11 +17,11 @@ from orchestrator.reader import Input, PipeInput, fingerprint
 from orchestrator.rescale import STAGED, STEPS, drop_staged, rescale
 from orchestrator.settings import DEFAULT_PARTITIONS
 from tasks import scripts
-from tasks.errors import NamespaceError, Superseded
+from tasks.errors import NamespaceError, Superseded, TornWrite
 from tasks.flow import Dataflow
 from tasks.keys import LEGACY_SLOTS, SLOTS, Keys, Layout
 from tasks.rqcompat import RQ_QUEUES_SET, partition_queues, register_queues
-from tasks.store import NOTHING, applied_epochs, restore_partition
+from tasks.store import NOTHING, TORN, applied_epochs, restore_partition, torn_message
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class NamespaceInfo:
     # recorded (capped at ``committed``): Redis must hold at least that much of each.
     floors: tuple[int, ...] | None = None
     evicted_keys: int = 0  # keys the server evicted during a run (--allow-eviction)
+    torn: bool = False  # meta holds part of a transaction (tasks/store.py TORN)
     # (epoch, offset) of a committed last line that had no newline: resume reads it again
     open_line: tuple[int, int] | None = None
     # a Redis stream input's committed position (``ID:INDEX``, streamsource.Position)
@@ -113,6 +114,7 @@ def read_info(r: Redis, keys: Keys) -> NamespaceInfo:
         prefix_end=int(meta.get("prefix_end", 0)),
         floors=tuple(json.loads(meta["floors"])) if "floors" in meta else None,
         evicted_keys=int(meta.get("evicted_keys", 0)),
+        torn=int(meta.get(TORN, 0)) != 0,
         open_line=_epoch_offset(meta.get("open_line")),
         source_position=meta.get("source_position") or None,
         slots=int(meta.get("slots", LEGACY_SLOTS if "partitions" in meta else SLOTS)),
@@ -201,7 +203,10 @@ def start_run(
 
     Raises:
         Superseded: another driver started a run on the namespace meanwhile.
+        TornWrite: the namespace holds part of a transaction.
     """
+    if info.torn:
+        raise TornWrite(torn_message("the namespace's meta"))
     # Until a rescale (below) moves them, the keys stay where, and as, the namespace has them.
     current = info.layout or run_layout(info, partitions)
     now = Keys(keys.namespace, current.tagged)

@@ -24,9 +24,16 @@ from orchestrator.settings import (
 )
 from orchestrator.streamsource import Position, lag
 from orchestrator.workers import listening_workers
-from tasks.errors import NamespaceError
+from tasks.errors import NamespaceError, TornWrite
 from tasks.keys import Keys, partition_of
-from tasks.store import NOTHING, applied_epochs, namespace_flow
+from tasks.store import (
+    NOTHING,
+    PROGRESS_FIELDS,
+    applied_epochs,
+    decode_progress,
+    namespace_flow,
+    torn_message,
+)
 from tasks.undo import first_befores_after
 
 
@@ -209,6 +216,9 @@ def state_of(r: Redis, keys: Keys, key: str, at_epoch: int | None) -> dict[str, 
         )
         raise NamespaceError(msg)
     p = partition_of(key, info.partitions, info.slots)
+    if info.torn:
+        raise TornWrite(torn_message("the namespace's meta"))
+    decode_progress(r.hmget(keys.progress(p), PROGRESS_FIELDS))  # (raises TornWrite if torn)
     return {"key": key, "partition": p, "epoch": epoch, "state": _state_at(r, keys, p, key, epoch)}
 
 

@@ -52,7 +52,7 @@ from orchestrator.wording import counted
 from tasks.errors import RedisLostData, Superseded
 from tasks.keys import Keys, Layout
 from tasks.rqcompat import RQ_QUEUES_SET
-from tasks.store import PROGRESS_FIELDS, decode_progress
+from tasks.store import PROGRESS_FIELDS, TORN, decode_progress
 from tasks.undo import split_undo
 
 # Meta fields of a rescale under way: "GENERATION:PARTITIONS" of its staged keys, and the
@@ -272,9 +272,11 @@ class _Move:
             if not any_to_write(data):
                 return data
             pipe.multi()
+            pipe.hincrby(meta, TORN, 1)  # first, and taken back last
             write(pipe, data)
             pipe.hset(meta, STAGED, f"{self.generation}:{self.target.partitions}")
             pipe.hincrby(meta, STEPS, 1)
+            pipe.hincrby(meta, TORN, -1)
             pipe.execute()
         self.steps += 1
         return data
@@ -347,6 +349,7 @@ class _Move:
             self.finished = (sum(sizes), records)
             gone = range(new, old) if was == will else range(old)  # (renamed: every old queue)
             pipe.multi()
+            pipe.hincrby(will.meta, TORN, 1)  # first, and taken back last
             for p in range(old):
                 pipe.unlink(was.state(p), was.undo(p))
                 pipe.delete(was.progress(p), was.probe(p), was.lease(p))
@@ -369,6 +372,7 @@ class _Move:
             fields: dict[Any, Any] = {**self.target_fields(), "floors": json.dumps([epoch] * new)}
             pipe.hset(will.meta, mapping=fields)
             pipe.hdel(will.meta, STAGED, STEPS)
+            pipe.hincrby(will.meta, TORN, -1)
             pipe.execute()
 
     def _lost(self, pipe: Any, steps: int, moved: int, states: int) -> RedisLostData:

@@ -82,6 +82,12 @@ class RedisLostData(RedisUnavailable):
     to a lagging replica, evicted keys, or a restart without persistence."""
 
 
+class TornWrite(RedisLostData):
+    """Raised when Redis holds part of a transaction: its append-only file was cut inside a
+    MULTI/EXEC block and it restarted twice since (Redis keeps the block's start in the file
+    at the first restart and runs it at the second, with whatever was written after it)."""
+
+
 class Superseded(PipelineError):
     """Raised when another driver run has taken over the namespace from this one."""
 

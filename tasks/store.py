@@ -25,7 +25,7 @@ from redis import Redis, WatchError
 from redis.client import Pipeline
 
 from tasks.apply import AppliedBatch
-from tasks.errors import FlowError, Superseded
+from tasks.errors import FlowError, Superseded, TornWrite
 from tasks.flow import RUN_MAIN_FLOW, Dataflow, load_flow
 from tasks.keys import Keys
 from tasks.resp import send, takes_packed
@@ -45,16 +45,40 @@ class CommitOutcome(enum.Enum):
     OUT_OF_ORDER = "out_of_order"  # the batch before this one is not committed yet: nothing written
 
 
-# The fields of a partition's progress hash that say who may commit and how far it applied.
-PROGRESS_FIELDS = ["generation", "applied"]
+# The fields of a partition's progress hash that say who may commit, how far it applied,
+# and whether it holds part of a transaction (TORN).
+PROGRESS_FIELDS = ["generation", "applied", "torn"]
+
+# Every transaction that writes a partition (or meta) adds 1 to this field of its progress
+# hash (of meta) first and takes it back last: whole, it leaves 0; a part of it that Redis
+# ran without its end (an append-only file cut inside a MULTI/EXEC block, which Redis 6.2
+# and 7 keep at a restart and run at the next one) leaves 1 for good.
+TORN = "torn"
 
 
 def decode_progress(reply: list[Any]) -> tuple[int | None, int]:
-    """A partition's (owning generation or None, applied epoch) from HMGET of PROGRESS_FIELDS."""
-    generation, applied = reply
+    """A partition's (owning generation or None, applied epoch) from HMGET of PROGRESS_FIELDS.
+
+    Raises:
+        TornWrite: the partition holds part of a transaction.
+    """
+    generation, applied, torn = reply
+    if torn is not None and int(torn) != 0:
+        raise TornWrite(torn_message("a partition's progress"))
     return (
         None if generation is None else int(generation),
         NOTHING if applied is None else int(applied),
+    )
+
+
+def torn_message(where: str) -> str:
+    """Why a namespace that holds part of a transaction is refused, and what to do."""
+    return (
+        f"Redis holds part of a transaction ({where} says so): its append-only file was cut "
+        f"inside a MULTI/EXEC block (a crash) and the server restarted twice since, which "
+        f"makes Redis run the start of that block; the namespace's state cannot be trusted "
+        f"(nothing was written); start over with 'reset', or use a Redis that truncates such "
+        f"a file before the block (or rewrite the file with BGREWRITEAOF after a crash)"
     )
 
 
@@ -143,6 +167,7 @@ class PartitionTransaction:
             else:
                 sets += (key, raw)
         pipe.multi()
+        pipe.hincrby(keys.progress(p), TORN, 1)  # first, and taken back last
         if sets:
             send(pipe, self.fast, "HSET", keys.state(p), *sets)
         if deletes:
@@ -159,6 +184,7 @@ class PartitionTransaction:
                 pipe.lmove(keys.successor(target.generation, p), keys.queue_key(p), "LEFT", "RIGHT")
         if notice:
             pipe.xadd(keys.notices(target.generation, p), {"n": notice})
+        pipe.hincrby(keys.progress(p), TORN, -1)
         try:
             pipe.execute()
             outcome = CommitOutcome.COMMITTED
@@ -259,6 +285,7 @@ def restore_partition(
             if (part := truncate_undo(record, epoch)) is not None
         ]
         pipe.multi()
+        pipe.hincrby(progress, TORN, 1)  # first, and taken back last
         sets = [x for key, before in restore.items() if before is not None for x in (key, before)]
         deletes = [key for key, before in restore.items() if before is None]
         for i in range(0, len(sets), 2000):
@@ -269,6 +296,7 @@ def restore_partition(
         if kept:
             pipe.zadd(keys.undo(partition), dict.fromkeys(kept, epoch))
         pipe.hset(progress, "applied", epoch)
+        pipe.hincrby(progress, TORN, -1)
         try:
             pipe.execute()
         except WatchError:

@@ -28,6 +28,8 @@
 --                 meta an older committed epoch (partition -1) or generation (-3), or another
 --                 partition count than the run's (-5: the run's rescale is gone)
 --   "wrongtype"   the output stream's key holds another type (partition -4; found = the type)
+--   "torn"        meta (partition -1) or a partition's progress holds part of a transaction
+--                 (tasks/store.py TORN)
 --
 -- The output stream's entries are written by the record that commits their epochs, and
 -- only by it: the stream holds the lines of the epochs through the recorded committed epoch,
@@ -78,9 +80,12 @@ end
 
 local meta, lock = KEYS[1], KEYS[2]
 local generation = tonumber(ARGV[1])
-local found = redis.call("HMGET", meta, "generation", "committed", "partitions", "run")
+local found = redis.call("HMGET", meta, "generation", "committed", "partitions", "run", "torn")
 if not found[1] or not found[3] then
   return {"gone", -1, "", ARGV[1]}
+end
+if tonumber(found[5] or "0") ~= 0 then
+  return {"torn", -1, "meta", ""}
 end
 local stored = tonumber(found[1])
 if stored > generation then
@@ -104,7 +109,10 @@ if tonumber(found[3]) ~= partitions then
   return {"lost", -5, found[3], ARGV[5]}
 end
 for p = 1, partitions do
-  local progress = redis.call("HMGET", KEYS[5 + p], "generation", "applied")
+  local progress = redis.call("HMGET", KEYS[5 + p], "generation", "applied", "torn")
+  if tonumber(progress[3] or "0") ~= 0 then
+    return {"torn", p - 1, "progress", ""}
+  end
   local owner = tonumber(progress[1] or "-1")
   if owner > generation then
     return {"superseded", p - 1, progress[1], ARGV[1]}
@@ -125,7 +133,10 @@ if stream then
   end
 end
 
--- Every check passed: only writes that cannot fail from here on.
+-- Every check passed: only writes that cannot fail from here on. The first and the last
+-- mark the record whole (tasks/store.py TORN): Redis replicates a script's writes as one
+-- MULTI/EXEC block, and may run part of one after a crash.
+redis.call("HINCRBY", meta, "torn", 1)
 redis.call("SET", lock, ARGV[2], "PX", ARGV[3])
 local i = 6 + partitions
 local n = tonumber(ARGV[i])
@@ -178,4 +189,5 @@ if stream then
     redis.call("XTRIM", stream, "MAXLEN", ARGV[i + 1])
   end
 end
+redis.call("HINCRBY", meta, "torn", -1)
 return {"ok"}

@@ -28,6 +28,8 @@ if current ~= ARGV[3] then
   return {"superseded", "generation " .. current}
 end
 
+-- The first and the last write mark the script's writes whole (tasks/store.py TORN).
+redis.call("HINCRBY", meta, "torn", 1)
 redis.call("SET", lock, ARGV[1], "PX", ARGV[2])
 local generation
 if current == "0" then
@@ -66,4 +68,5 @@ while true do
     break
   end
 end
+redis.call("HINCRBY", meta, "torn", -1)
 return {"ok", generation}
